@@ -1,0 +1,156 @@
+"""The contract between export and runtime, defined once and free of torch.
+
+Token names and roles, routing kinds, chat-template constants and the `compare()` used by every parity
+check live here. The export side writes these names into the artifact; the runtime reads them back and
+checks they agree (DESIGN.md §2, §9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# --- special tokens --------------------------------------------------------------------------------
+
+#: The 26 tokens the official `train.py` adds, in the official order (`constant.DEFAULT_TOKENS` minus the
+#: three that a Llama vocabulary already has: `<s>`, `</s>`, `<unk>`). Their ids are consecutive from the
+#: base vocabulary size: 32000..32025 for the released model.
+ADDED_TOKENS: tuple[str, ...] = (
+    "[PAD]",
+    "<image>", "<im_patch>", "<region>",
+    "<img>", "</img>", "<reg>", "</reg>", "<det>", "</det>", "<grd>", "</grd>",
+    "[DET]", "[GRD]", "[SEG]", "[POSE]", "[GEN]", "[EDIT]",
+    "[EMB]", "[EMB2]", "[EMB3]", "[EMB4]", "[EMB5]", "[EMB6]", "[EMB7]", "[EMB8]",
+)
+
+IMAGE_TOKEN = "<image>"
+IMAGE_PATCH_TOKEN = "<im_patch>"
+REGION_TOKEN = "<region>"
+REGION_OPEN = "<reg>"
+REGION_CLOSE = "</reg>"
+EOS_TOKEN = "</s>"
+BOS_TOKEN = "<s>"
+
+#: The only markers that act as tokens in a user's prompt; every other special token is escaped.
+INPUT_MARKERS: tuple[str, ...] = (IMAGE_TOKEN, REGION_TOKEN, REGION_OPEN, REGION_CLOSE)
+
+#: Routing token -> routing kind (the lower-case name used in links and results).
+ROUTING_TOKENS: dict[str, str] = {
+    "[DET]": "det",
+    "[GRD]": "grd",
+    "[SEG]": "seg",
+    "[POSE]": "pose",
+    "[GEN]": "gen",
+    "[EDIT]": "edit",
+}
+ROUTING_KINDS: tuple[str, ...] = tuple(ROUTING_TOKENS.values())
+
+#: Routing kind -> super-link query table (`emb_embeddings_<table>`): `[DET]`, `[GRD]` and `[SEG]` share one.
+QUERY_TABLE: dict[str, str] = {"det": "det", "grd": "det", "seg": "det", "pose": "pose", "gen": "gen", "edit": "edit"}
+
+#: Routing kind -> the decoder its groups are dispatched to (DESIGN.md §3.7).
+DECODER_OF_KIND: dict[str, str] = {
+    "det": "object", "grd": "object", "seg": "object", "pose": "pose", "gen": "gen", "edit": "edit",
+}
+OBJECT_KINDS: tuple[str, ...] = ("det", "grd", "seg")
+GENERATION_KINDS: tuple[str, ...] = ("gen", "edit")
+
+#: Placeholder tokens that follow a perception routing token (N = 4), in order.
+PERCEPTION_PLACEHOLDERS: tuple[str, ...] = ("[EMB]", "[EMB2]", "[EMB3]", "[EMB4]")
+#: The one placeholder repeated N (64 for the release) times after `[GEN]` / `[EDIT]`.
+GENERATION_PLACEHOLDER = "[EMB]"
+ALL_PLACEHOLDERS: tuple[str, ...] = ("[EMB]", "[EMB2]", "[EMB3]", "[EMB4]", "[EMB5]", "[EMB6]", "[EMB7]", "[EMB8]")
+
+# --- chat template (official `vicuna_v1`) -------------------------------------------------------------
+
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES: tuple[str, str] = ("USER", "ASSISTANT")
+SEP = " "
+SEP2 = "</s>"
+
+#: Label delimiters of DESIGN.md §9: a `[DET]`/`[SEG]`/`[POSE]` label is the text between the nearest of
+#: these (or the answer's start, or the end of the previous group) and the routing token.
+LABEL_DELIMITERS: tuple[str, ...] = (", ", ". ", ": ", " for ", " and ")
+
+# --- anyres tiling ------------------------------------------------------------------------------------
+
+
+def anyres_candidates(max_tiles: int, min_tiles: int = 1) -> list[tuple[int, int]]:
+    """Candidate (cols, rows) grids in the order the official `dynamic_preprocess` visits them.
+
+    The order decides ties in the grid choice, so it is computed once here exactly as the official code
+    does (a set sorted by tile count; Python's hash order of small int tuples is fixed) and stored in the
+    manifest for the C++ core.
+    """
+    grids = {
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    }
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+# --- comparison -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Why two arrays differ: enough to act on without re-running."""
+
+    reason: str
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+
+    def __str__(self) -> str:
+        return f"{self.reason} (max_abs={self.max_abs:.3g}, max_rel={self.max_rel:.3g})"
+
+
+def compare(got, want, atol: float = 1e-4, rtol: float = 1e-4) -> Mismatch | None:
+    """Compares two arrays the way every parity check in the project does.
+
+    Same shape; the same pattern of non-finite values (e.g. the object decoder's -inf class slots, with
+    equal signs); `allclose(atol, rtol)` on the finite rest. Integer and boolean arrays must be equal.
+
+    Returns:
+        None when they agree, else a `Mismatch` naming the problem and the largest errors.
+    """
+    got = np.asarray(got)
+    want = np.asarray(want)
+    if got.shape != want.shape:
+        return Mismatch(f"shape {got.shape} != expected {want.shape}")
+    if want.dtype.kind in "biu" or got.dtype.kind in "biu":
+        if not np.array_equal(got, want):
+            n = int(np.sum(got != want))
+            return Mismatch(f"{n} of {want.size} integer/bool entries differ")
+        return None
+    got64 = got.astype(np.float64)
+    want64 = want.astype(np.float64)
+    fin_g, fin_w = np.isfinite(got64), np.isfinite(want64)
+    if not np.array_equal(fin_g, fin_w):
+        n = int(np.sum(fin_g != fin_w))
+        return Mismatch(f"non-finite pattern differs at {n} entries")
+    nonfin = ~fin_w
+    if nonfin.any() and not np.array_equal(got64[nonfin], want64[nonfin], equal_nan=True):
+        return Mismatch("non-finite values differ in sign or kind")
+    if not fin_w.any():
+        return None
+    diff = np.abs(got64[fin_w] - want64[fin_w])
+    ref = np.abs(want64[fin_w])
+    max_abs = float(diff.max())
+    max_rel = float((diff / np.maximum(ref, 1e-12)).max())
+    if np.any(diff > atol + rtol * ref):
+        return Mismatch(f"values differ beyond atol={atol}, rtol={rtol}", max_abs, max_rel)
+    return None
+
+
+def assert_close(got, want, name: str = "tensor", atol: float = 1e-4, rtol: float = 1e-4) -> None:
+    """Raises AssertionError with a diff summary when `compare()` finds a mismatch."""
+    m = compare(got, want, atol=atol, rtol=rtol)
+    if m is not None:
+        raise AssertionError(f"{name}: {m}")

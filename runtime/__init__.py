@@ -1,0 +1,1 @@
+"""visionllm_edge.runtime: inference engines (ONNX Runtime, TensorRT). Never imports torch."""
