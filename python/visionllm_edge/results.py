@@ -98,6 +98,8 @@ class Result:
     poses: list[Pose] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: Raw decoder tensors and the full id sequence, for parity checks; not part of the JSON.
+    raw: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
         return {
