@@ -191,7 +191,7 @@ def load_reference(path_or_name: str | Path, dtype: torch.dtype = torch.float32,
             model = build_model(named_config(path_or_name), seed=seed)
             _randomise(model, seed)
             model.tokenizer_dir = data_path(model.config.extension["tokenizer"])
-            return model.to(dtype).eval()
+            return model.to(dtype).eval().requires_grad_(False)
         raise CheckpointError(
             f"{path_or_name!r} is neither a checkpoint folder nor a configuration that can be built alone "
             "(known: 'tiny-random')"
@@ -206,7 +206,7 @@ def load_reference(path_or_name: str | Path, dtype: torch.dtype = torch.float32,
     tensors = merge_lora(tensors, origin)
     load_state_into(model, tensors, origin, str(directory))
     model.tokenizer_dir = directory
-    return model.to(dtype).eval()
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def _attach_diffusion_components(config: ModelConfig, directory: Path) -> None:

@@ -323,7 +323,7 @@ class ReferencePipeline:
             query = torch.from_numpy(np.stack([lk.states for lk in chunk]))[None]
             masks = torch.ones(1, len(chunk), dtype=torch.bool)
             logits, boxes, pred_masks = self.model.gdino(prep.det_pixels, prep.det_mask, query, masks)
-            parts.append((logits[0, :, : len(chunk)], boxes[0], pred_masks[0]))
+            parts.append((logits[0], boxes[0], pred_masks[0]))
         # One entry per decoder call (groups beyond max_text_len go to further calls), so that every
         # (query, class) pair keeps its alignment.
         return {
@@ -557,41 +557,9 @@ class ReferencePipeline:
             raise ValueError(f"the prompt is {len(ids)} tokens; the context holds {self.max_context}")
         answer_start = self._answer_start(ids)
         generator = torch.Generator().manual_seed(seed)
-        with _timed(timings, "prefill"):
-            embeds = self._embed(ids, prep)
-            out = self.model.llm(embeds, torch.arange(len(ids)))
-            cache = out.new_kv
-            hidden_rows = [out.hidden[0]]
-            next_logits = self.model.logits(out.hidden[0, -1])
-        generated: list[int] = []
-        stop_reason = "length"
-        with _timed(timings, "decode"):
-            while len(generated) < max_new_tokens:
-                token = self._sample(next_logits, ids, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
-                generated.append(token)
-                if token == self.tokenizer.eos_id:
-                    stop_reason = "eos"
-                    ids.append(token)
-                    break
-                kind = self.routing_ids.get(token)
-                step_ids = [token]
-                rows = self.model.embed_tokens(torch.tensor([token]))
-                if kind is not None:
-                    n = self.model.num_queries(kind)
-                    rows = torch.cat([rows, self.model.query_table(kind)], dim=0)
-                    step_ids += [self._placeholder_id(kind, i) for i in range(n)]
-                if len(ids) + len(step_ids) > self.max_context:
-                    generated.pop()
-                    stop_reason = "length"
-                    break
-                positions = torch.arange(len(ids), len(ids) + len(step_ids))
-                step = self.model.llm(rows[None], positions, past=cache)
-                cache = [(torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2))
-                         for (pk, pv), (nk, nv) in zip(cache, step.new_kv)]
-                hidden_rows.append(step.hidden[0])
-                ids.extend(step_ids)
-                next_logits = self.model.logits(step.hidden[0, -1])
-        hidden = torch.cat(hidden_rows)
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, generator=generator)
+        ids, is_query, hidden, stop_reason = self._generate(ids, prep, max_new_tokens, sampling)
         answer_ids = ids[answer_start:]
         text = self._answer_text(answer_ids)
         labels = answer_labels(text, prompt)
@@ -600,7 +568,7 @@ class ReferencePipeline:
         raw = self._run_decoders(links, prep, det_image, denoise=decode, seed=seed)
         result = Result(
             text=text,
-            token_ids=[t for t in answer_ids if t not in self.placeholder_ids],
+            token_ids=[t for t, q in zip(answer_ids, is_query[answer_start:]) if not q],
             stop_reason=stop_reason,
             links=links,
             timings=timings,
@@ -609,6 +577,78 @@ class ReferencePipeline:
             self._postprocess(links, raw, prep, result)
         result.raw = {"decoders": raw, "input_ids": np.asarray(ids, dtype=np.int64)}
         return result
+
+    @torch.no_grad()
+    def _generate(self, ids: list[int], prep: _Prepared, max_new_tokens: int, sampling: dict,
+                  forced: dict[int, int] | None = None, trace: list | None = None):
+        """Prefill `ids`, then decode with the cache until EOS or the limit.
+
+        Returns the full id sequence (query placeholders included), a per-row flag of query rows, the
+        post-norm hidden state of every row, and the stop reason. `forced` maps a new-token index to the token
+        to emit there (tests force routing tokens as the golden data did); `trace`, when given, receives one
+        dict per LLM call (rows, positions, past length, hidden, last-row logits).
+        """
+        timings = prep.timings
+        is_query = [False] * len(ids)
+        for pos, tok in enumerate(ids):
+            kind = self.routing_ids.get(tok)
+            if kind is not None:
+                n = self.model.num_queries(kind)
+                if all(t in self.placeholder_ids for t in ids[pos + 1 : pos + 1 + n]):
+                    is_query[pos + 1 : pos + 1 + n] = [True] * n
+        with _timed(timings, "prefill"):
+            embeds = self._embed(ids, prep)
+            out = self.model.llm(embeds, torch.arange(len(ids)))
+            cache = out.new_kv
+            hidden_rows = [out.hidden[0]]
+            next_logits = self.model.logits(out.hidden[0, -1])
+        if trace is not None:
+            trace.append({"rows": len(ids), "positions": np.arange(len(ids)), "past": 0,
+                          "hidden": out.hidden[0].numpy(), "logits_last": next_logits.numpy()})
+        generated = 0
+        stop_reason = "length"
+        with _timed(timings, "decode"):
+            while generated < max_new_tokens:
+                if forced and generated in forced:
+                    token = forced[generated]
+                else:
+                    token = self._sample(next_logits, ids, **sampling)
+                generated += 1
+                if token == self.tokenizer.eos_id:
+                    stop_reason = "eos"
+                    ids.append(token)
+                    is_query.append(False)
+                    break
+                kind = self.routing_ids.get(token)
+                if generated == max_new_tokens and kind is None:
+                    # The last token is not fed back (its logits would be unused), as in HF generate; a
+                    # routing token still is, because its query rows carry the group's link states.
+                    ids.append(token)
+                    is_query.append(False)
+                    break
+                step_ids = [token]
+                rows = self.model.embed_tokens(torch.tensor([token]))
+                if kind is not None:
+                    n = self.model.num_queries(kind)
+                    rows = torch.cat([rows, self.model.query_table(kind)], dim=0)
+                    step_ids += [self._placeholder_id(kind, i) for i in range(n)]
+                if len(ids) + len(step_ids) > self.max_context:
+                    stop_reason = "length"
+                    break
+                past = len(ids)
+                positions = torch.arange(past, past + len(step_ids))
+                step = self.model.llm(rows[None], positions, past=cache)
+                cache = [(torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2))
+                         for (pk, pv), (nk, nv) in zip(cache, step.new_kv)]
+                hidden_rows.append(step.hidden[0])
+                ids.extend(step_ids)
+                is_query.extend([False] + [True] * (len(step_ids) - 1))
+                next_logits = self.model.logits(step.hidden[0, -1])
+                if trace is not None:
+                    trace.append({"rows": len(step_ids), "positions": positions.numpy(), "past": past,
+                                  "hidden": step.hidden[0].numpy(), "logits_last": next_logits.numpy(),
+                                  "token": token})
+        return ids, is_query, torch.cat(hidden_rows), stop_reason
 
     def _placeholder_id(self, kind: str, i: int) -> int:
         if kind in contract.GENERATION_KINDS:
