@@ -271,10 +271,13 @@ class ReferencePipeline:
                 embeds[pos + 1 : pos + 1 + n] = model.query_table(kind).to(embeds.dtype)
         return embeds[None]
 
-    def _links(self, ids: list[int], hidden: torch.Tensor, labels: list[tuple[str, str]]) -> list[Link]:
+    def _links(self, ids: list[int], hidden: torch.Tensor, labels: list[tuple[str, str]], start: int) -> list[Link]:
+        """One link per routing token of the answer (positions >= `start`; history groups are not re-run)."""
         links = []
         for pos, tok in enumerate(ids):
             kind = self.routing_ids.get(tok)
+            if pos < start:
+                continue
             if kind is None:
                 continue
             n = self.model.num_queries(kind)
@@ -296,10 +299,11 @@ class ReferencePipeline:
             with _timed(prep.timings, "object_decoder"):
                 out["object"] = self._object_decoder(object_links, prep)
         pose_links = [lk for lk in links if lk.kind == "pose"]
-        if pose_links and hasattr(model, "unipose"):
+        objects = [lk for lk in links if lk.kind == "det"]
+        # Keypoint groups need object groups (the [DET] groups of the same answer) to attach to.
+        if pose_links and objects and hasattr(model, "unipose"):
             self._detection_input(prep, det_image)
             with _timed(prep.timings, "pose_decoder"):
-                objects = [lk for lk in links if lk.kind == "det"]
                 out["pose"] = self._pose_decoder(objects, pose_links, prep)
         for kind, attr in (("gen", "sd"), ("edit", "ip2p")):
             group = [lk for lk in links if lk.kind == kind]
@@ -334,8 +338,6 @@ class ReferencePipeline:
 
     def _pose_decoder(self, objects: list[Link], keypoints: list[Link], prep: _Prepared) -> dict[str, np.ndarray]:
         n_slots = 100
-        if not objects:
-            raise ValueError("a [POSE] answer needs at least one [DET] group naming the objects (e.g. person[DET])")
         if len(objects) > n_slots or len(keypoints) > 68:
             raise ValueError(f"the keypoint decoder takes at most 100 object and 68 keypoint groups, got "
                              f"{len(objects)} and {len(keypoints)}")
@@ -354,7 +356,7 @@ class ReferencePipeline:
 
     def _denoise(self, kind: str, decoder, cond: torch.Tensor, prep: _Prepared, seed: int) -> dict[str, np.ndarray]:
         size = self.config.image_size_for(kind)
-        latent = size // 8
+        latent = size // decoder.vae_scale_factor
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(cond.shape[0], 4, latent, latent, generator=g)
         image_latents = None
@@ -471,19 +473,19 @@ class ReferencePipeline:
         """
         prep = self._prepare(image, regions, region_frame, det_image, bgr)
         full_answer = insert_placeholders(answer, self.config.num_embs, self.config.num_embs_gen)
-        ids = self._token_ids(self._turns(prompt, history, full_answer), prep.tiles.shape[0])
-        return self._forward_ids(ids, prep, det_image, prompt, answer)
+        turns = self._turns(prompt, history, full_answer)
+        ids = self._token_ids(turns, prep.tiles.shape[0])
+        return self._forward_ids(ids, prep, det_image, prompt, self._answer_start(ids, turns, prep.tiles.shape[0]))
 
     @torch.no_grad()
-    def _forward_ids(self, ids: list[int], prep: _Prepared, det_image, prompt: str, answer: str) -> ForwardOutput:
+    def _forward_ids(self, ids: list[int], prep: _Prepared, det_image, prompt: str, answer_start: int) -> ForwardOutput:
         embeds = self._embed(ids, prep)
         positions = torch.arange(len(ids))
         out = self.model.llm(embeds, positions, keep_layer_states=True)
         hidden = out.hidden[0]
         logits = self.model.logits(hidden)
-        answer_start = self._answer_start(ids)
         labels = answer_labels(self._answer_text(ids[answer_start:]), prompt)
-        links = [lk for lk in self._links(ids, hidden, labels) if lk.position >= 0]
+        links = self._links(ids, hidden, labels, answer_start)
         decoders = self._run_decoders(links, prep, det_image, denoise=False, seed=0)
         return ForwardOutput(
             input_ids=np.asarray(ids, dtype=np.int64),
@@ -499,11 +501,20 @@ class ReferencePipeline:
             layer_states=[s[0].numpy() for s in out.layer_states],
         )
 
-    def _answer_start(self, ids: list[int]) -> int:
-        """Index just after the last "ASSISTANT:" of the prompt (where the answer begins)."""
-        marker = self.tokenizer.encode_text(contract.ROLES[1] + ":", add_bos=False)[-1]
-        last = max(i for i, t in enumerate(ids) if t == marker)
-        return last + 1
+    def _answer_start(self, ids: list[int], turns, n_tiles: int) -> int:
+        """Index of the first answer token: the length of the same conversation left open at "ASSISTANT:".
+
+        Tokenisation is done on the whole text (as the official code does), so the open prompt is a prefix
+        of the full ids unless a merge crosses the boundary; then the common prefix is the boundary.
+        """
+        open_turns = list(turns[:-1]) + [(turns[-1][0], None)]
+        prompt_ids = self._token_ids(open_turns, n_tiles)
+        n = 0
+        for a, b in zip(prompt_ids, ids):
+            if a != b:
+                break
+            n += 1
+        return n
 
     def _answer_text(self, ids: list[int]) -> str:
         """Answer text with special tokens spelled out and placeholders dropped."""
@@ -552,10 +563,11 @@ class ReferencePipeline:
         timings = prep.timings
         with _timed(timings, "tokenize"):
             prefix = insert_placeholders(answer_prefix, self.config.num_embs, self.config.num_embs_gen) if answer_prefix else None
-            ids = self._token_ids(self._turns(prompt, history, None), prep.tiles.shape[0], open_answer=prefix)
+            turns = self._turns(prompt, history, None)
+            ids = self._token_ids(turns, prep.tiles.shape[0], open_answer=prefix)
+            answer_start = self._answer_start(ids, turns, prep.tiles.shape[0]) if prefix else len(ids)
         if len(ids) >= self.max_context:
             raise ValueError(f"the prompt is {len(ids)} tokens; the context holds {self.max_context}")
-        answer_start = self._answer_start(ids)
         generator = torch.Generator().manual_seed(seed)
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, generator=generator)
@@ -563,8 +575,7 @@ class ReferencePipeline:
         answer_ids = ids[answer_start:]
         text = self._answer_text(answer_ids)
         labels = answer_labels(text, prompt)
-        links = self._links(ids, hidden, labels)
-        links = [lk for lk in links if lk.position >= answer_start]
+        links = self._links(ids, hidden, labels, answer_start)
         raw = self._run_decoders(links, prep, det_image, denoise=decode, seed=seed)
         result = Result(
             text=text,
