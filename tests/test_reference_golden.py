@@ -207,3 +207,30 @@ def test_single_routing_step_matches_official(pipe, meta, kind):
     assert nxt["token"] == int(b[f"manual_{kind}_next_token"])
     np.testing.assert_array_equal(nxt["positions"], b[f"manual_{kind}_next_step_position_ids"][0])
     _ok(nxt["hidden"], b[f"manual_{kind}_next_step_final_hidden"], "next step hidden")
+
+
+UNIPOSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "golden_dev" / "golden_unipose"
+
+
+@pytest.mark.skipif(not UNIPOSE.is_dir(), reason=f"UniPose golden set not found at {UNIPOSE}")
+def test_load_component_unipose_reproduces_the_official_gpu_run():
+    from visionllm_edge.export import load_component
+
+    model = load_component("unipose", UNIPOSE)
+    g = np.load(UNIPOSE / "golden_unipose.npz")
+    with torch.no_grad():
+        logits, boxes, keypoints = model(
+            torch.from_numpy(g["pixel_values"]), torch.from_numpy(g["pixel_padding_mask"]),
+            torch.from_numpy(g["obj_querys"]), torch.from_numpy(g["obj_query_masks"]),
+            torch.from_numpy(g["kpt_querys"]), torch.from_numpy(g["kpt_query_masks"]),
+        )
+    _ok(logits.numpy(), g["pred_logits"], "pred_logits")
+    _ok(boxes.numpy(), g["pred_boxes"], "pred_boxes")
+    _ok(keypoints.numpy(), g["pred_keypoints"], "pred_keypoints")
+
+
+def test_load_component_rejects_unknown_names():
+    from visionllm_edge.export import load_component
+
+    with pytest.raises(ValueError, match="unknown component 'bert'"):
+        load_component("bert", GOLDEN)
