@@ -25,7 +25,17 @@ def load_component(name: str, directory):
 
 
 __all__ = [
-    "ChatTokenizer", "CheckpointError", "ConfigError", "ForwardOutput", "ModelConfig", "PostProcessSettings",
-    "ReferencePipeline", "VisionLLMv2", "build_model", "load_component", "load_reference", "named_config",
+    "ChatTokenizer",
+    "CheckpointError",
+    "ConfigError",
+    "ForwardOutput",
+    "ModelConfig",
+    "PostProcessSettings",
+    "ReferencePipeline",
+    "VisionLLMv2",
+    "build_model",
+    "load_component",
+    "load_reference",
+    "named_config",
     "save_official",
 ]

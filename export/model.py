@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
 from visionllm_edge import contract
 from visionllm_edge.export.config import ModelConfig
 from visionllm_edge.export.models.llama import LlamaForCausalLM
@@ -65,7 +64,10 @@ class VisionLLMv2(nn.Module):
         vis_width = int(config.vision["hidden_size"])
         if config.uses("region_encoder"):
             self.region_encoder = RegionEncoder(
-                hidden_dim=256, embed_dim=vis_width, out_dim=llm.hidden_size, patch_size=int(config.vision["patch_size"])
+                hidden_dim=256,
+                embed_dim=vis_width,
+                out_dim=llm.hidden_size,
+                patch_size=int(config.vision["patch_size"]),
             )
         self.vl_bridge = nn.Sequential(
             nn.Linear(vis_width, llm.hidden_size), nn.GELU(), nn.Linear(llm.hidden_size, llm.hidden_size)
@@ -77,7 +79,9 @@ class VisionLLMv2(nn.Module):
         if config.uses("unipose"):
             from visionllm_edge.export.models.unipose import UniPose
 
-            self.unipose = UniPose(config.official["unipose_config"], swin=config.extension.get("unipose_swin"))
+            self.unipose = UniPose(
+                config.official["unipose_config"], swin=config.extension.get("unipose_swin")
+            )
         for kind, attr in (("gen", "sd"), ("edit", "ip2p")):
             if config.uses(attr):
                 setattr(self, attr, _build_diffusion(config, kind, attr))
@@ -97,7 +101,9 @@ class VisionLLMv2(nn.Module):
         selected = out.hidden_states[self.config.vis_output_layer][:, 1:]
         return VisionFeatures(self.vl_bridge(selected), selected, tuple(out.hidden_states))
 
-    def encode_regions(self, thumbnail: torch.Tensor, masks: torch.Tensor, vision: VisionFeatures) -> torch.Tensor:
+    def encode_regions(
+        self, thumbnail: torch.Tensor, masks: torch.Tensor, vision: VisionFeatures
+    ) -> torch.Tensor:
         """Region embeddings `[R, H]` for masks `[R, S, S]` in the thumbnail frame (the last tile)."""
         if not hasattr(self, "region_encoder"):
             raise ValueError("this model has no region encoder (use_region_encoder is false)")
@@ -126,12 +132,19 @@ def _build_diffusion(config: ModelConfig, kind: str, attr: str) -> nn.Module:
     components = (config.extension.get("diffusion_components") or {}).get(kind)
     sub = config.official[f"{attr}_config"]
     if components is not None:
-        return DiffusionWithLLMEmb(sub, components["unet"], components["vae"], components["text_encoder"], kind=kind)
+        return DiffusionWithLLMEmb(
+            sub, components["unet"], components["vae"], components["text_encoder"], kind=kind
+        )
     return build_diffusion(kind, sub)
 
 
-def build_model(config: ModelConfig, *, device: str | torch.device = "cpu", official_dtypes: bool = False,
-                seed: int | None = None) -> VisionLLMv2:
+def build_model(
+    config: ModelConfig,
+    *,
+    device: str | torch.device = "cpu",
+    official_dtypes: bool = False,
+    seed: int | None = None,
+) -> VisionLLMv2:
     """Builds the model; on `device="meta"` no memory is used (key and shape checks of the 7B)."""
     if seed is not None:
         torch.manual_seed(seed)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
 from visionllm_edge import contract
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -109,7 +108,9 @@ def anyres_tiles(image: Image.Image, tile_size: int, max_tiles: int) -> tuple[to
     return torch.from_numpy(np.stack([clip_normalise(t) for t in tiles])), (cols, rows)
 
 
-def detection_image(image: Image.Image, short_side: int, max_long_side: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def detection_image(
+    image: Image.Image, short_side: int, max_long_side: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """The decoders' input: keep-ratio resize (short side to `short_side`, long side at most `max_long_side`,
     bilinear), ImageNet normalisation, zero pad to a multiple of 32.
 
@@ -150,7 +151,9 @@ def region_mask(region, image_size: tuple[int, int], thumb_size: int) -> torch.T
             raise ValueError(f"region mask: expected shape ({h}, {w}) (the image), got {region.shape}")
         if not region.any():
             raise ValueError("region mask is empty")
-        pil = Image.fromarray(region.astype(np.uint8) * 255, "L").resize((thumb_size, thumb_size), Image.NEAREST)
+        pil = Image.fromarray(region.astype(np.uint8) * 255, "L").resize(
+            (thumb_size, thumb_size), Image.NEAREST
+        )
         return torch.from_numpy((np.asarray(pil) > 127).astype(np.float32))
     coords = tuple(float(v) for v in region)
     mask = torch.zeros(thumb_size, thumb_size)

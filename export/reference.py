@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from visionllm_edge import contract
 from visionllm_edge.export import preprocess as pp
 from visionllm_edge.export.model import VisionFeatures, VisionLLMv2
@@ -100,14 +99,16 @@ def _timed(timings: dict[str, float], stage: str):
     timings[stage] = timings.get(stage, 0.0) + (time.perf_counter() - start) * 1000.0
 
 
-# --- labels -------------------------------------------------------------------------------------------------
+# --- labels -----------------------------------------------------------------------------------------------
 
 _DELIMITERS = re.compile("|".join(re.escape(d) for d in contract.LABEL_DELIMITERS))
 _ROUTING = re.compile("|".join(re.escape(t) for t in contract.ROUTING_TOKENS))
 _PLACEHOLDER = re.compile("|".join(re.escape(t) for t in contract.ALL_PLACEHOLDERS))
 #: Phrases that point at an object without naming it (`It is [GRD].`): such a [GRD] group takes the
 #: phrase the question asked for instead.
-_NOT_A_PHRASE = re.compile(r"^(?:(?:yes|sure|ok|okay)\s*,?\s*)?(?:it|this|that|here)?(?:\s+it)?(?:\s+is)?$", re.IGNORECASE)
+_NOT_A_PHRASE = re.compile(
+    r"^(?:(?:yes|sure|ok|okay)\s*,?\s*)?(?:it|this|that|here)?(?:\s+it)?(?:\s+is)?$", re.IGNORECASE
+)
 _GROUNDING_QUESTION = re.compile(
     r"(?:locate|find|ground|detect|where is|where are|where's|point to|segment|see)\s+(?:the\s+)?([^?.!<>]+?)"
     r"(?:\s+(?:is\s+)?(?:in|within|on)\s+(?:the|this)\s+(?:image|picture|photo))?\s*(?:[?.!]|$)",
@@ -151,7 +152,7 @@ def _grounding_phrase(question: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-# --- the pipeline ---------------------------------------------------------------------------------------------
+# --- the pipeline -----------------------------------------------------------------------------------------
 
 
 class ReferencePipeline:
@@ -163,14 +164,19 @@ class ReferencePipeline:
         post: post-processing settings.
     """
 
-    def __init__(self, model: VisionLLMv2, tokenizer: ChatTokenizer | None = None,
-                 post: PostProcessSettings | None = None):
+    def __init__(
+        self,
+        model: VisionLLMv2,
+        tokenizer: ChatTokenizer | None = None,
+        post: PostProcessSettings | None = None,
+    ):
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer or ChatTokenizer.from_directory(model.tokenizer_dir)
         if self.tokenizer.vocab_size != self.config.llm.vocab_size:
             raise ValueError(
-                f"tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocabulary is {self.config.llm.vocab_size}"
+                f"tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocabulary is "
+                f"{self.config.llm.vocab_size}"
             )
         self.post = post or PostProcessSettings()
         self.routing_ids = {self.tokenizer.token_id(t): k for t, k in contract.ROUTING_TOKENS.items()}
@@ -179,7 +185,7 @@ class ReferencePipeline:
         self.placeholder_ids = {self.tokenizer.token_id(t) for t in contract.ALL_PLACEHOLDERS}
         self.max_context = self.config.llm.max_position_embeddings
 
-    # --- preparation ------------------------------------------------------------------------------------------
+    # --- preparation ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def _prepare(self, image, regions, region_frame: str, det_image, bgr: bool) -> _Prepared:
@@ -194,9 +200,13 @@ class ReferencePipeline:
             with _timed(timings, "region"):
                 size = self.config.image_size
                 if region_frame == "thumbnail":
-                    masks = torch.stack([torch.as_tensor(np.asarray(r), dtype=torch.float32) for r in regions])
+                    masks = torch.stack(
+                        [torch.as_tensor(np.asarray(r), dtype=torch.float32) for r in regions]
+                    )
                     if masks.shape[1:] != (size, size):
-                        raise ValueError(f"thumbnail-frame regions must be {size}x{size}, got {tuple(masks.shape[1:])}")
+                        raise ValueError(
+                            f"thumbnail-frame regions must be {size}x{size}, got {tuple(masks.shape[1:])}"
+                        )
                 elif region_frame == "image":
                     masks = torch.stack([pp.region_mask(r, pil.size, size) for r in regions])
                 else:
@@ -217,10 +227,12 @@ class ReferencePipeline:
             source, self.config.det_short_side, self.config.det_max_long_side
         )
 
-    # --- sequence assembly ------------------------------------------------------------------------------------
+    # --- sequence assembly ---------------------------------------------------------------------------------
 
     def _turns(self, prompt: str, history, answer: str | None) -> list[tuple[str, str | None]]:
-        turns = [(u, insert_placeholders(a, self.config.num_embs, self.config.num_embs_gen)) for u, a in history]
+        turns = [
+            (u, insert_placeholders(a, self.config.num_embs, self.config.num_embs_gen)) for u, a in history
+        ]
         turns.append((prompt, answer))
         if not any(contract.IMAGE_TOKEN in u for u, _ in turns):
             first_user, first_answer = turns[0]
@@ -238,13 +250,15 @@ class ReferencePipeline:
             text = text + " " + open_answer
         ids = self.tokenizer.tokenize_with_image(text, conv.user_spans)
         if ids.count(IMAGE_SENTINEL) != 1:
-            raise ValueError(f"the conversation must contain exactly one <image>, found {ids.count(IMAGE_SENTINEL)}")
+            raise ValueError(
+                f"the conversation must contain exactly one <image>, found {ids.count(IMAGE_SENTINEL)}"
+            )
         at = ids.index(IMAGE_SENTINEL)
         ids = ids[:at] + [self.patch_id] * (n_tiles * self.config.patches_per_tile) + ids[at + 1 :]
         return ids
 
     def _embed(self, ids: list[int], prep: _Prepared, start: int = 0) -> torch.Tensor:
-        """`inputs_embeds [1, S, H]` for `ids` at absolute offset `start` (image/region rows only in the prefill)."""
+        """`inputs_embeds [1, S, H]` for `ids`, with image, region and super-link query rows written in."""
         model = self.model
         t = torch.tensor(ids, dtype=torch.long)
         embeds = model.embed_tokens(t)
@@ -252,12 +266,16 @@ class ReferencePipeline:
         if len(patch_rows):
             feats = prep.vision.projected.reshape(-1, embeds.shape[-1])
             if len(patch_rows) != feats.shape[0]:
-                raise ValueError(f"{len(patch_rows)} <im_patch> slots for {feats.shape[0]} image feature rows")
+                raise ValueError(
+                    f"{len(patch_rows)} <im_patch> slots for {feats.shape[0]} image feature rows"
+                )
             embeds[patch_rows] = feats.to(embeds.dtype)
         region_rows = (t == self.region_id).nonzero()[:, 0]
         n_regions = 0 if prep.regions is None else prep.regions.shape[0]
         if len(region_rows) != n_regions:
-            raise ValueError(f"the prompt has {len(region_rows)} <region> marker(s) but {n_regions} region(s) were given")
+            raise ValueError(
+                f"the prompt has {len(region_rows)} <region> marker(s) but {n_regions} region(s) were given"
+            )
         if n_regions:
             embeds[region_rows] = prep.regions.to(embeds.dtype)
         # Super-link queries replace the placeholder rows that follow each routing token.
@@ -271,7 +289,9 @@ class ReferencePipeline:
                 embeds[pos + 1 : pos + 1 + n] = model.query_table(kind).to(embeds.dtype)
         return embeds[None]
 
-    def _links(self, ids: list[int], hidden: torch.Tensor, labels: list[tuple[str, str]], start: int) -> list[Link]:
+    def _links(
+        self, ids: list[int], hidden: torch.Tensor, labels: list[tuple[str, str]], start: int
+    ) -> list[Link]:
         """One link per routing token of the answer (positions >= `start`; history groups are not re-run)."""
         links = []
         for pos, tok in enumerate(ids):
@@ -286,11 +306,12 @@ class ReferencePipeline:
             links.append(Link(kind, label, pos, states.float().numpy().copy()))
         return links
 
-    # --- decoders ---------------------------------------------------------------------------------------------
+    # --- decoders ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _run_decoders(self, links: list[Link], prep: _Prepared, det_image, denoise: bool, seed: int,
-                      instruction_image=None) -> dict[str, dict[str, np.ndarray]]:
+    def _run_decoders(
+        self, links: list[Link], prep: _Prepared, det_image, denoise: bool, seed: int, instruction_image=None
+    ) -> dict[str, dict[str, np.ndarray]]:
         model = self.model
         out: dict[str, dict[str, np.ndarray]] = {}
         object_links = [lk for lk in links if lk.kind in contract.OBJECT_KINDS]
@@ -336,11 +357,15 @@ class ReferencePipeline:
             "pred_masks": np.stack([p[2].numpy() for p in parts]),
         }
 
-    def _pose_decoder(self, objects: list[Link], keypoints: list[Link], prep: _Prepared) -> dict[str, np.ndarray]:
+    def _pose_decoder(
+        self, objects: list[Link], keypoints: list[Link], prep: _Prepared
+    ) -> dict[str, np.ndarray]:
         n_slots = 100
         if len(objects) > n_slots or len(keypoints) > 68:
-            raise ValueError(f"the keypoint decoder takes at most 100 object and 68 keypoint groups, got "
-                             f"{len(objects)} and {len(keypoints)}")
+            raise ValueError(
+                f"the keypoint decoder takes at most 100 object and 68 keypoint groups, got "
+                f"{len(objects)} and {len(keypoints)}"
+            )
         hidden = objects[0].states.shape[-1]
         n = objects[0].states.shape[0]
         obj = torch.zeros(1, n_slots, n, hidden)
@@ -354,7 +379,9 @@ class ReferencePipeline:
         logits, boxes, kps = self.model.unipose(prep.det_pixels, ~prep.det_mask, obj, obj_mask, kpt, kpt_mask)
         return {"pred_logits": logits.numpy(), "pred_boxes": boxes.numpy(), "pred_keypoints": kps.numpy()}
 
-    def _denoise(self, kind: str, decoder, cond: torch.Tensor, prep: _Prepared, seed: int) -> dict[str, np.ndarray]:
+    def _denoise(
+        self, kind: str, decoder, cond: torch.Tensor, prep: _Prepared, seed: int
+    ) -> dict[str, np.ndarray]:
         size = self.config.image_size_for(kind)
         latent = size // decoder.vae_scale_factor
         g = torch.Generator().manual_seed(seed)
@@ -365,13 +392,17 @@ class ReferencePipeline:
             arr = torch.from_numpy(np.asarray(src, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             image_latents = decoder.encode_image(arr).expand(cond.shape[0], -1, -1, -1)
         latents = decoder.denoise(
-            cond, noise=noise, steps=self.post.gen_steps, guidance_scale=self.post.guidance_scale,
-            image_latents=image_latents, image_guidance_scale=self.post.image_guidance_scale,
+            cond,
+            noise=noise,
+            steps=self.post.gen_steps,
+            guidance_scale=self.post.guidance_scale,
+            image_latents=image_latents,
+            image_guidance_scale=self.post.image_guidance_scale,
         )
         images = decoder.decode_latents(latents)
         return {"noise": noise.numpy(), "latents": latents.numpy(), "images": images.numpy()}
 
-    # --- post-processing ----------------------------------------------------------------------------------------
+    # --- post-processing ------------------------------------------------------------------------------------
 
     def _postprocess(self, links: list[Link], raw: dict, prep: _Prepared, result: Result) -> None:
         post = self.post
@@ -388,7 +419,9 @@ class ReferencePipeline:
                 boxes = torch.from_numpy(obj["pred_boxes"][chunk])
                 if lk.kind == "grd":
                     q = int(probs.argmax())
-                    result.detections.append(self._detection(lk, q, float(probs[q]), boxes[q], obj, chunk, prep))
+                    result.detections.append(
+                        self._detection(lk, q, float(probs[q]), boxes[q], obj, chunk, prep)
+                    )
                 elif lk.kind == "det":
                     for q in range(probs.shape[0]):
                         det_candidates.append((float(probs[q]), g, q, chunk))
@@ -441,8 +474,9 @@ class ReferencePipeline:
         w, h = prep.image_size
         return F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
 
-    def _detection(self, lk: Link, q: int, score: float, box: torch.Tensor, obj: dict, chunk: int,
-                   prep: _Prepared) -> Detection:
+    def _detection(
+        self, lk: Link, q: int, score: float, box: torch.Tensor, obj: dict, chunk: int, prep: _Prepared
+    ) -> Detection:
         w, h = prep.image_size
         cx, cy, bw, bh = box.tolist()
         xyxy = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
@@ -458,14 +492,25 @@ class ReferencePipeline:
             scores.append(torch.einsum("q,qhw->hw", cls, masks))
         stacked = torch.stack(scores)
         best, label_map = stacked.max(0)
-        label_map = torch.where(best >= self.post.seg_score_threshold, label_map, torch.full_like(label_map, -1))
+        label_map = torch.where(
+            best >= self.post.seg_score_threshold, label_map, torch.full_like(label_map, -1)
+        )
         return SemanticMap(label_map.numpy().astype(np.int32), [lk.label for _g, lk, _c, _k in seg_classes])
 
-    # --- public API --------------------------------------------------------------------------------------------
+    # --- public API ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def forward_answer(self, image, prompt: str, answer: str, regions=None, history=(), det_image=None,
-                       region_frame: str = "image", bgr: bool = False) -> ForwardOutput:
+    def forward_answer(
+        self,
+        image,
+        prompt: str,
+        answer: str,
+        regions=None,
+        history=(),
+        det_image=None,
+        region_frame: str = "image",
+        bgr: bool = False,
+    ) -> ForwardOutput:
         """Teacher-forced pass over prompt + answer, as the official evaluation runs it.
 
         The answer may carry the `[EMB]` placeholders or not; they are inserted after every routing token
@@ -475,10 +520,14 @@ class ReferencePipeline:
         full_answer = insert_placeholders(answer, self.config.num_embs, self.config.num_embs_gen)
         turns = self._turns(prompt, history, full_answer)
         ids = self._token_ids(turns, prep.tiles.shape[0])
-        return self._forward_ids(ids, prep, det_image, prompt, self._answer_start(ids, turns, prep.tiles.shape[0]))
+        return self._forward_ids(
+            ids, prep, det_image, prompt, self._answer_start(ids, turns, prep.tiles.shape[0])
+        )
 
     @torch.no_grad()
-    def _forward_ids(self, ids: list[int], prep: _Prepared, det_image, prompt: str, answer_start: int) -> ForwardOutput:
+    def _forward_ids(
+        self, ids: list[int], prep: _Prepared, det_image, prompt: str, answer_start: int
+    ) -> ForwardOutput:
         embeds = self._embed(ids, prep)
         positions = torch.arange(len(ids))
         out = self.model.llm(embeds, positions, keep_layer_states=True)
@@ -536,10 +585,25 @@ class ReferencePipeline:
         return "".join(pieces).strip()
 
     @torch.no_grad()
-    def run(self, image, prompt: str, regions=None, history=(), answer_prefix: str | None = None,
-            max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-            top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, det_image=None,
-            region_frame: str = "image", bgr: bool = False, decode: bool = True) -> Result:
+    def run(
+        self,
+        image,
+        prompt: str,
+        regions=None,
+        history=(),
+        answer_prefix: str | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        det_image=None,
+        region_frame: str = "image",
+        bgr: bool = False,
+        decode: bool = True,
+    ) -> Result:
         """Generates an answer and runs every decoder its routing tokens ask for.
 
         Args:
@@ -562,15 +626,25 @@ class ReferencePipeline:
         prep = self._prepare(image, regions, region_frame, det_image, bgr)
         timings = prep.timings
         with _timed(timings, "tokenize"):
-            prefix = insert_placeholders(answer_prefix, self.config.num_embs, self.config.num_embs_gen) if answer_prefix else None
+            prefix = (
+                insert_placeholders(answer_prefix, self.config.num_embs, self.config.num_embs_gen)
+                if answer_prefix
+                else None
+            )
             turns = self._turns(prompt, history, None)
             ids = self._token_ids(turns, prep.tiles.shape[0], open_answer=prefix)
             answer_start = self._answer_start(ids, turns, prep.tiles.shape[0]) if prefix else len(ids)
         if len(ids) >= self.max_context:
             raise ValueError(f"the prompt is {len(ids)} tokens; the context holds {self.max_context}")
         generator = torch.Generator().manual_seed(seed)
-        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, generator=generator)
+        sampling = dict(
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            generator=generator,
+        )
         ids, is_query, hidden, stop_reason = self._generate(ids, prep, max_new_tokens, sampling)
         answer_ids = ids[answer_start:]
         text = self._answer_text(answer_ids)
@@ -590,8 +664,15 @@ class ReferencePipeline:
         return result
 
     @torch.no_grad()
-    def _generate(self, ids: list[int], prep: _Prepared, max_new_tokens: int, sampling: dict,
-                  forced: dict[int, int] | None = None, trace: list | None = None):
+    def _generate(
+        self,
+        ids: list[int],
+        prep: _Prepared,
+        max_new_tokens: int,
+        sampling: dict,
+        forced: dict[int, int] | None = None,
+        trace: list | None = None,
+    ):
         """Prefill `ids`, then decode with the cache until EOS or the limit.
 
         Returns the full id sequence (query placeholders included), a per-row flag of query rows, the
@@ -614,8 +695,15 @@ class ReferencePipeline:
             hidden_rows = [out.hidden[0]]
             next_logits = self.model.logits(out.hidden[0, -1])
         if trace is not None:
-            trace.append({"rows": len(ids), "positions": np.arange(len(ids)), "past": 0,
-                          "hidden": out.hidden[0].numpy(), "logits_last": next_logits.numpy()})
+            trace.append(
+                {
+                    "rows": len(ids),
+                    "positions": np.arange(len(ids)),
+                    "past": 0,
+                    "hidden": out.hidden[0].numpy(),
+                    "logits_last": next_logits.numpy(),
+                }
+            )
         generated = 0
         stop_reason = "length"
         with _timed(timings, "decode"):
@@ -649,16 +737,25 @@ class ReferencePipeline:
                 past = len(ids)
                 positions = torch.arange(past, past + len(step_ids))
                 step = self.model.llm(rows[None], positions, past=cache)
-                cache = [(torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2))
-                         for (pk, pv), (nk, nv) in zip(cache, step.new_kv)]
+                cache = [
+                    (torch.cat([pk, nk], dim=2), torch.cat([pv, nv], dim=2))
+                    for (pk, pv), (nk, nv) in zip(cache, step.new_kv)
+                ]
                 hidden_rows.append(step.hidden[0])
                 ids.extend(step_ids)
                 is_query.extend([False] + [True] * (len(step_ids) - 1))
                 next_logits = self.model.logits(step.hidden[0, -1])
                 if trace is not None:
-                    trace.append({"rows": len(step_ids), "positions": positions.numpy(), "past": past,
-                                  "hidden": step.hidden[0].numpy(), "logits_last": next_logits.numpy(),
-                                  "token": token})
+                    trace.append(
+                        {
+                            "rows": len(step_ids),
+                            "positions": positions.numpy(),
+                            "past": past,
+                            "hidden": step.hidden[0].numpy(),
+                            "logits_last": next_logits.numpy(),
+                            "token": token,
+                        }
+                    )
         return ids, is_query, torch.cat(hidden_rows), stop_reason
 
     def _placeholder_id(self, kind: str, i: int) -> int:
@@ -666,11 +763,22 @@ class ReferencePipeline:
             return self.tokenizer.token_id(contract.GENERATION_PLACEHOLDER)
         return self.tokenizer.token_id(contract.ALL_PLACEHOLDERS[i])
 
-    def _sample(self, logits: torch.Tensor, ids: list[int], do_sample: bool, temperature: float, top_k: int,
-                top_p: float, repetition_penalty: float, generator: torch.Generator) -> int:
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        ids: list[int],
+        do_sample: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        repetition_penalty: float,
+        generator: torch.Generator,
+    ) -> int:
         logits = logits.float().clone()
         if repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({t for t in ids if t not in self.placeholder_ids and t != self.patch_id}))
+            seen = torch.tensor(
+                sorted({t for t in ids if t not in self.placeholder_ids and t != self.patch_id})
+            )
             if len(seen):
                 vals = logits[seen]
                 logits[seen] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
@@ -703,8 +811,9 @@ def _nms(detections: list[Detection], iou: float) -> list[Detection]:
     """Class-aware greedy NMS on `[DET]` detections; other kinds pass through."""
     keep: list[Detection] = []
     for d in sorted(detections, key=lambda d: -d.score):
-        if d.kind == "det" and any(k.kind == "det" and k.label == d.label and _box_iou(k.box_xyxy, d.box_xyxy) > iou
-                                   for k in keep):
+        if d.kind == "det" and any(
+            k.kind == "det" and k.label == d.label and _box_iou(k.box_xyxy, d.box_xyxy) > iou for k in keep
+        ):
             continue
         keep.append(d)
     return keep

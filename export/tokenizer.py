@@ -66,7 +66,9 @@ class ChatTokenizer:
 
         directory = Path(directory)
         if not (directory / "tokenizer.model").is_file():
-            raise FileNotFoundError(f"{directory}: no tokenizer.model (the official tokenizer files are needed)")
+            raise FileNotFoundError(
+                f"{directory}: no tokenizer.model (the official tokenizer files are needed)"
+            )
         hf = LlamaTokenizer.from_pretrained(str(directory))
         tok = cls(hf)
         added = directory / "added_tokens.json"
@@ -75,13 +77,15 @@ class ChatTokenizer:
             for name, idx in declared.items():
                 if tok._special.get(name) != idx:
                     raise ValueError(
-                        f"{added}: token {name!r} has id {idx} there but {tok._special.get(name)} in the tokenizer"
+                        f"{added}: token {name!r} has id {idx} there but {tok._special.get(name)} "
+                        "in the tokenizer"
                     )
         base = len(hf.sp_model)
         for offset, name in enumerate(contract.ADDED_TOKENS):
             if tok._special[name] != base + offset:
                 raise ValueError(
-                    f"{directory}: special token {name!r} has id {tok._special[name]}, expected {base + offset} "
+                    f"{directory}: special token {name!r} has id {tok._special[name]}, "
+                    f"expected {base + offset} "
                     "(the official order of added tokens)"
                 )
         return tok
@@ -138,7 +142,9 @@ class ChatTokenizer:
         """The sentencepiece step of the slow tokenizer (`LlamaTokenizer._tokenize`)."""
         return self.hf._tokenize(text)
 
-    def encode_text(self, text: str, protected: tuple[Span, ...] | list[Span] = (), add_bos: bool = True) -> list[int]:
+    def encode_text(
+        self, text: str, protected: tuple[Span, ...] | list[Span] = (), add_bos: bool = True
+    ) -> list[int]:
         """Token ids of `text`, as `tokenizer(text).input_ids` gives them, honouring protected spans."""
         protected = list(protected)
         tokens: list[str] = []
@@ -170,7 +176,9 @@ class ChatTokenizer:
         start = 0
         parts = prompt.split(contract.IMAGE_TOKEN)
         for part in parts:
-            local = [Span(max(s.start, start) - start, min(s.end, start + len(part)) - start) for s in protected]
+            local = [
+                Span(max(s.start, start) - start, min(s.end, start + len(part)) - start) for s in protected
+            ]
             local = [s for s in local if s.end > s.start]
             chunks.append(self.encode_text(part, local) if part else [self.bos_id])
             start += len(part) + len(contract.IMAGE_TOKEN)

@@ -7,13 +7,15 @@ import sys
 
 import numpy as np
 import pytest
-
 from visionllm_edge import _core, contract
 from visionllm_edge.contract import compare
 
 
 def test_import_does_not_pull_torch():
-    code = "import sys, visionllm_edge, visionllm_edge.runtime, visionllm_edge.cli; print('torch' in sys.modules)"
+    code = (
+        "import sys, visionllm_edge, visionllm_edge.runtime, visionllm_edge.cli; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -64,8 +66,11 @@ def test_compare_checks_shape_nonfinite_pattern_and_tolerance():
 def test_cli_parser_knows_the_commands():
     from visionllm_edge.cli import build_parser
 
-    args = build_parser().parse_args(["reference", "tiny-random", "--image", "x.png", "--prompt", "hi",
-                                      "--region", "1,2,3,4"])
+    args = build_parser().parse_args(
+        ["reference", "tiny-random", "--image", "x.png", "--prompt", "hi", "--region", "1,2,3,4"]
+    )
     assert args.region == [(1.0, 2.0, 3.0, 4.0)]
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["reference", "tiny-random", "--image", "x", "--prompt", "p", "--region", "1,2,3"])
+        build_parser().parse_args(
+            ["reference", "tiny-random", "--image", "x", "--prompt", "p", "--region", "1,2,3"]
+        )

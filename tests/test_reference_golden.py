@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from visionllm_edge.contract import compare
 from visionllm_edge.export import ReferencePipeline, load_reference
 
@@ -43,15 +42,21 @@ def tf(pipe, meta):
     d = np.load(GOLDEN / "golden_gdino.npz")
     det = {"pixel_values": d["pixel_values"], "pixel_mask": d["pixel_mask"], "resized_hw": (70, 60)}
     out = pipe.forward_answer(
-        g["raw_image_uint8"], meta["question_a"], meta["answer_a"], regions=[g["region_masks"][0]],
-        region_frame="thumbnail", det_image=det,
+        g["raw_image_uint8"],
+        meta["question_a"],
+        meta["answer_a"],
+        regions=[g["region_masks"][0]],
+        region_frame="thumbnail",
+        det_image=det,
     )
     return out, g
 
 
 def test_checkpoint_has_the_official_layout_and_loads_cleanly(pipe):
     index = json.loads((GOLDEN / "tiny_official" / "pytorch_model.bin.index.json").read_text())
-    assert any(".lora_A.default.weight" in k for k in index["weight_map"])  # the fixture really is peft-wrapped
+    assert any(
+        ".lora_A.default.weight" in k for k in index["weight_map"]
+    )  # the fixture really is peft-wrapped
     keys = set(pipe.model.state_dict())
     assert "llm.model.layers.0.self_attn.q_proj.weight" in keys
     assert not any("lora" in k for k in keys)
@@ -75,7 +80,11 @@ def test_teacher_forced_ids_tiles_and_vision(tf):
     np.testing.assert_array_equal(out.position_ids, g["position_ids"][0])
     _ok(out.tiles, g["pixel_values_tiles"], "tiles")
     # The fixture stores CLIP states as [state, tile, 1 + P, C].
-    _ok(np.stack([h.numpy() for h in out.vision.hidden_states]), g["clip_hidden_states_all"], "CLIP hidden states")
+    _ok(
+        np.stack([h.numpy() for h in out.vision.hidden_states]),
+        g["clip_hidden_states_all"],
+        "CLIP hidden states",
+    )
     _ok(out.vision.selected.numpy(), g["clip_feature_layer_m2_nocls"], "CLIP layer -2")
     _ok(out.vision.projected.numpy(), g["vl_bridge_out"], "vl_bridge")
     _ok(out.region_embeddings, g["region_features_inserted"], "region embedding")
@@ -109,8 +118,10 @@ def test_object_decoder_through_the_pipeline_and_direct(pipe, tf):
     _ok(obj["pred_masks"][0][None], d["pred_masks"], "object masks (pipeline)")
     with torch.no_grad():
         logits, boxes, masks = pipe.model.gdino(
-            torch.from_numpy(d["pixel_values"]), torch.from_numpy(d["pixel_mask"]),
-            torch.from_numpy(d["text_query"]), torch.from_numpy(d["text_query_masks"]),
+            torch.from_numpy(d["pixel_values"]),
+            torch.from_numpy(d["pixel_mask"]),
+            torch.from_numpy(d["text_query"]),
+            torch.from_numpy(d["text_query_masks"]),
         )
     _ok(logits.numpy(), d["logits"], "object logits (direct)")
     _ok(boxes.numpy(), d["pred_boxes"], "object boxes (direct)")
@@ -124,8 +135,10 @@ def test_official_end_to_end_quirk_is_reproduced_by_the_component_but_not_copied
     d = np.load(GOLDEN / "golden_gdino.npz")
     with torch.no_grad():
         logits, boxes, masks = pipe.model.gdino(
-            torch.from_numpy(d["e2e_pixel_values"]), torch.from_numpy(d["e2e_pixel_mask"]),
-            torch.from_numpy(d["e2e_text_query"]), torch.from_numpy(d["e2e_text_query_masks"]),
+            torch.from_numpy(d["e2e_pixel_values"]),
+            torch.from_numpy(d["e2e_pixel_mask"]),
+            torch.from_numpy(d["e2e_text_query"]),
+            torch.from_numpy(d["e2e_text_query_masks"]),
         )
     _ok(logits.numpy(), d["e2e_logits"], "e2e logits")
     _ok(boxes.numpy(), d["e2e_pred_boxes"], "e2e boxes")
@@ -140,7 +153,8 @@ def test_sd_mapping_and_region_encoder(pipe, tf):
     r = np.load(GOLDEN / "golden_region.npz")
     with torch.no_grad():
         emb = pipe.model.region_encoder(
-            torch.from_numpy(r["images"]), torch.from_numpy(r["masks"]),
+            torch.from_numpy(r["images"]),
+            torch.from_numpy(r["masks"]),
             [torch.from_numpy(r[f"clip_feats_l{i}"]) for i in (1, 2, 3)],
         )
     _ok(emb.numpy(), r["region_embeddings"], "region encoder")
@@ -158,8 +172,14 @@ def _check_trace(trace, b, prefix):
     rows = [t["rows"] for t in trace]
     assert rows == b[f"{prefix}_step_rows"].tolist()
     assert [t["past"] for t in trace] == b[f"{prefix}_step_past_len"].tolist()
-    np.testing.assert_array_equal(np.concatenate([t["positions"] for t in trace]), b[f"{prefix}_step_position_ids_concat"])
-    _ok(np.concatenate([t["hidden"] for t in trace]), b[f"{prefix}_step_final_hidden_concat"], f"{prefix} hidden")
+    np.testing.assert_array_equal(
+        np.concatenate([t["positions"] for t in trace]), b[f"{prefix}_step_position_ids_concat"]
+    )
+    _ok(
+        np.concatenate([t["hidden"] for t in trace]),
+        b[f"{prefix}_step_final_hidden_concat"],
+        f"{prefix} hidden",
+    )
     _ok(np.stack([t["logits_last"] for t in trace]), b[f"{prefix}_step_logits_last"], f"{prefix} logits")
 
 
@@ -173,7 +193,7 @@ def test_generate_greedy_matches_official_generate(pipe, meta):
     np.testing.assert_array_equal(ids, b["prompt_input_ids"][0])
     trace: list = []
     full, _, _, _ = pipe._generate(list(ids), prep, 16, _greedy(), trace=trace)
-    assert full[len(ids):] == meta["greedy_new_tokens"]
+    assert full[len(ids) :] == meta["greedy_new_tokens"]
     # The 16th token is sampled from the last call's logits but not fed back: 16 calls in all.
     _check_trace(trace, b, "greedy")
 
@@ -184,12 +204,16 @@ def test_generate_with_forced_routing_matches_official_generate(pipe, meta):
     forced = {int(s): int(t) for s, t in zip(b["forced_plan_steps"], b["forced_plan_tokens"])}
     trace: list = []
     full, is_query, hidden, _ = pipe._generate(list(ids), prep, 16, _greedy(), forced=forced, trace=trace)
-    new = [t for t, q in zip(full[len(ids):], is_query[len(ids):]) if not q]
+    new = [t for t, q in zip(full[len(ids) :], is_query[len(ids) :]) if not q]
     assert new == meta["forced_new_tokens"]
     _check_trace(trace, b, "forced")
     # Incremental with the 1+N steps equals the teacher-forced pass over the same ids (official: 2.1e-6).
     np.testing.assert_array_equal(full[:-1], b["forced_teacher_forced_ids"][0][: len(full) - 1])
-    _ok(hidden.numpy(), b["forced_teacher_forced_final_hidden"][: hidden.shape[0]], "incremental vs teacher-forced")
+    _ok(
+        hidden.numpy(),
+        b["forced_teacher_forced_final_hidden"][: hidden.shape[0]],
+        "incremental vs teacher-forced",
+    )
 
 
 @pytest.mark.parametrize("kind", ["seg", "gen"])
@@ -220,9 +244,12 @@ def test_load_component_unipose_reproduces_the_official_gpu_run():
     g = np.load(UNIPOSE / "golden_unipose.npz")
     with torch.no_grad():
         logits, boxes, keypoints = model(
-            torch.from_numpy(g["pixel_values"]), torch.from_numpy(g["pixel_padding_mask"]),
-            torch.from_numpy(g["obj_querys"]), torch.from_numpy(g["obj_query_masks"]),
-            torch.from_numpy(g["kpt_querys"]), torch.from_numpy(g["kpt_query_masks"]),
+            torch.from_numpy(g["pixel_values"]),
+            torch.from_numpy(g["pixel_padding_mask"]),
+            torch.from_numpy(g["obj_querys"]),
+            torch.from_numpy(g["obj_query_masks"]),
+            torch.from_numpy(g["kpt_querys"]),
+            torch.from_numpy(g["kpt_query_masks"]),
         )
     _ok(logits.numpy(), g["pred_logits"], "pred_logits")
     _ok(boxes.numpy(), g["pred_boxes"], "pred_boxes")

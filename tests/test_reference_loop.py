@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from visionllm_edge.contract import compare
 from visionllm_edge.export import ReferencePipeline, load_reference
 
@@ -29,19 +28,59 @@ _MASK[20:60, 30:80] = True
 
 # (prompt, answer_prefix, regions, history, sample?, image size)
 REQUESTS = [
-    ("Can you identify the circle, square present?", "Yes, here are the results for circle[DET], square[DET]", None, (), False, (120, 90)),
+    (
+        "Can you identify the circle, square present?",
+        "Yes, here are the results for circle[DET], square[DET]",
+        None,
+        (),
+        False,
+        (120, 90),
+    ),
     ("Where can we locate the red circle in the image?", "It is [GRD]", None, (), False, (90, 120)),
     ("Please segment the sky and the grass.", "sky[SEG], grass[SEG], road[SEG]", None, (), False, (200, 60)),
-    ("Find the keypoints of the person.", "person[DET]. nose[POSE], left eye[POSE], right eye[POSE]", None, (), False, (120, 90)),
+    (
+        "Find the keypoints of the person.",
+        "person[DET]. nose[POSE], left eye[POSE], right eye[POSE]",
+        None,
+        (),
+        False,
+        (120, 90),
+    ),
     ("Draw a large red circle.", "Sure, here it is [GEN]", None, (), False, (64, 64)),
     ("Make the square blue.", "Here it is [EDIT]", None, (), False, (100, 80)),
-    ("What is in <reg>region1<region></reg>?", "region1[DET]", [(10.0, 10.0, 60.0, 50.0)], (), False, (120, 90)),
-    ("Segment <reg>region1<region></reg> and <reg>region2<region></reg>.", "region1[DET], region2[DET]",
-     [(30.0, 40.0), _MASK], (), False, (120, 90)),
+    (
+        "What is in <reg>region1<region></reg>?",
+        "region1[DET]",
+        [(10.0, 10.0, 60.0, 50.0)],
+        (),
+        False,
+        (120, 90),
+    ),
+    (
+        "Segment <reg>region1<region></reg> and <reg>region2<region></reg>.",
+        "region1[DET], region2[DET]",
+        [(30.0, 40.0), _MASK],
+        (),
+        False,
+        (120, 90),
+    ),
     ("Detect the dog.", "dog[DET]", None, (("Detect the cat.", "cat[DET]"),), False, (120, 90)),
-    ("And the car?", "car[GRD]", None, (("Where is the person?", "It is [GRD]."), ("Draw it.", "Here [GEN].")),
-     False, (150, 100)),
-    ("Everything at once.", "a[DET], b[SEG], c[GRD], d[DET]. e[POSE]. Here [GEN] and [EDIT]", None, (), False, (300, 100)),
+    (
+        "And the car?",
+        "car[GRD]",
+        None,
+        (("Where is the person?", "It is [GRD]."), ("Draw it.", "Here [GEN].")),
+        False,
+        (150, 100),
+    ),
+    (
+        "Everything at once.",
+        "a[DET], b[SEG], c[GRD], d[DET]. e[POSE]. Here [GEN] and [EDIT]",
+        None,
+        (),
+        False,
+        (300, 100),
+    ),
     ("Identify the shapes.", "circle[DET]", None, (), True, (120, 90)),
     ("Identify the shapes.", "triangle[DET], star[DET]", None, (), True, (90, 240)),
     ("Describe the image.", None, None, (), True, (120, 90)),
@@ -83,10 +122,18 @@ def test_loop_equals_teacher_forced(pipe, index):
         turns = pipe._turns(prompt, (), None)
         ids = pipe._token_ids(turns, prep.tiles.shape[0], open_answer=prefix)
         ids_out, is_query, hidden, reason = pipe._generate(
-            list(ids), prep, max_new, dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
-                                           repetition_penalty=1.0, generator=None), forced={max_new - 1: routing})
+            list(ids),
+            prep,
+            max_new,
+            dict(
+                do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None
+            ),
+            forced={max_new - 1: routing},
+        )
         assert ids_out[-5] == routing and all(is_query[-4:]) and reason == "length"
-        tf = pipe._forward_ids(ids_out, prep, None, prompt, pipe._answer_start(ids, turns, prep.tiles.shape[0]))
+        tf = pipe._forward_ids(
+            ids_out, prep, None, prompt, pipe._answer_start(ids, turns, prep.tiles.shape[0])
+        )
         _ok(hidden.numpy(), tf.hidden, "hidden")
         assert tf.links[-1].position == len(ids_out) - 5
         return
@@ -99,8 +146,13 @@ def test_loop_equals_teacher_forced(pipe, index):
     prep = pipe._prepare(image, regions, "image", None, False)
     turns = pipe._turns(prompt, history, None)
     prompt_ids = pipe._token_ids(turns, prep.tiles.shape[0], open_answer=None)
-    tf = pipe._forward_ids(ids, prep, None, prompt, pipe._answer_start(ids, turns, prep.tiles.shape[0])
-                           if prefix else len(prompt_ids))
+    tf = pipe._forward_ids(
+        ids,
+        prep,
+        None,
+        prompt,
+        pipe._answer_start(ids, turns, prep.tiles.shape[0]) if prefix else len(prompt_ids),
+    )
     assert [(lk.kind, lk.label, lk.position) for lk in result.links] == [
         (lk.kind, lk.label, lk.position) for lk in tf.links
     ]
@@ -115,12 +167,14 @@ def test_loop_equals_teacher_forced(pipe, index):
         assert result.links, "the forced routing tokens produced no links"
     obj = raw.get("object")
     if obj is not None:
-        assert np.ptp(obj["pred_boxes"]) > 1e-3 and np.ptp(obj["pred_masks"]) > 1e-3, "degenerate decoder output"
+        assert np.ptp(obj["pred_boxes"]) > 1e-3 and np.ptp(obj["pred_masks"]) > 1e-3, (
+            "degenerate decoder output"
+        )
 
 
 def test_requests_cover_every_routing_kind_and_visual_prompts(pipe):
     kinds = set()
-    for prompt, prefix, *_ in REQUESTS:
+    for _prompt, prefix, *_ in REQUESTS:
         for token in ("[DET]", "[GRD]", "[SEG]", "[POSE]", "[GEN]", "[EDIT]"):
             if prefix and token in prefix:
                 kinds.add(token)

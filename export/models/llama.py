@@ -115,7 +115,10 @@ class LlamaAttention(nn.Module):
         total = k.shape[2]
         past_len = total - s
         # Causal over the whole sequence: row i of the step sits at position past_len + i.
-        allowed = torch.arange(total, device=x.device)[None, :] <= (past_len + torch.arange(s, device=x.device))[:, None]
+        allowed = (
+            torch.arange(total, device=x.device)[None, :]
+            <= (past_len + torch.arange(s, device=x.device))[:, None]
+        )
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
         scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
@@ -193,9 +196,13 @@ class LlamaForCausalLM(nn.Module):
         """
         s = self.settings
         if inputs_embeds.shape[-1] != s.hidden_size:
-            raise ValueError(f"inputs_embeds: expected width {s.hidden_size}, got {tuple(inputs_embeds.shape)}")
+            raise ValueError(
+                f"inputs_embeds: expected width {s.hidden_size}, got {tuple(inputs_embeds.shape)}"
+            )
         if positions.shape != (inputs_embeds.shape[1],):
-            raise ValueError(f"positions: expected shape ({inputs_embeds.shape[1]},), got {tuple(positions.shape)}")
+            raise ValueError(
+                f"positions: expected shape ({inputs_embeds.shape[1]},), got {tuple(positions.shape)}"
+            )
         cos, sin = rotary_cos_sin(positions, s.head_dim, s.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
         states = [x] if keep_layer_states else None

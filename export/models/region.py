@@ -37,7 +37,7 @@ class LayerNorm2d(nn.Module):
 
 
 class RegionEncoder(nn.Module):
-    """Args: hidden_dim (256 in the release), embed_dim (CLIP width), out_dim (LLM width), patch_size (CLIP's)."""
+    """Args: hidden_dim (256 in the release), embed_dim (CLIP width), out_dim (LLM width), patch_size."""
 
     def __init__(self, hidden_dim: int, embed_dim: int, out_dim: int, patch_size: int):
         super().__init__()
@@ -55,7 +55,9 @@ class RegionEncoder(nn.Module):
         )
         self.up_dim = nn.Linear(embed_dim, out_dim)
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, level_features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor, level_features: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Encodes R regions.
 
         Args:
@@ -67,7 +69,9 @@ class RegionEncoder(nn.Module):
             `[R, out_dim]`.
         """
         if images.shape[-2:] != masks.shape[-2:] or masks.shape[1] != 1:
-            raise ValueError(f"masks: expected [R, 1, {images.shape[-2]}, {images.shape[-1]}], got {tuple(masks.shape)}")
+            raise ValueError(
+                f"masks: expected [R, 1, {images.shape[-2]}, {images.shape[-1]}], got {tuple(masks.shape)}"
+            )
         masks = masks.to(images.dtype)
         x = self.mask_embedding(torch.cat([images, masks], dim=1))
         regions, _, h, w = x.shape
@@ -82,7 +86,7 @@ class RegionEncoder(nn.Module):
 
     @staticmethod
     def _pool(features: torch.Tensor, masks: torch.Tensor, mask_h: int, mask_w: int) -> torch.Tensor:
-        """Mean of the features bilinearly sampled at every mask pixel (x / W, y / H); zero for an empty mask."""
+        """Mean of the features bilinearly sampled at every mask pixel (x / W, y / H); 0 for an empty mask."""
         pooled = []
         for r in range(features.shape[0]):
             ys, xs = torch.nonzero(masks[r] > 0, as_tuple=True)

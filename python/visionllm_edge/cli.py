@@ -19,8 +19,12 @@ def _cmd_reference(args) -> int:
 
     pipe = ReferencePipeline(load_reference(args.source))
     result = pipe.run(
-        args.image, args.prompt, regions=args.region or None, answer_prefix=args.answer_prefix,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
+        args.image,
+        args.prompt,
+        regions=args.region or None,
+        answer_prefix=args.answer_prefix,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
     )
     print(result)
     if args.json:
@@ -41,11 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ref = sub.add_parser("reference", help="run one request through the PyTorch reference pipeline")
-    ref.add_argument("source", help="checkpoint folder (official layout) or a configuration name: tiny-random")
+    ref.add_argument(
+        "source", help="checkpoint folder (official layout) or a configuration name: tiny-random"
+    )
     ref.add_argument("--image", required=True, help="image file")
     ref.add_argument("--prompt", required=True)
     ref.add_argument("--answer-prefix", default=None, help="forced start of the answer, e.g. 'person[DET]'")
-    ref.add_argument("--region", action="append", type=_parse_region, help="visual prompt: x,y or x0,y0,x1,y1")
+    ref.add_argument(
+        "--region", action="append", type=_parse_region, help="visual prompt: x,y or x0,y0,x1,y1"
+    )
     ref.add_argument("--max-new-tokens", type=int, default=64)
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--json", default=None, help="write the result as JSON here")
@@ -68,4 +76,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -18,10 +18,31 @@ import numpy as np
 #: base vocabulary size: 32000..32025 for the released model.
 ADDED_TOKENS: tuple[str, ...] = (
     "[PAD]",
-    "<image>", "<im_patch>", "<region>",
-    "<img>", "</img>", "<reg>", "</reg>", "<det>", "</det>", "<grd>", "</grd>",
-    "[DET]", "[GRD]", "[SEG]", "[POSE]", "[GEN]", "[EDIT]",
-    "[EMB]", "[EMB2]", "[EMB3]", "[EMB4]", "[EMB5]", "[EMB6]", "[EMB7]", "[EMB8]",
+    "<image>",
+    "<im_patch>",
+    "<region>",
+    "<img>",
+    "</img>",
+    "<reg>",
+    "</reg>",
+    "<det>",
+    "</det>",
+    "<grd>",
+    "</grd>",
+    "[DET]",
+    "[GRD]",
+    "[SEG]",
+    "[POSE]",
+    "[GEN]",
+    "[EDIT]",
+    "[EMB]",
+    "[EMB2]",
+    "[EMB3]",
+    "[EMB4]",
+    "[EMB5]",
+    "[EMB6]",
+    "[EMB7]",
+    "[EMB8]",
 )
 
 IMAGE_TOKEN = "<image>"
@@ -47,11 +68,23 @@ ROUTING_TOKENS: dict[str, str] = {
 ROUTING_KINDS: tuple[str, ...] = tuple(ROUTING_TOKENS.values())
 
 #: Routing kind -> super-link query table (`emb_embeddings_<table>`): `[DET]`, `[GRD]` and `[SEG]` share one.
-QUERY_TABLE: dict[str, str] = {"det": "det", "grd": "det", "seg": "det", "pose": "pose", "gen": "gen", "edit": "edit"}
+QUERY_TABLE: dict[str, str] = {
+    "det": "det",
+    "grd": "det",
+    "seg": "det",
+    "pose": "pose",
+    "gen": "gen",
+    "edit": "edit",
+}
 
 #: Routing kind -> the decoder its groups are dispatched to (DESIGN.md §3.7).
 DECODER_OF_KIND: dict[str, str] = {
-    "det": "object", "grd": "object", "seg": "object", "pose": "pose", "gen": "gen", "edit": "edit",
+    "det": "object",
+    "grd": "object",
+    "seg": "object",
+    "pose": "pose",
+    "gen": "gen",
+    "edit": "edit",
 }
 OBJECT_KINDS: tuple[str, ...] = ("det", "grd", "seg")
 GENERATION_KINDS: tuple[str, ...] = ("gen", "edit")
@@ -60,7 +93,16 @@ GENERATION_KINDS: tuple[str, ...] = ("gen", "edit")
 PERCEPTION_PLACEHOLDERS: tuple[str, ...] = ("[EMB]", "[EMB2]", "[EMB3]", "[EMB4]")
 #: The one placeholder repeated N (64 for the release) times after `[GEN]` / `[EDIT]`.
 GENERATION_PLACEHOLDER = "[EMB]"
-ALL_PLACEHOLDERS: tuple[str, ...] = ("[EMB]", "[EMB2]", "[EMB3]", "[EMB4]", "[EMB5]", "[EMB6]", "[EMB7]", "[EMB8]")
+ALL_PLACEHOLDERS: tuple[str, ...] = (
+    "[EMB]",
+    "[EMB2]",
+    "[EMB3]",
+    "[EMB4]",
+    "[EMB5]",
+    "[EMB6]",
+    "[EMB7]",
+    "[EMB8]",
+)
 
 # --- chat template (official `vicuna_v1`) -------------------------------------------------------------
 

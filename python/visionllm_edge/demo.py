@@ -17,11 +17,20 @@ from PIL import Image, ImageDraw
 #: (title, prompt, answer prefix, regions) — routing is forced with the prefix, as random weights never route.
 DEMO_REQUESTS = [
     ("chat", "Describe the image.", None, None),
-    ("detection", "Can you analyze the image and identify the circle, square present?",
-     "Yes, here are the results for circle[DET], square[DET]", None),
+    (
+        "detection",
+        "Can you analyze the image and identify the circle, square present?",
+        "Yes, here are the results for circle[DET], square[DET]",
+        None,
+    ),
     ("grounding", "Where can we locate the red circle in the image?", "It is [GRD]", None),
     ("segmentation", "Please segment the sky and the grass.", "sky[SEG], grass[SEG]", None),
-    ("pose", "Please find the keypoints of the person.", "person[DET]. nose[POSE], left hand[POSE], right hand[POSE]", None),
+    (
+        "pose",
+        "Please find the keypoints of the person.",
+        "person[DET]. nose[POSE], left hand[POSE], right hand[POSE]",
+        None,
+    ),
     ("region", "What is in <reg>region1<region></reg>?", None, [(20.0, 20.0, 70.0, 70.0)]),
     ("generation", "Draw a large red circle.", "Sure, here it is [GEN]", None),
     ("editing", "Make the square blue.", "Here it is [EDIT]", None),
