@@ -196,3 +196,75 @@ def assert_close(got, want, name: str = "tensor", atol: float = 1e-4, rtol: floa
     m = compare(got, want, atol=atol, rtol=rtol)
     if m is not None:
         raise AssertionError(f"{name}: {m}")
+
+
+# --- the artifact: graph files and their input/output names (DESIGN.md §2) ----------------------------------
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+VALIDATION_FILE = "validation.json"
+TOKENIZER_FILE = "tokenizer.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+@dataclass(frozen=True)
+class GraphNames:
+    """File and I/O names of one exported graph. `{i}` in a name stands for the LLM layer index."""
+
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+#: Every graph an artifact may hold, by graph name. Exporters take names from here; the manifest repeats
+#: them and the runtime checks the two agree.
+GRAPHS: dict[str, GraphNames] = {
+    # tiles [T,3,S,S] -> projected embeddings [T,P,H]; the last tile's (thumbnail's) last three CLIP
+    # layers without CLS [3,P,C] feed the region encoder.
+    "vision": GraphNames("vision.onnx", ("pixel_values",), ("image_embeds", "region_levels")),
+    # thumbnail [1,3,S,S], masks [R,S,S] (float 0/1, thumbnail frame), levels [3,P,C] -> [R,H]
+    "region": GraphNames("region.onnx", ("image", "masks", "region_levels"), ("region_embeds",)),
+    # inputs_embeds [1,S,H], position_ids [S], past K/V per layer [P,kv,D] (sequence-major), output_rows [R]
+    # -> logits [R,V], hidden [R,H] (post final norm), the step's new K/V rows per layer [S,kv,D]
+    "llm": GraphNames(
+        "llm.onnx",
+        ("inputs_embeds", "position_ids", "output_rows", "past_key.{i}", "past_value.{i}"),
+        ("logits", "hidden", "present_key.{i}", "present_value.{i}"),
+    ),
+    # object decoder: pixels [1,3,H,W], valid-pixel mask [1,H,W], link states [1,K,N,Hl], group mask [1,K],
+    # queries whose masks are wanted [1,k] -> logits [1,Q,max_text_len], boxes [1,Q,4], masks [1,k,H/4,W/4]
+    "det": GraphNames(
+        "det.onnx",
+        ("pixel_values", "pixel_mask", "text_query", "text_query_mask", "mask_query_index"),
+        ("logits", "pred_boxes", "pred_masks"),
+    ),
+    # keypoint decoder: pixels, valid-pixel mask, object and keypoint link states [1,100,N,Hl] + masks [1,100]
+    "pose": GraphNames(
+        "pose.onnx",
+        ("pixel_values", "pixel_mask", "object_query", "object_query_mask", "keypoint_query", "keypoint_query_mask"),
+        ("pred_logits", "pred_boxes", "pred_keypoints"),
+    ),
+    "gen_mapper": GraphNames("gen_mapper.onnx", ("link_states",), ("conditioning",)),
+    "gen_unet": GraphNames("gen_unet.onnx", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
+    "gen_vae_decoder": GraphNames("gen_vae_decoder.onnx", ("latents",), ("images",)),
+    "edit_mapper": GraphNames("edit_mapper.onnx", ("link_states",), ("conditioning",)),
+    "edit_unet": GraphNames("edit_unet.onnx", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
+    "edit_vae_decoder": GraphNames("edit_vae_decoder.onnx", ("latents",), ("images",)),
+    "edit_vae_encoder": GraphNames("edit_vae_encoder.onnx", ("images",), ("latents",)),
+}
+
+#: Component (what `--components` names) -> its graphs.
+COMPONENT_GRAPHS: dict[str, tuple[str, ...]] = {
+    "vision": ("vision",),
+    "region": ("region",),
+    "llm": ("llm",),
+    "det": ("det",),
+    "pose": ("pose",),
+    "gen": ("gen_mapper", "gen_unet", "gen_vae_decoder"),
+    "edit": ("edit_mapper", "edit_unet", "edit_vae_decoder", "edit_vae_encoder"),
+}
+
+
+def layer_names(template: str, num_layers: int) -> list[str]:
+    """Expands a per-layer name such as `past_key.{i}`."""
+    return [template.format(i=i) for i in range(num_layers)] if "{i}" in template else [template]

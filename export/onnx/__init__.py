@@ -1,0 +1,1 @@
+"""ONNX export: one declarative exporter per component, found by name in a registry."""
