@@ -33,6 +33,12 @@ def _cmd_reference(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from visionllm_edge.export.exporter import main_export
+
+    return main_export(args)
+
+
 def _cmd_demo(args) -> int:
     from visionllm_edge.demo import run_reference_demo
 
@@ -58,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--seed", type=int, default=0)
     ref.add_argument("--json", default=None, help="write the result as JSON here")
     ref.set_defaults(func=_cmd_reference)
+
+    exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (ONNX graphs + manifest)")
+    exp.add_argument("source", help="checkpoint folder (official layout) or a configuration name")
+    exp.add_argument("out_dir", help="artifact folder to create")
+    exp.add_argument("--config", default=None, help="build this named configuration (seeded random weights)")
+    exp.add_argument("--components", default=None, help="comma-separated subset of vision,region,llm,det,pose,gen,edit")
+    exp.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    exp.add_argument("--quantize", choices=("int8", "int4"), default=None)
+    exp.add_argument("--max-context", type=int, default=None, help="cap on the LLM context (KV arena size)")
+    exp.add_argument("--no-validate", action="store_true", help="skip the parity validation against PyTorch")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing artifact folder")
+    exp.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="one request of every kind on generated scenes")
     demo.add_argument("--out", default="visionllm-edge-demo", help="folder for the pictures")
