@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from visionllm_edge.export.config import EXTENSION_KEY, ConfigError, ModelConfig, data_path, named_config
 from visionllm_edge.export.model import VisionLLMv2, build_model
 
@@ -50,44 +49,85 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(tensors, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
     for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is a {type(key).__name__}, not a string")
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: key '{key}' holds a {type(value).__name__}, not a tensor")
     return tensors
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({type(e).__name__}: {e})") from None
+
+    def is_file_name(v: object) -> bool:
+        return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v
+
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and is_file_name(v) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: 'weight_map' must map each key to a shard file name in the folder")
+    return dict(weight_map)
+
+
 def read_checkpoint_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a checkpoint folder and, per key, the file it came from."""
+    """All tensors of a checkpoint folder and, per key, the file it came from.
+
+    With an index, the index and the shards must agree exactly: every listed key is in the shard the index
+    names, and no shard holds a key the index does not list there. A key in two shards is an error.
+    """
     files: list[Path]
     index_keys: dict[str, str] | None = None
+    index_path: Path | None = None
     for index_name in (SAFE_INDEX_NAME, INDEX_NAME):
         index = directory / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
-            index_keys = dict(weight_map)
-            files = [directory / name for name in sorted(set(weight_map.values()))]
+            index_path = index
+            index_keys = _read_index(index)
+            files = [directory / name for name in sorted(set(index_keys.values()))]
             break
     else:
-        singles = [directory / n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()]
+        singles = [directory / n for n in ("model.safetensors", "pytorch_model.bin")]
+        singles = [path for path in singles if path.is_file()]
         if not singles:
             raise CheckpointError(
                 f"{directory}: no weights found (expected {INDEX_NAME}, {SAFE_INDEX_NAME}, model.safetensors "
                 "or pytorch_model.bin)"
             )
         files = singles[:1]
+    absent = [path.name for path in files if not path.is_file()]
+    if absent:
+        raise CheckpointError(
+            f"{directory / absent[0]}: shard file is missing ({len(absent)} of {len(files)} shard(s) listed "
+            f"in {index_path.name if index_path else 'the folder'} are absent: {absent[:5]})"
+        )
     tensors: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for path in files:
         for key, value in _read_shard(path).items():
+            if key in origin:
+                raise CheckpointError(f"{path}: key '{key}' is also in {origin[key]}")
+            if index_keys is not None and index_keys.get(key) != path.name:
+                where = f"lists it in {index_keys[key]}" if key in index_keys else "does not list it"
+                raise CheckpointError(f"{path}: holds key '{key}' but {index_path.name} {where}")
             tensors[key] = value
             origin[key] = path.name
     if index_keys is not None:
         for key, name in index_keys.items():
             if key not in tensors:
-                raise CheckpointError(f"{directory / name}: key '{key}' is listed in the index but not in the shard")
+                raise CheckpointError(
+                    f"{directory / name}: key '{key}' is listed in {index_path.name} but not in the shard"
+                )
     return tensors, origin
+
+
+def _same_tensor_key(t: torch.Tensor) -> object:
+    """Equal for two names of one tensor: the object on meta (no storage), the memory it views otherwise."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return id(t)
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
 # --- key mapping -------------------------------------------------------------------------------------------
@@ -96,77 +136,122 @@ _PEFT_PREFIX = "llm.base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
-def merge_lora(tensors: dict[str, torch.Tensor], origin: dict[str, str], scaling: float = LORA_SCALING) -> dict[str, torch.Tensor]:
+def merge_lora(
+    tensors: dict[str, torch.Tensor], origin: dict[str, str], scaling: float = LORA_SCALING
+) -> dict[str, torch.Tensor]:
     """Maps peft-wrapped LLM keys to plain ones and merges each adapter: `W' = W + scaling * B @ A`.
 
     Accepts peft 0.6.2 names (`….q_proj.weight` beside `….q_proj.lora_A.default.weight`) and peft ≥ 0.7
-    names (`….q_proj.base_layer.weight`).
+    names (`….q_proj.base_layer.weight`). Two keys that map to one plain name, an A without its B (or the
+    reverse), an adapter without a base weight and shapes that do not fit are errors naming file and key.
+    On the meta device only shapes flow (key-set checks of the 7B).
     """
     out: dict[str, torch.Tensor] = {}
+    source_of: dict[str, str] = {}
     adapters: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    adapter_name: dict[str, tuple[str, str]] = {}
     for key, value in tensors.items():
-        plain = "llm." + key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        plain = "llm." + key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         m = _LORA.match(plain)
         if m:
-            adapters.setdefault(m["module"], {})[m["ab"]] = (key, value)
+            module = m["module"]
+            first = adapter_name.setdefault(module, (m["adapter"], key))
+            if first[0] != m["adapter"]:
+                raise CheckpointError(
+                    f"{origin.get(key, '?')}: '{key}' is a second LoRA adapter ('{m['adapter']}') on "
+                    f"'{module}' beside '{first[0]}' ({first[1]}); only one adapter can be merged"
+                )
+            adapters.setdefault(module, {})[m["ab"]] = (key, value)
             continue
         plain = plain.replace(".base_layer.weight", ".weight").replace(".base_layer.bias", ".bias")
+        if plain in out:
+            raise CheckpointError(
+                f"{origin.get(key, '?')}: keys '{source_of[plain]}' (in {origin.get(source_of[plain], '?')}) "
+                f"and '{key}' both map to '{plain}'"
+            )
         out[plain] = value
+        source_of[plain] = key
         if plain != key:
             origin[plain] = origin.get(key, "?")
     for module, pair in adapters.items():
         if set(pair) != {"A", "B"}:
             have = next(iter(pair.values()))[0]
-            raise CheckpointError(f"{origin.get(have, '?')}: LoRA key '{have}' has no matching lora_{'B' if 'A' in pair else 'A'}")
+            lacking = "B" if "A" in pair else "A"
+            raise CheckpointError(
+                f"{origin.get(have, '?')}: LoRA key '{have}' has no matching lora_{lacking}"
+            )
         (key_a, a), (key_b, b) = pair["A"], pair["B"]
         wkey = module + ".weight"
         if wkey not in out:
-            raise CheckpointError(f"{origin.get(key_a, '?')}: LoRA adapter '{key_a}' has no base weight '{wkey}'")
+            raise CheckpointError(
+                f"{origin.get(key_a, '?')}: LoRA adapter '{key_a}' has no base weight '{wkey}'"
+            )
         w = out[wkey]
-        if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
+        fits = a.dim() == b.dim() == w.dim() == 2
+        if not fits or a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0] or a.shape[0] != b.shape[1]:
             raise CheckpointError(
                 f"{origin.get(key_a, '?')}: LoRA shapes do not fit '{wkey}' {tuple(w.shape)}: "
-                f"A {tuple(a.shape)}, B {tuple(b.shape)}"
+                f"A '{key_a}' {tuple(a.shape)}, B '{key_b}' {tuple(b.shape)}"
             )
         merged = w.float() + scaling * (b.float() @ a.float())
         out[wkey] = merged.to(w.dtype)
     return out
 
 
-def load_state_into(model: VisionLLMv2, tensors: dict[str, torch.Tensor], origin: dict[str, str], source: str) -> None:
-    """Copies `tensors` into `model` with strict checks; errors name the file, the key and both shapes."""
+def load_state_into(
+    model: VisionLLMv2, tensors: dict[str, torch.Tensor], origin: dict[str, str], source: str
+) -> None:
+    """Copies `tensors` into `model` with strict checks; errors name the file, the key and both shapes.
+
+    Aliased keys (one tensor under several names, the shared heads) must all hold the same values; an alias
+    may be absent (safetensors saving drops them) as long as one key of its group is present. Meta tensors
+    (model or checkpoint) carry no values: only names and shapes are checked.
+    """
     own = model.state_dict(keep_vars=True)
-    missing = [k for k in own if k not in tensors]
+    ident = _same_tensor_key
+    group_has_key = {ident(p) for k, p in own.items() if k in tensors}
+    missing = [k for k, p in own.items() if k not in tensors and ident(p) not in group_has_key]
     unexpected = [k for k in tensors if k not in own]
-    if missing:
-        raise CheckpointError(
-            f"{source}: {len(missing)} key(s) missing from the checkpoint, e.g. {missing[:5]}"
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: {len(unexpected)} unexpected key(s), e.g. "
-            + ", ".join(f"'{k}' (in {origin.get(k, '?')})" for k in unexpected[:5])
-        )
-    # Aliased keys (shared heads) name one tensor in the model: every alias must carry the same values.
-    first_of: dict[int, str] = {}
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) missing from the checkpoint, e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} unexpected key(s), e.g. "
+                + ", ".join(f"'{k}' (in {origin.get(k, '?')})" for k in unexpected[:5])
+            )
+        raise CheckpointError(f"{source}: " + "; ".join(parts))
+    first_of: dict[object, str] = {}
     for key, param in own.items():
+        if key not in tensors:
+            continue  # an absent alias: its group is loaded through another key
         value = tensors[key]
+        where = origin.get(key, source)
         if tuple(value.shape) != tuple(param.shape):
             raise CheckpointError(
-                f"{origin.get(key, source)}: key '{key}' has shape {tuple(value.shape)}, the model expects "
-                f"{tuple(param.shape)}"
+                f"{where}: key '{key}' has shape {tuple(value.shape)}, the model expects {tuple(param.shape)}"
             )
-        if not (value.is_floating_point() == param.is_floating_point()):
-            raise CheckpointError(f"{origin.get(key, source)}: key '{key}' has dtype {value.dtype}, expected {param.dtype}")
-        ptr = param.data_ptr() if param.device.type != "meta" else id(param)
-        if ptr in first_of and param.numel() > 0:
+        if value.is_floating_point() != param.is_floating_point() or value.is_complex() != param.is_complex():
+            raise CheckpointError(f"{where}: key '{key}' has dtype {value.dtype}, expected {param.dtype}")
+        ptr = ident(param)
+        if ptr in first_of:
             other = first_of[ptr]
-            if not torch.equal(tensors[other].to(value.dtype), value):
+            ref = tensors[other]
+            if (
+                param.numel() > 0
+                and value is not ref
+                and "meta" not in (value.device.type, ref.device.type)
+                and not torch.equal(ref.to(value.dtype), value)
+            ):
                 raise CheckpointError(
-                    f"{origin.get(key, source)}: aliased keys '{other}' and '{key}' share one tensor but hold different values"
+                    f"{where}: aliased keys '{other}' (in {origin.get(other, source)}) and '{key}' share one "
+                    "tensor but hold different values"
                 )
             continue
         first_of[ptr] = key
+        if param.device.type == "meta":
+            continue  # nothing to copy into
         with torch.no_grad():
             param.data.copy_(value.to(param.dtype))
 
@@ -174,12 +259,15 @@ def load_state_into(model: VisionLLMv2, tensors: dict[str, torch.Tensor], origin
 # --- public API --------------------------------------------------------------------------------------------
 
 
-def load_reference(path_or_name: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> VisionLLMv2:
+def load_reference(
+    path_or_name: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> VisionLLMv2:
     """Loads the PyTorch reference model.
 
     Args:
         path_or_name: a checkpoint folder in the official layout, or a configuration name (`tiny-random`:
-            seeded random weights; `visionllmv2-7b` is a checkpoint folder's job: 28 GB of random weights help nobody).
+            seeded random weights; `visionllmv2-7b` is a checkpoint folder's job: 28 GB of random weights
+            help nobody).
         dtype: floating dtype of every parameter (float32 for parity).
         seed: seed of the random weights of a named configuration.
 
@@ -201,9 +289,10 @@ def load_reference(path_or_name: str | Path, dtype: torch.dtype = torch.float32,
         raise CheckpointError(f"{directory}: not a directory")
     config = ModelConfig.from_file(directory / "config.json")
     _attach_diffusion_components(config, directory)
-    model = build_model(config)
+    # Files first: a broken shard or a bad LoRA pair is reported before any time goes into building.
     tensors, origin = read_checkpoint_tensors(directory)
     tensors = merge_lora(tensors, origin)
+    model = build_model(config)
     load_state_into(model, tensors, origin, str(directory))
     model.tokenizer_dir = directory
     return model.to(dtype).eval().requires_grad_(False)
@@ -263,7 +352,8 @@ def save_official(model: VisionLLMv2, directory: str | Path, max_shard_bytes: in
     """Writes `model` in the official layout (config, sharded `.bin` + index, tokenizer files).
 
     Written to a temporary folder beside the target and renamed when complete, so an interrupted save
-    leaves nothing that looks like a checkpoint. Alias keys are kept, as transformers 4.34 `.bin` saving does.
+    leaves nothing that looks like a checkpoint. Alias keys are kept, as transformers 4.34 `.bin` saving does:
+    in the shard of the first key of their tensor, and counted once in the index's `total_size`.
     """
     directory = Path(directory)
     if directory.exists():
@@ -274,30 +364,34 @@ def save_official(model: VisionLLMv2, directory: str | Path, max_shard_bytes: in
         state = model.state_dict()
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        seen: set[int] = set()
+        total = 0
+        shard_of: dict[object, int] = {}  # a tensor -> its shard (aliases follow their first key)
         for key, value in state.items():
+            ident = _same_tensor_key(value)
+            if ident in shard_of:
+                shards[shard_of[ident]][key] = value
+                continue
             nbytes = value.numel() * value.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes and value.data_ptr() not in seen:
+            if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0
             shards[-1][key] = value
-            if value.data_ptr() not in seen:
-                size += nbytes
-                seen.add(value.data_ptr())
+            shard_of[ident] = len(shards) - 1
+            size += nbytes
+            total += nbytes
         n = len(shards)
         weight_map = {}
-        total = 0
         for i, shard in enumerate(shards, start=1):
             name = f"pytorch_model-{i:05d}-of-{n:05d}.bin"
             torch.save(shard, tmp / name)
-            for key, value in shard.items():
+            for key in shard:
                 weight_map[key] = name
-                total += value.numel() * value.element_size()
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         config = model.config.to_dict()
-        config.setdefault("architectures", ["VisionLLMv2Model"])
-        config.setdefault("model_type", "visionllmv2")
+        # As `save_pretrained` writes them (a null left in memory would otherwise reach the file).
+        config["architectures"] = config.get("architectures") or ["VisionLLMv2Model"]
+        config["model_type"] = config.get("model_type") or "visionllmv2"
         if EXTENSION_KEY in config and not config[EXTENSION_KEY]:
             del config[EXTENSION_KEY]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

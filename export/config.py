@@ -48,7 +48,8 @@ def _load_json(name: str) -> dict:
 
 @cache
 def _official_top_level_keys() -> frozenset[str]:
-    # Every key the official VisionLLMv2Config (a transformers PretrainedConfig) writes; the 7B file has them all.
+    # Every key the official VisionLLMv2Config (a transformers PretrainedConfig) writes; the 7B file has
+    # them all.
     return frozenset(_load_json("visionllmv2-7b.config.json"))
 
 
@@ -92,11 +93,13 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({type(e).__name__}: {e})") from None
         return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict:
@@ -116,21 +119,36 @@ class ModelConfig:
     def _check(self) -> None:
         self._require("vis_encoder_config", dict)
         self._require("llm_config", dict)
-        arch = (self.official["llm_config"].get("architectures") or ["LlamaForCausalLM"])[0]
-        if arch != "LlamaForCausalLM":
-            raise ConfigError(f"{self.source}: llm_config.architectures {arch!r}: only the Llama (7B) path is supported")
-        varch = (self.official["vis_encoder_config"].get("architectures") or ["CLIPVisionModel"])[0]
-        if varch != "CLIPVisionModel":
-            raise ConfigError(f"{self.source}: vis_encoder_config.architectures {varch!r}: only CLIP is supported")
+        arch = self.official["llm_config"].get("architectures") or ["LlamaForCausalLM"]
+        if arch != ["LlamaForCausalLM"]:
+            raise ConfigError(
+                f"{self.source}: llm_config.architectures {arch!r}: only the Llama (7B) path is supported"
+            )
+        varch = self.official["vis_encoder_config"].get("architectures") or ["CLIPVisionModel"]
+        if varch != ["CLIPVisionModel"]:
+            raise ConfigError(
+                f"{self.source}: vis_encoder_config.architectures {varch!r}: only CLIP is supported"
+            )
         if self.official.get("vl_bridge_type", "mlp2x_gelu") != "mlp2x_gelu":
-            raise ConfigError(f"{self.source}: vl_bridge_type {self.official['vl_bridge_type']!r}: only mlp2x_gelu")
+            raise ConfigError(
+                f"{self.source}: vl_bridge_type {self.official['vl_bridge_type']!r}: only mlp2x_gelu"
+            )
         if self.official.get("use_pixelshuffle"):
             raise ConfigError(f"{self.source}: use_pixelshuffle is the 26B path, not supported")
-        for flag, sub in (("use_gdino", "gdino_config"), ("use_unipose", "unipose_config"),
-                          ("use_sd", "sd_config"), ("use_ip2p", "ip2p_config")):
+        for flag, sub in (
+            ("use_gdino", "gdino_config"),
+            ("use_unipose", "unipose_config"),
+            ("use_sd", "sd_config"),
+            ("use_ip2p", "ip2p_config"),
+        ):
             if self.official.get(flag) and not isinstance(self.official.get(sub), dict):
                 raise ConfigError(f"{self.source}: '{flag}' is true but '{sub}' is missing")
-        LlamaSettings.from_official(self.official["llm_config"])
+        try:
+            LlamaSettings.from_official(self.official["llm_config"])
+        except KeyError as e:
+            raise ConfigError(f"{self.source}: llm_config is missing field {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{self.source}: {e}") from None
 
     # --- accessors -------------------------------------------------------------------------------------
 
@@ -185,9 +203,16 @@ class ModelConfig:
 # --- named configurations ------------------------------------------------------------------------------
 
 
+def _released_config() -> dict:
+    raw = _load_json("visionllmv2-7b.config.json")
+    # The shipped dict is the config object before saving; `save_pretrained` fills in the class name.
+    raw["architectures"] = raw.get("architectures") or ["VisionLLMv2Model"]
+    return raw
+
+
 def config_7b() -> ModelConfig:
     """The released configuration: CLIP-L/14-336, Vicuna-7B, GDINO-T, UniPose-T, SD-1.5, IP2P."""
-    return ModelConfig.from_dict(_load_json("visionllmv2-7b.config.json"), "visionllmv2-7b")
+    return ModelConfig.from_dict(_released_config(), "visionllmv2-7b")
 
 
 def config_tiny_random() -> ModelConfig:
@@ -196,37 +221,75 @@ def config_tiny_random() -> ModelConfig:
     Sizes follow the golden development checkpoint (CLIP 48 wide, Llama 96 wide with 3 layers, a 2+2-layer
     Grounding DINO) plus a 1+3-layer UniPose (hidden 256 is hard-wired in UniPose) and small SD/IP2P.
     """
-    raw = _load_json("visionllmv2-7b.config.json")
+    raw = _released_config()
     raw["_name_or_path"] = "tiny-random"
     raw["num_embs_gen"] = 8
     raw["vis_encoder_config"].update(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=56,
-        patch_size=14, projection_dim=48,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+        projection_dim=48,
     )
     raw["llm_config"].update(
-        vocab_size=526, hidden_size=96, intermediate_size=128, num_hidden_layers=3, num_attention_heads=6,
+        vocab_size=526,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
         num_key_value_heads=6,
     )
     g = raw["gdino_config"]
     g["backbone_config"].update(embed_dim=4, depths=[1, 2, 2, 1], num_heads=[1, 1, 2, 2], hidden_size=32)
     g.update(
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=8,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, mask_dim=48, num_queries=20, l_hidden_size=96,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        mask_dim=48,
+        num_queries=20,
+        l_hidden_size=96,
     )
     u = raw["unipose_config"]
-    u.update(nheads=4, enc_layers=1, dec_layers=3, dim_feedforward=128, num_queries=120, enc_n_points=2,
-             dec_n_points=4, l_hidden_size=96, use_checkpoint=False, use_transformer_ckpt=False)
+    u.update(
+        nheads=4,
+        enc_layers=1,
+        dec_layers=3,
+        dim_feedforward=128,
+        num_queries=120,
+        enc_n_points=2,
+        dec_n_points=4,
+        l_hidden_size=96,
+        use_checkpoint=False,
+        use_transformer_ckpt=False,
+    )
     for key, trigger in (("sd_config", 516), ("ip2p_config", 517)):
         raw[key].update(llm_hidden_size=96, sd_hidden_size=40, num_embed_tokens=8, trigger_token_id=trigger)
     tiny_unet = _load_json("tiny_sd/unet.json")
     tiny_unet_edit = dict(tiny_unet, in_channels=8)
     raw[EXTENSION_KEY] = {
-        "unipose_swin": {"embed_dim": 12, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 4], "window_size": 7},
+        "unipose_swin": {
+            "embed_dim": 12,
+            "depths": [2, 2, 2, 2],
+            "num_heads": [1, 2, 4, 4],
+            "window_size": 7,
+        },
         "diffusion_components": {
-            "gen": {"unet": tiny_unet, "vae": _load_json("tiny_sd/vae.json"),
-                    "text_encoder": _load_json("tiny_sd/text_encoder.json")},
-            "edit": {"unet": tiny_unet_edit, "vae": _load_json("tiny_sd/vae.json"),
-                     "text_encoder": _load_json("tiny_sd/text_encoder.json")},
+            "gen": {
+                "unet": tiny_unet,
+                "vae": _load_json("tiny_sd/vae.json"),
+                "text_encoder": _load_json("tiny_sd/text_encoder.json"),
+            },
+            "edit": {
+                "unet": tiny_unet_edit,
+                "vae": _load_json("tiny_sd/vae.json"),
+                "text_encoder": _load_json("tiny_sd/text_encoder.json"),
+            },
         },
         "max_tiles": 4,
         "det_short_side": 96,
