@@ -259,6 +259,10 @@ def load_state_into(
 # --- public API --------------------------------------------------------------------------------------------
 
 
+#: Named configurations `load_reference` builds with seeded random weights (the 7B needs its checkpoint).
+BUILDABLE_CONFIGS = ("tiny-random", "visionllmv2-7b-2layer")
+
+
 def load_reference(
     path_or_name: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> VisionLLMv2:
@@ -275,14 +279,14 @@ def load_reference(
         The model in eval mode, with `model.tokenizer_dir` pointing at its tokenizer files.
     """
     if isinstance(path_or_name, str) and not Path(path_or_name).exists():
-        if path_or_name == "tiny-random":
+        if path_or_name in BUILDABLE_CONFIGS:
             model = build_model(named_config(path_or_name), seed=seed)
             _randomise(model, seed)
             model.tokenizer_dir = data_path(model.config.extension["tokenizer"])
             return model.to(dtype).eval().requires_grad_(False)
         raise CheckpointError(
             f"{path_or_name!r} is neither a checkpoint folder nor a configuration that can be built alone "
-            "(known: 'tiny-random')"
+            f"(known: {', '.join(BUILDABLE_CONFIGS)})"
         )
     directory = Path(path_or_name)
     if not directory.is_dir():

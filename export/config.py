@@ -22,7 +22,7 @@ from pathlib import Path
 from visionllm_edge.export.models.llama import LlamaSettings
 
 EXTENSION_KEY = "visionllm_edge"
-NAMED_CONFIGS = ("visionllmv2-7b", "tiny-random")
+NAMED_CONFIGS = ("visionllmv2-7b", "tiny-random", "visionllmv2-7b-2layer")
 
 #: Keys our extension section may hold.
 EXTENSION_FIELDS = {
@@ -301,7 +301,25 @@ def config_tiny_random() -> ModelConfig:
     return ModelConfig.from_dict(raw, "tiny-random")
 
 
+def config_7b_2layer() -> ModelConfig:
+    """The release's vision tower (real CLIP-L/14-336), projector, region encoder and LLM widths (hidden 4096,
+    vocab 32026) with only 2 LLM layers and no decoders: an export and memory benchmark at real widths.
+
+    There is no released tokenizer on our machines (no model hub), so it carries the test tokenizer; its ids
+    stay below 526, which the 32026-row tables cover. Not a model to chat with.
+    """
+    raw = _load_json("visionllmv2-7b.config.json")
+    raw["_name_or_path"] = "visionllmv2-7b-2layer"
+    raw["llm_config"]["num_hidden_layers"] = 2
+    for flag in ("use_gdino", "use_unipose", "use_sd", "use_ip2p"):
+        raw[flag] = False
+    raw[EXTENSION_KEY] = {"tokenizer": "tiny_tokenizer"}
+    return ModelConfig.from_dict(raw, "visionllmv2-7b-2layer")
+
+
 def named_config(name: str) -> ModelConfig:
+    if name == "visionllmv2-7b-2layer":
+        return config_7b_2layer()
     if name == "visionllmv2-7b":
         return config_7b()
     if name == "tiny-random":
