@@ -213,7 +213,7 @@ def _graph_meta(graph, path: Path, settings: ExportSettings) -> dict:
     return {
         "file": path.name,
         "sha256": _sha256(path),
-        "size_bytes": path.stat().st_size + sum((path.parent / e).stat().st_size for e in external),
+        "size_bytes": path.stat().st_size,  # the .onnx file alone; external data is listed beside it
         "external_data": external,
         "inputs": io(model.graph.input),
         "outputs": io(model.graph.output),
