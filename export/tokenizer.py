@@ -17,18 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from visionllm_edge import contract
+from visionllm_edge.tokenizer import Span  # torch-free, shared with the device runtime
 
 SPIECE_UNDERLINE = "\u2581"
 #: Marker for an `<image>` position inside a token list before it is expanded to patch tokens.
 IMAGE_SENTINEL = -200
-
-
-@dataclass(frozen=True)
-class Span:
-    """A half-open character range `[start, end)` of user-written text."""
-
-    start: int
-    end: int
 
 
 class ChatTokenizer:
