@@ -151,6 +151,7 @@ def export(
 
         validate_manifest_dict(manifest, partial)
         (partial / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _publishable_permissions(partial)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
@@ -167,6 +168,16 @@ def export(
 
 
 # --- pieces ------------------------------------------------------------------------------------------------
+
+
+def _publishable_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; an artifact is meant to be read by other users and services."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 
 def _sha256(path: Path) -> str:
