@@ -1,0 +1,343 @@
+"""The LLM step graph (`llm.onnx`): one prefill, decode or super-link step on top of a caller-owned KV arena.
+
+The runtime keeps one arena per layer, sequence-major (`[capacity, kv_heads, head_dim]`, DESIGN.md §4),
+and hands the graph the prefix `[0:past]` without a copy. The graph returns only the step's new K/V rows,
+which the runtime writes at `[past:past+S]`, and the logits / post-norm hidden states of the rows it asks
+for.
+
+Attention is computed in two blocks so that `concat(past, new)` never exists: scores against the past block
+and against the new block (causal inside it), one softmax over both, then `P_past·V_past + P_new·V_new`. Only
+the small score blocks are joined for the softmax. Everything is plain ONNX that TensorRT parses; the
+sequence-major past is read through a Transpose that ONNX Runtime folds into its MatMul (`FusedMatMul` with
+`transBatchB`), so the past is read in place.
+
+The export module wraps the reference model's own weights; validation computes the expected outputs with the
+reference `LlamaForCausalLM.forward` (concat-based), so parity proves the rewrite.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from visionllm_edge import contract
+from visionllm_edge.export.models.llama import LlamaForCausalLM
+from visionllm_edge.export.onnx.base import (
+    ComponentExporter,
+    ExportSettings,
+    GraphExport,
+    ValidationCase,
+    register,
+)
+
+#: How attention meets the past: `two_block` (the export form) or `concat` (the naive form, kept only so
+#: that benchmarks can measure what the two-block form saves).
+ATTENTION_MODES = ("two_block", "concat")
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def llm_of(model) -> LlamaForCausalLM:
+    """The language model of a `VisionLLMv2` (its `llm`), or the argument itself if it is one already."""
+    llm = getattr(model, "llm", model)
+    if not isinstance(llm, LlamaForCausalLM):
+        raise TypeError(f"expected a VisionLLMv2 or a LlamaForCausalLM, got {type(model).__name__}")
+    return llm
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Input and output names of `llm.onnx` with the per-layer templates expanded, in contract order."""
+    g = contract.GRAPHS["llm"]
+    inputs = [n for t in g.inputs for n in contract.layer_names(t, num_layers)]
+    outputs = [n for t in g.outputs for n in contract.layer_names(t, num_layers)]
+    return inputs, outputs
+
+
+def max_context_of(llm: LlamaForCausalLM, settings: ExportSettings) -> int:
+    """The position cap: the user's `max_context`, else the model's `max_position_embeddings`."""
+    cap = settings.max_context or llm.settings.max_position_embeddings
+    if cap > llm.settings.max_position_embeddings:
+        raise ValueError(
+            f"max_context: {cap} exceeds the model's max_position_embeddings "
+            f"({llm.settings.max_position_embeddings})"
+        )
+    return int(cap)
+
+
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The module itself when its weights already have `dtype` (no copy), else a converted copy."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).to(dtype)
+
+
+class LlmStep(nn.Module):
+    """One LLM step with a sequence-major past, as `llm.onnx` computes it.
+
+    `forward(inputs_embeds, position_ids, output_rows, *past_keys, *past_values)` returns
+    `(logits [R,V], hidden [R,H], *present_keys, *present_values)`; the presents are only the step's new rows
+    `[S, kv_heads, head_dim]`.
+
+    Args:
+        llm: the reference model whose layers, final norm and lm_head are used as they are (converted copies
+            only when `dtype` differs from theirs).
+        dtype: weight and activation dtype. RMSNorm (the reference's own module) and the softmax run in
+            float32 whatever it is; logits and hidden are returned in float32.
+        attention: `two_block` or `concat` (see `ATTENTION_MODES`).
+    """
+
+    def __init__(
+        self, llm: LlamaForCausalLM, dtype: torch.dtype = torch.float32, attention: str = "two_block"
+    ):
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+        s = llm.settings
+        if s.num_attention_heads % s.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({s.num_attention_heads}) is not a multiple of num_key_value_heads "
+                f"({s.num_key_value_heads})"
+            )
+        self.settings = s
+        self.dtype = dtype
+        self.attention = attention
+        self.layers = _in_dtype(llm.model.layers, dtype)
+        self.norm = _in_dtype(llm.model.norm, dtype)
+        self.lm_head = _in_dtype(llm.lm_head, dtype)
+        d = s.head_dim
+        # The reference's inverse frequencies, bit for bit (float32 whatever `dtype` is).
+        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, inputs_embeds, position_ids, output_rows, *past):
+        n = len(self.layers)
+        if len(past) != 2 * n:
+            raise ValueError(f"expected {2 * n} past tensors (keys then values), got {len(past)}")
+        x = inputs_embeds[0]  # [S, H]: batch is always 1, and 2-D rows keep every Reshape simple
+        freqs = position_ids.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        # [S, 1, D]: broadcasts over heads of the sequence-major [S, heads, D] projections.
+        cos = _to(emb.cos(), self.dtype)[:, None, :]
+        sin = _to(emb.sin(), self.dtype)[:, None, :]
+        # Causal mask of the new block, built once: row i sees new rows 0..i (and the whole past). Row r of
+        # the grouped queries below is step row r % S, hence the repeat.
+        step = torch.arange(x.shape[0], device=x.device)
+        causal = step[None, :] <= step[:, None]  # [S, S]
+        groups = self.settings.num_attention_heads // self.settings.num_key_value_heads
+        if groups > 1:
+            causal = causal.repeat(groups, 1)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            attn, k, v = self._attention(layer.self_attn, h, cos, sin, causal, past[i], past[n + i])
+            keys.append(k)
+            values.append(v)
+            x = x + attn
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        # Only the asked rows go through the final norm and lm_head: [S, V] logits at prefill would be
+        # S x 32026 floats for nothing.
+        hidden = self.norm(x.index_select(0, output_rows))
+        logits = self.lm_head(hidden)
+        return (_to(logits, torch.float32), _to(hidden, torch.float32), *keys, *values)
+
+    def _attention(self, attn, h, cos, sin, causal, past_k, past_v):
+        s = self.settings
+        heads, kv, d = s.num_attention_heads, s.num_key_value_heads, s.head_dim
+        f32 = torch.float32
+        low = torch.finfo(f32).min
+        # Reshapes name the traced row count rather than -1: the TorchScript exporter then knows the static
+        # head dims, and the present outputs are declared [S, kv_heads, head_dim] instead of all-unknown.
+        n_new = h.shape[0]
+        q = _rotate(attn.q_proj(h).reshape(n_new, heads, d), cos, sin, d // 2)  # [S, heads, D]
+        k = _rotate(attn.k_proj(h).reshape(n_new, kv, d), cos, sin, d // 2)  # [S, kv, D]: also the presents
+        v = attn.v_proj(h).reshape(n_new, kv, d)
+        # Head-major queries grouped by their KV head ([kv, groups*S, D], row = group*S + step row), so a
+        # grouped-query model never repeats K/V. The scale goes on the S query rows, not on the P scores.
+        qh = (q * (1.0 / math.sqrt(d))).transpose(0, 1).reshape(kv, (heads // kv) * n_new, d)
+        if self.attention == "concat":
+            keys = torch.cat([past_k, k], dim=0)
+            values = torch.cat([past_v, v], dim=0)
+            scores = _to(qh @ keys.permute(1, 2, 0), f32)  # [kv, gS, P+S]
+            allowed = torch.cat([torch.ones_like(causal[:, :1]).expand(-1, past_k.shape[0]), causal], dim=1)
+            scores = torch.where(allowed, scores, low)
+            probs = _to(torch.softmax(scores, dim=-1), self.dtype)
+            out = probs @ values.permute(1, 0, 2)
+        else:
+            # Permutes of the sequence-major past are what ORT's MatMulTransposeFusion folds into FusedMatMul
+            # (transB + transBatchB for K, transBatchB for V): the past is read in place, never copied.
+            scores_past = _to(qh @ past_k.permute(1, 2, 0), f32)  # [kv, gS, P]
+            scores_new = torch.where(causal, _to(qh @ k.permute(1, 2, 0), f32), low)  # [kv, gS, S]
+            # One softmax over both blocks: only the scores are joined (gS x (P+S) per head, no K/V rows).
+            probs = _to(torch.softmax(torch.cat([scores_past, scores_new], dim=-1), dim=-1), self.dtype)
+            n_past = past_k.shape[0]
+            out = probs[..., :n_past] @ past_v.permute(1, 0, 2) + probs[..., n_past:] @ v.permute(1, 0, 2)
+        out = out.reshape(heads, n_new, d).transpose(0, 1).reshape(n_new, heads * d)
+        return attn.o_proj(out), k, v
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Casts only when needed: the tracer would otherwise write a no-op Cast node for every `.float()`."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _rotate(x, cos, sin, half: int):
+    """RoPE in the HF `rotate_half` layout on `[S, heads, D]` (`half` static: no shape arithmetic traced)."""
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def fp32_node_descriptions(num_layers: int) -> list[str]:
+    """What stays float32 inside an fp16 `llm.onnx` (the casts are explicit in the graph)."""
+    out = ["rotary cos/sin: positions -> angles -> Cos/Sin in float32, then cast to float16"]
+    for i in range(num_layers):
+        out += [
+            f"layers.{i}.input_layernorm: RMSNorm (Pow, ReduceMean, Add eps, Sqrt, Div) in float32",
+            f"layers.{i}.self_attn: causal mask, score Concat and Softmax in float32 (MatMuls in float16)",
+            f"layers.{i}.post_attention_layernorm: RMSNorm in float32",
+        ]
+    out += [
+        "norm: final RMSNorm in float32",
+        "outputs logits and hidden: cast to float32 after the float16 lm_head / final norm weight",
+    ]
+    return out
+
+
+@register
+class LlmExporter(ComponentExporter):
+    """`llm.onnx`: one step of the language model over a sequence-major KV arena (DESIGN.md §2, §4)."""
+
+    name = "llm"
+
+    def graphs(self, model, settings: ExportSettings) -> list[GraphExport]:
+        llm = llm_of(model)
+        return [build_graph(llm, settings)]
+
+    def validation_cases(
+        self, model, settings: ExportSettings, rng: np.random.Generator
+    ) -> dict[str, list[ValidationCase]]:
+        llm = llm_of(model)
+        cap = max_context_of(llm, settings)
+        np_dtype = np.float16 if settings.precision == "fp16" else np.float32
+        # (label, S, P, rows): prefill last row and arbitrary rows, decode, the 1+N super-link step (rows of
+        # its N query rows, shuffled), and a long past that ends at the position cap.
+        s_long = min(3, cap)
+        shapes = [
+            (7, 0, [6]),
+            (7, 0, list(rng.choice(7, size=3, replace=False))),
+            (1, max(0, min(9, cap - 1)), [0]),
+            (5, max(0, min(40, cap - 5)), list(rng.permutation([1, 2, 3, 4]))),
+            (s_long, cap - s_long, list(rng.choice(s_long, size=2, replace=True))),
+        ]
+        cases = []
+        for s, p, rows in shapes:
+            inputs = random_inputs(llm, s, p, rows, rng, np_dtype)
+            cases.append(ValidationCase(f"S={s},P={p},R={len(rows)}", inputs, reference_outputs(llm, inputs)))
+        return {"llm": cases}
+
+    def manifest_facts(self, model, settings: ExportSettings) -> dict:
+        llm = llm_of(model)
+        s = llm.settings
+        return {
+            "num_layers": s.num_hidden_layers,
+            "kv_heads": s.num_key_value_heads,
+            "head_dim": s.head_dim,
+            "hidden_size": s.hidden_size,
+            "vocab_size": s.vocab_size,
+            "max_context": max_context_of(llm, settings),
+            "rope_theta": s.rope_theta,
+            "rms_norm_eps": s.rms_norm_eps,
+        }
+
+
+def build_graph(llm: LlamaForCausalLM, settings: ExportSettings, attention: str = "two_block") -> GraphExport:
+    """The `llm` graph to trace, with example inputs that make every axis dynamic (S=3, P=2, R=2)."""
+    if settings.precision not in _DTYPES:
+        raise ValueError(f"precision: expected one of {tuple(_DTYPES)}, got {settings.precision!r}")
+    dtype = _DTYPES[settings.precision]
+    s = llm.settings
+    n = s.num_hidden_layers
+    inputs, outputs = io_names(n)
+    # Distinct sizes for S, P and R so that the tracer cannot confuse one axis with another.
+    g = torch.Generator().manual_seed(settings.seed)
+    example = (
+        torch.randn(1, 3, s.hidden_size, generator=g).to(dtype),
+        torch.arange(2, 5, dtype=torch.int64),
+        torch.tensor([2, 0], dtype=torch.int64),
+        *(torch.randn(2, s.num_key_value_heads, s.head_dim, generator=g).to(dtype) for _ in range(2 * n)),
+    )
+    dynamic = {"inputs_embeds": {1: "S"}, "position_ids": {0: "S"}, "output_rows": {0: "R"}}
+    dynamic.update({"logits": {0: "R"}, "hidden": {0: "R"}})
+    for name in inputs[3:]:
+        dynamic[name] = {0: "P"}
+    for name in outputs[2:]:
+        dynamic[name] = {0: "S"}
+    facts = {
+        "precision": settings.precision,
+        "attention": attention,
+        "kv_layout": "sequence-major [P, kv_heads, head_dim]; presents are the step's new rows [S, ...]",
+        "kv_dtype": settings.precision,
+    }
+    if dtype == torch.float16:
+        facts["fp32_nodes"] = fp32_node_descriptions(n)
+    return GraphExport(
+        name="llm",
+        module=LlmStep(llm, dtype=dtype, attention=attention).eval(),
+        example_inputs=example,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=dynamic,
+        facts=facts,
+    )
+
+
+def random_inputs(
+    llm: LlamaForCausalLM, s: int, p: int, rows, rng: np.random.Generator, dtype=np.float32
+) -> dict[str, np.ndarray]:
+    """Fresh random graph inputs for a step of S rows on a past of P rows, asking for `rows`."""
+    st = llm.settings
+    n = st.num_hidden_layers
+    inputs = {
+        "inputs_embeds": rng.standard_normal((1, s, st.hidden_size)).astype(dtype),
+        "position_ids": np.arange(p, p + s, dtype=np.int64),
+        "output_rows": np.asarray(rows, dtype=np.int64),
+    }
+    names, _ = io_names(n)
+    for name in names[3:]:
+        inputs[name] = rng.standard_normal((p, st.num_key_value_heads, st.head_dim)).astype(dtype)
+    return inputs
+
+
+@torch.no_grad()
+def reference_outputs(llm: LlamaForCausalLM, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph's outputs for `inputs`, computed by the reference `LlamaForCausalLM.forward`.
+
+    The reference takes a head-major past `[1, kv, P, D]` and concatenates; its new K/V come back head-major
+    and are turned to the graph's sequence-major rows here. It runs in its own dtype (float32 for parity).
+    """
+    n = llm.settings.num_hidden_layers
+    dtype = next(llm.parameters()).dtype
+    x = torch.from_numpy(inputs["inputs_embeds"]).to(dtype)
+    positions = torch.from_numpy(inputs["position_ids"])
+    rows = torch.from_numpy(inputs["output_rows"])
+    p = inputs["past_key.0"].shape[0]
+    past = None
+    if p > 0:  # P = 0 takes the reference's own no-cache path
+        past = [
+            tuple(
+                torch.from_numpy(inputs[f"{kind}.{i}"]).to(dtype).permute(1, 0, 2)[None]
+                for kind in ("past_key", "past_value")
+            )
+            for i in range(n)
+        ]
+    out = llm(x, positions, past)
+    hidden = out.hidden[0].index_select(0, rows)
+    expected = {
+        "logits": llm.lm_head(hidden).float().numpy(),
+        "hidden": hidden.float().numpy(),
+    }
+    for i, (k, v) in enumerate(out.new_kv):
+        expected[f"present_key.{i}"] = k[0].permute(1, 0, 2).float().numpy()
+        expected[f"present_value.{i}"] = v[0].permute(1, 0, 2).float().numpy()
+    return expected
