@@ -126,9 +126,8 @@ def export(
                 if quantize is not None:
                     _quantize(graph.name, path, quantize)
                 graphs_meta[graph.name] = _graph_meta(graph, path, settings)
-            if hasattr(exporter, "extra_files"):
-                for logical, file in exporter.extra_files(model, partial).items():
-                    extra_files[logical] = {"file": Path(file).name, "sha256": _sha256(Path(file))}
+            for logical, file in exporter.extra_files(model, partial).items():
+                extra_files[logical] = {"file": Path(file).name, "sha256": _sha256(Path(file))}
             component_facts[name] = exporter.manifest_facts(model, settings)
             if validate:
                 rng = np.random.default_rng(seed)

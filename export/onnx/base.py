@@ -9,6 +9,7 @@ and records them; no `if component == ...` chains anywhere.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,10 @@ class ComponentExporter(ABC):
         """Component-level facts for the manifest (beyond the per-graph ones)."""
         return {}
 
+    def extra_files(self, model, out_dir: Path) -> dict[str, Path]:
+        """Files besides the graphs (e.g. a precomputed unconditional embedding), by logical name."""
+        return {}
+
 
 _REGISTRY: dict[str, type[ComponentExporter]] = {}
 
@@ -122,7 +127,10 @@ def export_graph(graph: GraphExport, path: Path, opset: int = DEFAULT_OPSET, ext
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter warns about every F.pad it cannot constant-fold; the graph is correct, and
+        # the warning would fail any caller that runs with warnings as errors.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             graph.module.eval(),
             graph.example_inputs,
