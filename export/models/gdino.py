@@ -649,9 +649,9 @@ class GroundingDinoOV(nn.Module):
         count = valid.sum(-1)[:, None]  # [B, 1]
         index = torch.arange(num_text, device=valid.device)
         inside = index[None] < count  # [B, K]
-        allowed = (inside[:, :, None] & inside[:, None, :]) | torch.eye(
-            num_text, dtype=torch.bool, device=valid.device
-        )
+        # `index == index.T` rather than `torch.eye(..., dtype=bool)`: the latter exports to a bool EyeLike,
+        # which ONNX Runtime does not implement.
+        allowed = (inside[:, :, None] & inside[:, None, :]) | (index[:, None] == index[None, :])
         position_ids = torch.where(inside, index[None], torch.zeros_like(index)[None])
         return ~allowed, position_ids
 

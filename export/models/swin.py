@@ -120,20 +120,25 @@ def _from_windows(windows: torch.Tensor, window: int, height: int, width: int) -
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
 
 
+def _band(size: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
+    """Band of each index along one padded axis: 0 before `size - window`, 1 before `size - shift`, else 2."""
+    index = torch.arange(size, device=device)
+    return (index >= size - window).to(torch.int64) + (index >= size - shift).to(torch.int64)
+
+
 def _shift_mask(height: int, width: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
     """Additive mask `[nH * nW, w*w, w*w]` that keeps the shifted windows from mixing unrelated regions.
 
     After the cyclic roll, a window at the bottom/right edge holds pixels from up to four regions that are not
     neighbours in the image; label each region and forbid attention between different labels.
     """
-    labels = torch.zeros(1, height, width, 1, device=device)
-    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    label = 0
-    for rows in bands:
-        for cols in bands:
-            labels[:, rows, cols, :] = label
-            label += 1
-    labels = _to_windows(labels, window).squeeze(-1)  # [nW, w*w]
+    # Bands [0, -window), [-window, -shift), [-shift, end) per axis; region = 3 * row band + column band.
+    # Written as comparisons rather than slice assignments: those trace to ScatterND chains, and an empty
+    # band (a map no larger than one window) breaks `torch.onnx.export`.
+    row_band = _band(height, window, shift, device)
+    col_band = _band(width, window, shift, device)
+    labels = (3 * row_band[:, None] + col_band[None, :]).to(torch.float32)[None, :, :, None]
+    labels = _to_windows(labels, window)[..., 0]  # [nW, w*w]; not squeeze(-1), which exports as an If
     different = labels[:, None, :] != labels[:, :, None]
     return torch.zeros(different.shape, device=device).masked_fill(different, _SHIFT_MASK_PENALTY)
 

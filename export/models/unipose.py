@@ -315,11 +315,13 @@ def pose_self_attention_mask(kpt_mask: torch.Tensor, num_groups: int = NUM_GROUP
     first_pass = (idx[None, :] < start[:, None]) | (
         (idx[None, :] >= end[:, None]) & (end[:, None] < num_groups * k)
     )
-    first_pass &= (idx < num_groups * k)[:, None]
+    # Out of place: the in-place `&=` (aten::__iand_) has no ONNX export.
+    first_pass = first_pass & (idx < num_groups * k)[:, None]
     same_group = (idx // group)[:, None] == (idx // group)[None, :]
     member = kpt_mask[:, idx % group]  # [B, n]
     differs = member[:, :, None] != member[:, None, :]
-    return torch.where(same_group[None], differs, first_pass[None])
+    # Boolean algebra rather than `torch.where` on bools: ONNX Runtime has no bool `Where` kernel.
+    return (same_group[None] & differs) | (~same_group[None] & first_pass[None])
 
 
 # --- encoder ------------------------------------------------------------------------------------------
@@ -779,7 +781,9 @@ class UniPose(nn.Module):
         t_idx = torch.arange(text.shape[1], device=dev)
         in_prefix = t_idx[None] < n_obj[:, None]  # [B, T]
         position_ids = torch.where(in_prefix, t_idx[None], torch.zeros_like(t_idx)[None])
-        text_attend = torch.eye(text.shape[1], dtype=torch.bool, device=dev)[None] | (
+        # `t_idx == t_idx.T`, not `torch.eye(..., dtype=bool)`: that exports to a bool EyeLike, which ONNX
+        # Runtime does not implement.
+        text_attend = (t_idx[:, None] == t_idx[None, :])[None] | (
             in_prefix[:, :, None] & in_prefix[:, None, :]
         )
         # The official text layer repeats the [B, T, T] mask head-major (`repeat(nhead, 1, 1)`) while

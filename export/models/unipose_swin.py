@@ -204,12 +204,13 @@ class SwinStage(nn.Module):
         """`[nW, N, N]` additive mask that keeps shifted windows from mixing wrapped-around regions."""
         ws, s = self.window, self.shift
         hp, wp = math.ceil(h / ws) * ws, math.ceil(w / ws) * ws
-        region = torch.zeros((1, hp, wp, 1), device=x.device)
-        label = 0
-        for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-            for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-                region[:, hs, wsl, :] = label
-                label += 1
+        # Bands [0, -ws), [-ws, -s), [-s, end) per axis; region label = 3 * row band + column band. Written as
+        # comparisons rather than slice assignments: those trace to ScatterND chains, and an empty band (a
+        # map no larger than one window) breaks `torch.onnx.export`.
+        rows, cols = torch.arange(hp, device=x.device), torch.arange(wp, device=x.device)
+        row_band = (rows >= hp - ws).to(torch.int64) + (rows >= hp - s).to(torch.int64)
+        col_band = (cols >= wp - ws).to(torch.int64) + (cols >= wp - s).to(torch.int64)
+        region = (3 * row_band[:, None] + col_band[None, :]).to(torch.float32)[None, :, :, None]
         ids = _to_windows(region, ws).squeeze(-1)  # [nW, N]
         diff = ids[:, None, :] - ids[:, :, None]
         return torch.zeros_like(diff).masked_fill(diff != 0, -100.0).to(x.dtype)
