@@ -93,7 +93,7 @@ def test_killing_an_export_midway_leaves_no_artifact(tmp_path):
         "import sys; from visionllm_edge.export.exporter import export; "
         f"export('tiny-random', {str(out)!r}, progress=True)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Wait until it is exporting (a partial folder exists), then kill it without warning.
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".killed.partial-") for p in tmp_path.iterdir()):
