@@ -91,6 +91,10 @@ class _Prepared:
     det_resized: tuple[int, int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def n_tiles(self) -> int:
+        return 0 if self.tiles is None else int(self.tiles.shape[0])
+
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str):
@@ -190,6 +194,11 @@ class ReferencePipeline:
     @torch.no_grad()
     def _prepare(self, image, regions, region_frame: str, det_image, bgr: bool) -> _Prepared:
         timings: dict[str, float] = {}
+        if image is None:
+            # A text-only request (e.g. generation, as the official text2img data has no image).
+            if regions:
+                raise ValueError("regions need an image")
+            return _Prepared(None, (0, 0), None, None, None, timings=timings)
         with _timed(timings, "preprocess"):
             pil = pp.load_image(image, bgr=bgr)
             tiles, _ = pp.anyres_tiles(pil, self.config.image_size, self.config.max_tiles)
@@ -222,6 +231,8 @@ class ReferencePipeline:
             prep.det_mask = torch.as_tensor(np.asarray(det_image["pixel_mask"])).bool()
             prep.det_resized = tuple(det_image.get("resized_hw", prep.det_pixels.shape[-2:]))
             return
+        if det_image is None and prep.image is None:
+            raise ValueError("this answer routes to a perception decoder, which needs an image")
         source = prep.image if det_image is None else pp.load_image(det_image)
         prep.det_pixels, prep.det_mask, prep.det_resized = pp.detection_image(
             source, self.config.det_short_side, self.config.det_max_long_side
@@ -229,12 +240,12 @@ class ReferencePipeline:
 
     # --- sequence assembly ---------------------------------------------------------------------------------
 
-    def _turns(self, prompt: str, history, answer: str | None) -> list[tuple[str, str | None]]:
+    def _turns(self, prompt: str, history, answer: str | None, has_image: bool = True) -> list[tuple[str, str | None]]:
         turns = [
             (u, insert_placeholders(a, self.config.num_embs, self.config.num_embs_gen)) for u, a in history
         ]
         turns.append((prompt, answer))
-        if not any(contract.IMAGE_TOKEN in u for u, _ in turns):
+        if has_image and not any(contract.IMAGE_TOKEN in u for u, _ in turns):
             first_user, first_answer = turns[0]
             turns[0] = (contract.IMAGE_TOKEN + "\n" + first_user, first_answer)
         return turns
@@ -249,10 +260,13 @@ class ReferencePipeline:
         if open_answer:
             text = text + " " + open_answer
         ids = self.tokenizer.tokenize_with_image(text, conv.user_spans)
-        if ids.count(IMAGE_SENTINEL) != 1:
+        expected = 1 if n_tiles else 0
+        if ids.count(IMAGE_SENTINEL) != expected:
             raise ValueError(
-                f"the conversation must contain exactly one <image>, found {ids.count(IMAGE_SENTINEL)}"
+                f"the conversation must contain {expected} <image>, found {ids.count(IMAGE_SENTINEL)}"
             )
+        if not n_tiles:
+            return ids
         at = ids.index(IMAGE_SENTINEL)
         ids = ids[:at] + [self.patch_id] * (n_tiles * self.config.patches_per_tile) + ids[at + 1 :]
         return ids
@@ -264,6 +278,8 @@ class ReferencePipeline:
         embeds = model.embed_tokens(t)
         patch_rows = (t == self.patch_id).nonzero()[:, 0]
         if len(patch_rows):
+            if prep.vision is None:
+                raise ValueError("the prompt has <im_patch> slots but no image was given")
             feats = prep.vision.projected.reshape(-1, embeds.shape[-1])
             if len(patch_rows) != feats.shape[0]:
                 raise ValueError(
@@ -388,6 +404,8 @@ class ReferencePipeline:
         noise = torch.randn(cond.shape[0], 4, latent, latent, generator=g)
         image_latents = None
         if kind == "edit":
+            if prep.image is None:
+                raise ValueError("[EDIT] needs an input image")
             src = prep.image.resize((size, size), pp.Image.BICUBIC)
             arr = torch.from_numpy(np.asarray(src, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             image_latents = decoder.encode_image(arr).expand(cond.shape[0], -1, -1, -1)
@@ -518,10 +536,10 @@ class ReferencePipeline:
         """
         prep = self._prepare(image, regions, region_frame, det_image, bgr)
         full_answer = insert_placeholders(answer, self.config.num_embs, self.config.num_embs_gen)
-        turns = self._turns(prompt, history, full_answer)
-        ids = self._token_ids(turns, prep.tiles.shape[0])
+        turns = self._turns(prompt, history, full_answer, has_image=prep.tiles is not None)
+        ids = self._token_ids(turns, prep.n_tiles)
         return self._forward_ids(
-            ids, prep, det_image, prompt, self._answer_start(ids, turns, prep.tiles.shape[0])
+            ids, prep, det_image, prompt, self._answer_start(ids, turns, prep.n_tiles)
         )
 
     @torch.no_grad()
@@ -538,7 +556,7 @@ class ReferencePipeline:
         decoders = self._run_decoders(links, prep, det_image, denoise=False, seed=0)
         return ForwardOutput(
             input_ids=np.asarray(ids, dtype=np.int64),
-            tiles=prep.tiles.numpy(),
+            tiles=None if prep.tiles is None else prep.tiles.numpy(),
             hidden=hidden.numpy(),
             logits=logits.numpy(),
             links=links,
@@ -631,9 +649,9 @@ class ReferencePipeline:
                 if answer_prefix
                 else None
             )
-            turns = self._turns(prompt, history, None)
-            ids = self._token_ids(turns, prep.tiles.shape[0], open_answer=prefix)
-            answer_start = self._answer_start(ids, turns, prep.tiles.shape[0]) if prefix else len(ids)
+            turns = self._turns(prompt, history, None, has_image=prep.tiles is not None)
+            ids = self._token_ids(turns, prep.n_tiles, open_answer=prefix)
+            answer_start = self._answer_start(ids, turns, prep.n_tiles) if prefix else len(ids)
         if len(ids) >= self.max_context:
             raise ValueError(f"the prompt is {len(ids)} tokens; the context holds {self.max_context}")
         generator = torch.Generator().manual_seed(seed)
