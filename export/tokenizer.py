@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from visionllm_edge import contract
+from visionllm_edge.conversation import Conversation, build_conversation, insert_placeholders  # noqa: F401
 from visionllm_edge.tokenizer import Span  # torch-free, shared with the device runtime
 
 SPIECE_UNDERLINE = "\u2581"
@@ -185,68 +185,3 @@ class ChatTokenizer:
                 ids.append(IMAGE_SENTINEL)
             ids.extend(chunk[offset:])
         return ids
-
-
-# --- the vicuna_v1 template -------------------------------------------------------------------------------
-
-
-@dataclass
-class Conversation:
-    """A templated conversation and where the user-written text sits in it."""
-
-    text: str
-    user_spans: list[Span]
-
-
-def build_conversation(turns: list[tuple[str, str | None]]) -> Conversation:
-    """Applies the official `vicuna_v1` template (`SeparatorStyle.TWO`, sep " ", sep2 "</s>").
-
-    Args:
-        turns: (user message, assistant message or None) pairs; a None answer leaves the prompt open
-            ("... ASSISTANT:"), as for generation.
-    """
-    text = contract.SYSTEM_PROMPT + contract.SEP
-    spans: list[Span] = []
-    seps = (contract.SEP, contract.SEP2)
-    for i, (user, answer) in enumerate(turns):
-        text += contract.ROLES[0] + ": "
-        spans.append(Span(len(text), len(text) + len(user)))
-        text += user + seps[0]
-        if answer is None:
-            if i != len(turns) - 1:
-                raise ValueError("only the last turn may have no answer")
-            text += contract.ROLES[1] + ":"
-        else:
-            text += contract.ROLES[1] + ": " + answer + seps[1]
-    return Conversation(text, spans)
-
-
-def insert_placeholders(answer: str, num_embs: int, num_embs_gen: int) -> str:
-    """Writes the super-link placeholders after every routing token that lacks them.
-
-    `[DET]`, `[GRD]`, `[SEG]`, `[POSE]` get `[EMB][EMB2]..[EMB{num_embs}]`; `[GEN]` and `[EDIT]` get
-    `num_embs_gen` x `[EMB]`, the layout of the official training data.
-    """
-    out = []
-    pos = 0
-    routing = re.compile("|".join(re.escape(t) for t in contract.ROUTING_TOKENS))
-    for m in routing.finditer(answer):
-        out.append(answer[pos : m.end()])
-        kind = contract.ROUTING_TOKENS[m.group(0)]
-        if kind in contract.GENERATION_KINDS:
-            placeholder = contract.GENERATION_PLACEHOLDER * num_embs_gen
-        else:
-            placeholder = "".join(contract.ALL_PLACEHOLDERS[:num_embs])
-        rest = answer[m.end() :]
-        if not rest.startswith(placeholder):
-            out.append(placeholder)
-        pos = m.end()
-    out.append(answer[pos:])
-    return "".join(out)
-
-
-def normalise_prompt(prompt: str) -> str:
-    """Puts `<image>\\n` in front of a prompt that has no `<image>` (DESIGN.md §9)."""
-    if contract.IMAGE_TOKEN not in prompt:
-        return contract.IMAGE_TOKEN + "\n" + prompt
-    return prompt
