@@ -3,17 +3,19 @@
 Builds a 2-layer Llama at the real 7B widths (hidden 4096, 32 heads, FFN 11008, vocab 32026; seeded random
 weights), exports it twice through the same `llm.onnx` code path, once with the two-block attention that the
 SDK ships and once with the naive `concat(past, new)` attention (same inputs and outputs), and times one
-decode step (S=1, R=1) at a short and a long past:
+decode step (S=1, R=1) at a short and a long past (with `--quantized`, also int8 / int4 forms of the
+two-block graph):
 
 - ORT CPU, `intra_op_num_threads` threads, the past handed as contiguous views of a KV arena (as the runtime
   does), for both graphs;
 - the reference `LlamaForCausalLM.forward` eager step (head-major past, concat inside) + the lm_head row.
 
-All three are checked to agree before timing. Medians of `--repeats` calls after `--warmup` calls; the
-bandwidth floor uses the 2-thread DRAM read rate measured in shared/research/perf_anchors.md (34.2 GB/s).
-Needs ~7 GB of RAM and a few minutes on 2 cores (export with external data to keep memory down).
+The fp32 forms are checked to agree before timing. Medians of `--repeats` undisturbed calls after `--warmup`
+calls; the bandwidth floor uses the 2-thread DRAM read rate measured in shared/research/perf_anchors.md
+(34.2 GB/s). Needs ~9 GB of RAM and a few minutes on 2 cores (graphs are written with external data to keep
+memory down; `--workdir DIR --reuse` keeps them for the next run).
 
-    python3 benchmarks/llm_kv_step.py [--pasts 64 2048] [--repeats 7] [--threads 2]
+    python3 benchmarks/llm_kv_step.py [--pasts 64 2048] [--repeats 7] [--threads 2] [--quantized]
 """
 
 from __future__ import annotations
@@ -72,31 +74,40 @@ def _cpu_stall_us() -> int | None:
         return None
 
 
-def time_calls(fn, warmup: int, repeats: int, max_stall: float = 0.05) -> tuple[list[float], int]:
-    """Wall times (ms) of `repeats` undisturbed calls after `warmup` calls, and the number of calls made.
+def time_interleaved(fns: dict, warmup: int, repeats: int, max_stall: float = 0.05) -> dict:
+    """Times several step functions in rounds, one call of each per round, so that they share the load.
 
     Other jobs share this 2-core machine now and then: a call during which tasks waited for a CPU for more
-    than `max_stall` of its wall time is dropped (our own threads never exceed the cores we ask for, so a
-    clean call stalls ~0). After 6x `repeats` calls the disturbed ones are kept too, and the caller says so.
+    than `max_stall` of its wall time is set aside (our own threads never exceed the cores we ask for, so a
+    clean call stalls ~0). Rounds go on until every function has `repeats` clean calls, or 6x `repeats`.
+
+    Returns:
+        name -> (times in ms, clean): the clean calls' times, or all calls' times with `clean=False` when
+        too few were clean.
     """
+    names = list(fns)
     for _ in range(warmup):
-        fn()
-    clean, disturbed = [], []
-    calls = 0
-    while len(clean) < repeats and calls < 6 * repeats:
-        calls += 1
-        stall0 = _cpu_stall_us()
-        t0 = time.perf_counter()
-        fn()
-        wall = time.perf_counter() - t0
-        stall1 = _cpu_stall_us()
-        if stall0 is not None and (stall1 - stall0) * 1e-6 > max_stall * wall:
-            disturbed.append(wall * 1e3)
-        else:
-            clean.append(wall * 1e3)
-    if len(clean) < repeats:
-        return sorted(clean + disturbed)[:repeats], -calls
-    return clean, calls
+        for name in names:
+            fns[name]()
+    clean = {name: [] for name in names}
+    every = {name: [] for name in names}
+    for r in range(6 * repeats):
+        if all(len(clean[name]) >= repeats for name in names):
+            break
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no fixed order bias
+            if len(clean[name]) >= repeats:
+                continue
+            stall0 = _cpu_stall_us()
+            t0 = time.perf_counter()
+            fns[name]()
+            wall = time.perf_counter() - t0
+            stall1 = _cpu_stall_us()
+            every[name].append(wall * 1e3)
+            if stall0 is None or (stall1 - stall0) * 1e-6 <= max_stall * wall:
+                clean[name].append(wall * 1e3)
+    return {
+        name: (clean[name], True) if len(clean[name]) >= repeats else (every[name], False) for name in names
+    }
 
 
 def ort_session(path: Path, threads: int):
@@ -120,6 +131,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--workdir", type=Path, default=None, help="keep the exported graphs here (default: temp)"
+    )
+    ap.add_argument("--reuse", action="store_true", help="reuse graphs already exported in --workdir")
+    ap.add_argument(
+        "--quantized", action="store_true", help="also time int8 / int4 forms of the two-block graph"
     )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,6 +162,20 @@ def main(argv=None) -> int:
         paths[attention] = path
         gc.collect()
         print(f"exported {attention} in {time.perf_counter() - t0:.1f} s")
+    sizes = {}
+    if args.quantized:
+        from visionllm_edge.export.onnx.quantize import graph_bytes, quantize_int4, quantize_int8
+
+        sizes["fp32"] = graph_bytes(paths["two_block"])
+        for kind, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
+            t0 = time.perf_counter()
+            path = work / f"two_block_{kind}" / "llm.onnx"
+            if not (args.reuse and path.is_file()):
+                quantize(paths["two_block"], path)
+                gc.collect()
+                print(f"quantized {kind} in {time.perf_counter() - t0:.1f} s")
+            paths[kind] = path
+            sizes[kind] = graph_bytes(path)
 
     rng = np.random.default_rng(args.seed)
     capacity = max(args.pasts) + 1
@@ -164,11 +193,11 @@ def main(argv=None) -> int:
         f.update({name: a[:past] for name, a in arena.items()})
         return f
 
-    results: dict[tuple[str, int], list[float]] = {}
+    results: dict[tuple[str, int], tuple[list[float], bool]] = {}
     outputs: dict[tuple[str, int], np.ndarray] = {}
-
-    # Eager reference: its own head-major layout, prepared outside the timing; concat happens inside.
+    sessions = {name: ort_session(path, args.threads) for name, path in paths.items()}
     for past in args.pasts:
+        # Eager reference: its own head-major layout, prepared outside the timing; concat happens inside.
         ref_past = [
             tuple(
                 torch.from_numpy(arena[f"{kind}.{i}"][:past]).permute(1, 0, 2).contiguous()[None]
@@ -184,23 +213,22 @@ def main(argv=None) -> int:
                 out = llm(xt, pos, ref_past)
                 return llm.lm_head(out.hidden[:, -1]).numpy()
 
-        outputs[("eager", past)] = eager()
-        results[("eager", past)] = time_calls(eager, args.warmup, args.repeats)
-        del ref_past
-    for attention, path in paths.items():
-        sess = ort_session(path, args.threads)
-        for past in args.pasts:
-            f = feeds(past)
-            outputs[(attention, past)] = sess.run(["logits"], f)[0]
-            results[(attention, past)] = time_calls(
-                lambda f=f, sess=sess: sess.run(["logits"], f), args.warmup, args.repeats
-            )
-        del sess
+        f = feeds(past)
+        fns = {"eager": eager}
+        fns.update(
+            {name: (lambda sess=sess, f=f: sess.run(["logits"], f)[0]) for name, sess in sessions.items()}
+        )
+        for name, fn in fns.items():
+            outputs[(name, past)] = fn()
+        for name, timed in time_interleaved(fns, args.warmup, args.repeats).items():
+            results[(name, past)] = timed
+        del ref_past, fns
         gc.collect()
 
+    del sessions
     for past in args.pasts:
         ref = outputs[("eager", past)]
-        for attention in paths:
+        for attention in ("two_block", "concat"):
             diff = float(np.abs(outputs[(attention, past)] - ref).max())
             print(f"past {past}: max |logits {attention} - eager| = {diff:.2e}")
             if diff > 1e-3 * max(1.0, float(np.abs(ref).max())):
@@ -213,8 +241,8 @@ def main(argv=None) -> int:
     print()
     print(
         f"One decode step (S=1, R=1), {n} layers at 7B widths, fp32, {args.threads} threads; median ms of "
-        f"{args.repeats} undisturbed calls after {args.warmup} warm-up (min-max; * = too few undisturbed "
-        f"calls, disturbed ones kept); load average at the end {os.getloadavg()[0]:.2f}"
+        f"{args.repeats} undisturbed calls after {args.warmup} warm-up, backends interleaved (min-max; "
+        f"* = too few undisturbed calls: median of all); load average at the end {os.getloadavg()[0]:.2f}"
     )
     print()
     print(
@@ -225,13 +253,36 @@ def main(argv=None) -> int:
         floor = (weight_bytes + past * kv_row_bytes) / (READ_GB_PER_S * 1e9) * 1e3
         cells = []
         for key in ("eager", "two_block", "concat"):
-            t, calls = results[(key, past)]
-            mark = "*" if calls < 0 else ""
+            t, clean = results[(key, past)]
+            mark = "" if clean else "*"
             cells.append(f"{med((key, past)):.1f} ({min(t):.1f}-{max(t):.1f}){mark}")
         eager_c, two_c, concat_c = cells
         saved = med(("concat", past)) - med(("two_block", past))
         ratio = med(("eager", past)) / med(("two_block", past))
         print(f"| {past} | {floor:.1f} | {eager_c} | {concat_c} | {two_c} | {saved:+.1f} | {ratio:.2f} |")
+    if args.quantized:
+        print()
+        print(
+            "Quantized two-block graphs (ORT CPU), same step; relative error = ||logits - eager|| / ||eager||"
+        )
+        print("on random weights (says nothing about a trained model). Bytes: graph + external data.")
+        print()
+        print("| past | fp32 | int8 | int4 (b32, acc 4) | int8 rel. err | int4 rel. err |")
+        print("|---|---|---|---|---|---|")
+        for past in args.pasts:
+            ref = outputs[("eager", past)]
+            err = {
+                k: np.linalg.norm(outputs[(k, past)] - ref) / np.linalg.norm(ref) for k in ("int8", "int4")
+            }
+            cells = []
+            for key in ("two_block", "int8", "int4"):
+                t, clean = results[(key, past)]
+                cells.append(f"{med((key, past)):.1f} ({min(t):.1f}-{max(t):.1f}){'' if clean else '*'}")
+            print(f"| {past} | {' | '.join(cells)} | {err['int8']:.3f} | {err['int4']:.3f} |")
+        print(
+            f"\nsizes: fp32 {sizes['fp32'] / 1e6:.1f} MB, int8 {sizes['int8'] / 1e6:.1f} MB, "
+            f"int4 {sizes['int4'] / 1e6:.1f} MB"
+        )
     if tmp:
         tmp.cleanup()
     return 0
