@@ -90,6 +90,9 @@ class _Prepared:
     det_mask: torch.Tensor | None = None
     det_resized: tuple[int, int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    #: [DET] links of earlier turns: the objects of a [POSE] answer that has none of its own (the official
+    #: pose dialogue asks for the objects in a first turn and for the keypoints in the second).
+    history_objects: list = field(default_factory=list)
 
     @property
     def n_tiles(self) -> int:
@@ -240,7 +243,9 @@ class ReferencePipeline:
 
     # --- sequence assembly ---------------------------------------------------------------------------------
 
-    def _turns(self, prompt: str, history, answer: str | None, has_image: bool = True) -> list[tuple[str, str | None]]:
+    def _turns(
+        self, prompt: str, history, answer: str | None, has_image: bool = True
+    ) -> list[tuple[str, str | None]]:
         turns = [
             (u, insert_placeholders(a, self.config.num_embs, self.config.num_embs_gen)) for u, a in history
         ]
@@ -326,7 +331,7 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def _run_decoders(
-        self, links: list[Link], prep: _Prepared, det_image, denoise: bool, seed: int, instruction_image=None
+        self, links: list[Link], prep: _Prepared, det_image, denoise: bool, seed: int, noise=None
     ) -> dict[str, dict[str, np.ndarray]]:
         model = self.model
         out: dict[str, dict[str, np.ndarray]] = {}
@@ -336,8 +341,8 @@ class ReferencePipeline:
             with _timed(prep.timings, "object_decoder"):
                 out["object"] = self._object_decoder(object_links, prep)
         pose_links = [lk for lk in links if lk.kind == "pose"]
-        objects = [lk for lk in links if lk.kind == "det"]
-        # Keypoint groups need object groups (the [DET] groups of the same answer) to attach to.
+        objects = [lk for lk in links if lk.kind == "det"] or prep.history_objects
+        # Keypoint groups need object groups (the [DET] groups of the answer, else of the history).
         if pose_links and objects and hasattr(model, "unipose"):
             self._detection_input(prep, det_image)
             with _timed(prep.timings, "pose_decoder"):
@@ -352,7 +357,7 @@ class ReferencePipeline:
                 cond = decoder.map_queries(states)
                 result = {"conditioning": cond.numpy()}
                 if denoise:
-                    result.update(self._denoise(kind, decoder, cond, prep, seed))
+                    result.update(self._denoise(kind, decoder, cond, prep, seed, noise))
                 out[kind] = result
         return out
 
@@ -396,12 +401,19 @@ class ReferencePipeline:
         return {"pred_logits": logits.numpy(), "pred_boxes": boxes.numpy(), "pred_keypoints": kps.numpy()}
 
     def _denoise(
-        self, kind: str, decoder, cond: torch.Tensor, prep: _Prepared, seed: int
+        self, kind: str, decoder, cond: torch.Tensor, prep: _Prepared, seed: int, noise=None
     ) -> dict[str, np.ndarray]:
         size = self.config.image_size_for(kind)
         latent = size // decoder.vae_scale_factor
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(cond.shape[0], 4, latent, latent, generator=g)
+        if noise is None:
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(cond.shape[0], 4, latent, latent, generator=g)
+        else:
+            noise = torch.as_tensor(np.asarray(noise, dtype=np.float32))
+            if tuple(noise.shape) != (cond.shape[0], 4, latent, latent):
+                raise ValueError(
+                    f"noise: expected shape {(cond.shape[0], 4, latent, latent)}, got {tuple(noise.shape)}"
+                )
         image_latents = None
         if kind == "edit":
             if prep.image is None:
@@ -457,7 +469,7 @@ class ReferencePipeline:
                 result.segmentation = self._semantic_map(seg_classes, obj, prep)
         pose = raw.get("pose")
         if pose is not None:
-            objects = [lk for lk in links if lk.kind == "det"]
+            objects = [lk for lk in links if lk.kind == "det"] or prep.history_objects
             names = [lk.label for lk in links if lk.kind == "pose"]
             probs = torch.from_numpy(pose["pred_logits"][0, :, : len(objects)]).sigmoid()
             flat = probs.flatten()
@@ -539,12 +551,28 @@ class ReferencePipeline:
         turns = self._turns(prompt, history, full_answer, has_image=prep.tiles is not None)
         ids = self._token_ids(turns, prep.n_tiles)
         return self._forward_ids(
-            ids, prep, det_image, prompt, self._answer_start(ids, turns, prep.n_tiles)
+            ids, prep, det_image, prompt, self._answer_start(ids, turns, prep.n_tiles), history
         )
 
     @torch.no_grad()
+    def _set_history_objects(
+        self, prep: _Prepared, ids: list[int], hidden, answer_start: int, history
+    ) -> None:
+        labels = [
+            (kind, label)
+            for _user, answer in history
+            for kind, label in answer_labels(answer, "")
+            if kind == "det"
+        ]
+        det = [
+            lk for lk in self._links(ids, hidden, [], 0) if lk.position < answer_start and lk.kind == "det"
+        ]
+        for lk, (_kind, label) in zip(det, labels):
+            lk.label = label
+        prep.history_objects = det
+
     def _forward_ids(
-        self, ids: list[int], prep: _Prepared, det_image, prompt: str, answer_start: int
+        self, ids: list[int], prep: _Prepared, det_image, prompt: str, answer_start: int, history=()
     ) -> ForwardOutput:
         embeds = self._embed(ids, prep)
         positions = torch.arange(len(ids))
@@ -553,6 +581,7 @@ class ReferencePipeline:
         logits = self.model.logits(hidden)
         labels = answer_labels(self._answer_text(ids[answer_start:]), prompt)
         links = self._links(ids, hidden, labels, answer_start)
+        self._set_history_objects(prep, ids, hidden, answer_start, history)
         decoders = self._run_decoders(links, prep, det_image, denoise=False, seed=0)
         return ForwardOutput(
             input_ids=np.asarray(ids, dtype=np.int64),
@@ -621,6 +650,7 @@ class ReferencePipeline:
         region_frame: str = "image",
         bgr: bool = False,
         decode: bool = True,
+        noise=None,
     ) -> Result:
         """Generates an answer and runs every decoder its routing tokens ask for.
 
@@ -636,6 +666,7 @@ class ReferencePipeline:
                 `pixel_values [1,3,H,W]`, `pixel_mask [1,H,W]` and `resized_hw`.
             region_frame: "image" (default) or "thumbnail" (masks already in the official S x S frame).
             decode: run the diffusion denoising for `[GEN]`/`[EDIT]` (off: conditioning only).
+            noise: initial latents `[n, 4, h, w]` for `[GEN]`/`[EDIT]` (default: seeded Gaussian).
         """
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -668,7 +699,8 @@ class ReferencePipeline:
         text = self._answer_text(answer_ids)
         labels = answer_labels(text, prompt)
         links = self._links(ids, hidden, labels, answer_start)
-        raw = self._run_decoders(links, prep, det_image, denoise=decode, seed=seed)
+        self._set_history_objects(prep, ids, hidden, answer_start, history)
+        raw = self._run_decoders(links, prep, det_image, denoise=decode, seed=seed, noise=noise)
         result = Result(
             text=text,
             token_ids=[t for t, q in zip(answer_ids, is_query[answer_start:]) if not q],

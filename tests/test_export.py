@@ -15,21 +15,18 @@ import onnx
 import pytest
 
 from visionllm_edge import contract
-from visionllm_edge.export import load_reference
 from visionllm_edge.export.exporter import export
 from visionllm_edge.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_reference("tiny-random")
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def artifact(model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    report = export("tiny-random", out, model=model, progress=False)
-    return out, report
+def artifact(tiny_artifact):
+    return tiny_artifact, None
 
 
 def test_every_graph_is_written_checked_and_validated(artifact):
