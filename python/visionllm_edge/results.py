@@ -8,6 +8,33 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of a binary mask: `{"size": [h, w], "counts": [...]}`.
+
+    Runs alternate background, foreground, background, ... over the pixels in column-major order (COCO's
+    convention, from its Fortran-ordered masks), starting with a background run that is 0 when the first
+    pixel is set. pycocotools' `frPyObjects` turns this into its compressed form.
+    """
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"rle_encode: expected an H x W mask, got shape {m.shape}")
+    flat = m.ravel(order="F")
+    if flat.size == 0:
+        return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": []}
+    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate(([0], starts, [flat.size])))
+    if flat[0]:
+        counts = np.concatenate(([0], counts))
+    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": [int(c) for c in counts]}
+
+
+def _mask_bbox(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
 @dataclass
 class Link:
     """One super-link group: a routing token and the hidden states of its N query rows.
@@ -116,6 +143,116 @@ class Result:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+    def draw(self, image, **kwargs) -> np.ndarray:
+        """The image with this result drawn on it (boxes, masks, semantic map, poses); see `visualize`.
+
+        Args:
+            image: the request's image (path, PIL image or `H x W x 3` uint8 RGB array).
+            **kwargs: `alpha`, `keypoint_threshold`, `skeleton`, `bgr` of `visualize.draw_result`.
+
+        Returns:
+            `H x W x 3` uint8 RGB. Generated images (`self.images`) are not drawn.
+        """
+        from visionllm_edge.visualize import draw_result  # Pillow drawing code, loaded only when drawing
+
+        return draw_result(image, self, **kwargs)
+
+    def to_coco(
+        self, image_id: int = 0, category_ids: dict[str, int] | None = None, keypoint_threshold: float = 0.5
+    ) -> dict:
+        """This result as COCO results: `{"annotations": [...], "categories": [...]}`.
+
+        Detections give `bbox` `[x, y, w, h]`, `score`, `area` and, with a mask, `segmentation` as
+        uncompressed RLE. Each semantic-map label with pixels gives one annotation with its RLE and no score.
+        Poses give `keypoints` flattened `[x, y, v, ...]` with v = 2 where the visibility reaches
+        `keypoint_threshold` and 1 below it (located, likely occluded), `num_keypoints` (those with v > 0, as
+        COCO counts them) and the raw `keypoint_scores`.
+
+        Args:
+            image_id: the `image_id` of every annotation.
+            category_ids: label -> category id. Labels not in it get ids after its largest, in order of first
+                appearance (from 1 when it is not given).
+            keypoint_threshold: visibility at or above which a keypoint counts as visible.
+
+        Returns:
+            A JSON-serialisable dict. Categories list every id of `category_ids` and every label used; a pose
+            label's category carries `keypoints` (names) and, where COCO's person skeleton matches the names,
+            `skeleton` (1-based pairs).
+        """
+        from visionllm_edge.visualize import skeleton_for
+
+        ids: dict[str, int] = {str(k): int(v) for k, v in (category_ids or {}).items()}
+        next_id = max(ids.values(), default=0) + 1
+        extra: dict[int, dict] = {}
+
+        def category(label: str) -> int:
+            nonlocal next_id
+            if label not in ids:
+                ids[label] = next_id
+                next_id += 1
+            return ids[label]
+
+        annotations: list[dict] = []
+
+        def add(ann: dict) -> None:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann, "iscrowd": 0})
+
+        for d in self.detections:
+            x0, y0, x1, y1 = (float(v) for v in d.box_xyxy)
+            ann = {
+                "category_id": category(d.label),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(d.score),
+                "area": max(0.0, x1 - x0) * max(0.0, y1 - y0),
+            }
+            if d.mask is not None:
+                ann["segmentation"] = rle_encode(d.mask)
+                ann["area"] = float(np.count_nonzero(d.mask))
+            add(ann)
+        if self.segmentation is not None:
+            label_map = np.asarray(self.segmentation.label_map)
+            for i, label in enumerate(self.segmentation.labels):
+                m = label_map == i
+                if m.any():
+                    add(
+                        {
+                            "category_id": category(label),
+                            "bbox": _mask_bbox(m),
+                            "area": float(np.count_nonzero(m)),
+                            "segmentation": rle_encode(m),
+                        }
+                    )
+        for p in self.poses:
+            x0, y0, x1, y1 = (float(v) for v in p.box_xyxy)
+            kps = np.asarray(p.keypoints, dtype=np.float64).reshape(-1, 3)
+            vis = np.where(np.nan_to_num(kps[:, 2], nan=0.0) >= keypoint_threshold, 2, 1)
+            flat: list[float] = []
+            for (x, y, _v), v in zip(kps, vis):
+                flat += [float(x), float(y), int(v)]
+            cid = category(p.label)
+            add(
+                {
+                    "category_id": cid,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(p.score),
+                    "area": max(0.0, x1 - x0) * max(0.0, y1 - y0),
+                    "keypoints": flat,
+                    "num_keypoints": int(np.count_nonzero(vis > 0)),
+                    "keypoint_scores": [float(v) for v in kps[:, 2]],
+                }
+            )
+            if cid not in extra:
+                names = list(p.keypoint_names)
+                extra[cid] = {"keypoints": names}
+                edges = skeleton_for(names)
+                if edges:
+                    extra[cid]["skeleton"] = [[a + 1, b + 1] for a, b in edges]
+        categories = [
+            {"id": cid, "name": name, "supercategory": "", **extra.get(cid, {})}
+            for name, cid in sorted(ids.items(), key=lambda kv: kv[1])
+        ]
+        return {"annotations": annotations, "categories": categories}
 
     def __str__(self) -> str:
         lines = [f"text: {self.text!r}  (stop: {self.stop_reason}, {len(self.token_ids)} tokens)"]
