@@ -13,7 +13,7 @@ from visionllm_edge import contract  # noqa: E402
 from visionllm_edge.export import load_reference  # noqa: E402
 from visionllm_edge.export.onnx.base import ExportSettings, export_graph, exporter_for, run_onnx  # noqa: E402
 from visionllm_edge.export.onnx.llm import build_graph, io_names, random_inputs  # noqa: E402
-from visionllm_edge.export.onnx.quantize import quantize_int4, quantize_int8  # noqa: E402
+from visionllm_edge.export.onnx.quantize import graph_bytes, quantize_int4, quantize_int8  # noqa: E402
 
 # Only the module scope pays for building the model and exporting it (each a second or more on 2 cores).
 
@@ -241,10 +241,14 @@ def test_quantization_reads_and_writes_external_data(model, tmp_path):
     inputs = random_inputs(model.llm, 2, 3, [1], np.random.default_rng(9))
     want = run_onnx(tmp_path / "llm.onnx", inputs)
     for kind, quantize in (("int8", quantize_int8), ("int4", quantize_int4)):
-        result = quantize(tmp_path / "llm.onnx", tmp_path / f"q_{kind}.onnx")
-        assert (tmp_path / f"q_{kind}.onnx.data").is_file()
-        got = run_onnx(result.path, inputs)
-        assert _relative_error(got["logits"], want["logits"]) < 0.5
+        # Small enough for one file by default; external data on request (what a 7B result needs).
+        for external in (None, True):
+            dst = tmp_path / f"q_{kind}_{external}.onnx"
+            result = quantize(tmp_path / "llm.onnx", dst, external_data=external)
+            assert (tmp_path / f"{dst.name}.data").is_file() == bool(external)
+            assert result.dst_bytes == graph_bytes(dst)
+            got = run_onnx(result.path, inputs)
+            assert _relative_error(got["logits"], want["logits"]) < 0.5
 
 
 def test_bad_settings_are_named(model):

@@ -4,8 +4,9 @@ Only MatMuls whose B input is a constant weight are touched. The attention MatMu
 K/V) stay float: quantizing them would quantize the KV arena on every step, which costs a full read and write
 of the past and breaks the in-place read of the sequence-major past (DESIGN.md §4).
 
-Both functions read graphs that keep their weights in external data and write external data when the source
-did or when the result would not fit a 2 GB protobuf.
+Both functions read graphs that keep their weights in external data, and write the result in one file when
+it fits a 2 GB protobuf (a 2-layer 7B-width LLM does: 0.54 GB int8, 0.34 GB int4), else with its external
+data in `<dst name>.data` beside it (the 32-layer 7B: about 6.6 GB int8, 4 GB int4).
 
 `quantize_int4` builds the `com.microsoft.MatMulNBits` nodes itself, with ONNX Runtime's own block
 quantization kernel (the one `MatMulNBitsQuantizer` calls). ORT 1.32's `matmul_nbits_quantizer` module
@@ -68,8 +69,16 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return out
 
 
-def _uses_external(model: onnx.ModelProto) -> bool:
-    return any(external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+def _tensor_bytes(tensor: TensorProto) -> int:
+    """Bytes of an initializer's values, inline or external, from its header alone."""
+    if external_data_helper.uses_external_data(tensor):
+        length = external_data_helper.ExternalDataInfo(tensor).length
+        if length:
+            return int(length)
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def _named(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -92,12 +101,15 @@ def _check_fp32_weights(model: onnx.ModelProto, src: Path) -> list[onnx.NodeProt
     return nodes
 
 
-def quantize_int8(src_path: str | Path, dst_path: str | Path) -> QuantizeResult:
+def quantize_int8(
+    src_path: str | Path, dst_path: str | Path, external_data: bool | None = None
+) -> QuantizeResult:
     """ONNX Runtime dynamic quantization of MatMul weights: per-channel QInt8, activations quantized per call.
 
     Args:
         src_path: an fp32 graph (external data allowed).
         dst_path: where to write; its external data, if any, goes to `dst_path.name + ".data"` beside it.
+        external_data: write external data (True), one file (False), or external only over 2 GB (None).
 
     Returns:
         Sizes and the quantized node names.
@@ -108,8 +120,15 @@ def quantize_int8(src_path: str | Path, dst_path: str | Path) -> QuantizeResult:
     dst.parent.mkdir(parents=True, exist_ok=True)
     header = onnx.load(str(src), load_external_data=False)
     unnamed = any(not n.name for n in header.graph.node)
-    nodes = [n.name for n in _check_fp32_weights(header, src)]
-    external = _uses_external(header)
+    weights = _check_fp32_weights(header, src)
+    nodes = [n.name for n in weights]
+    # int8 keeps a quarter of each quantized weight; everything else stays as it is.
+    inits = {t.name: t for t in header.graph.initializer}
+    total = sum(_tensor_bytes(t) for t in header.graph.initializer)
+    quantized = sum(_tensor_bytes(inits[n.input[1]]) for n in weights)
+    external = external_data
+    if external is None:
+        external = total - quantized * 3 // 4 > _PROTO_LIMIT
     if unnamed:
         # Rare (our exporter names every node); naming needs the weights in memory to write a copy.
         model = _named(onnx.load(str(src)))
@@ -175,6 +194,7 @@ def quantize_int4(
     block_size: int = 32,
     accuracy_level: int = 4,
     symmetric: bool = False,
+    external_data: bool | None = None,
 ) -> QuantizeResult:
     """Weight-only 4-bit quantization: each weight MatMul becomes `com.microsoft.MatMulNBits`.
 
@@ -184,6 +204,7 @@ def quantize_int4(
         block_size: weights per scale along K (a power of two, >= 16).
         accuracy_level: MatMulNBits' minimum compute precision of A (4: int8, the fast path on CPU).
         symmetric: without zero points (asymmetric, the default, is what ORT's quantizer writes by default).
+        external_data: as for `quantize_int8`.
 
     Returns:
         Sizes and the quantized node names.
@@ -192,9 +213,7 @@ def quantize_int4(
         raise ValueError(f"block_size: expected a power of two >= 16, got {block_size}")
     src, dst = Path(src_path), Path(dst_path)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    model = onnx.load(str(src), load_external_data=False)
-    external = _uses_external(model)
-    model = _named(model)
+    model = _named(onnx.load(str(src), load_external_data=False))
     nodes = _check_fp32_weights(model, src)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -245,9 +264,9 @@ def quantize_int4(
     graph.initializer.extend(kept + new_inits)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    size = sum(len(t.raw_data) for t in graph.initializer)
+    size = sum(_tensor_bytes(t) for t in graph.initializer)
     data_file = _remove_data_file(dst)
-    if external or size > _PROTO_LIMIT:
+    if external_data or (external_data is None and size > _PROTO_LIMIT):
         onnx.save_model(
             model,
             str(dst),
