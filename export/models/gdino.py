@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .msda import multi_scale_deformable_attention
+from .msda import multi_scale_deformable_attention, resize_mask_nearest, spatial_shapes_tensor
 from .swin import SwinBackbone, SwinSettings
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
@@ -212,12 +212,13 @@ def _coordinate_embedding(coord: torch.Tensor, num_feats: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _static_shapes_when_tracing() -> Iterator[None]:
+def _quiet_input_checks_when_tracing() -> Iterator[None]:
     """Silences `TracerWarning`s while `torch.jit.trace` / `torch.onnx.export` runs the forward.
 
-    Every Python number this model takes from a shape (input checks, per-level sizes for the deformable
-    sampling, the feature-map grids) is meant to become a constant of the traced graph: an exported graph
-    serves one padded image size. Nothing data-dependent is turned into Python control flow.
+    Only the input checks turn traced sizes into Python values (to raise on a bad example); they steer no
+    computation. Everything the graph computes from the image size (per-level shapes and start offsets, the
+    feature-map grids, window paddings, mask sizes) is tensor arithmetic on traced shapes, so an exported
+    graph takes any padded image size. Nothing data-dependent is turned into Python control flow.
     """
     if not torch.jit.is_tracing():
         yield
@@ -233,8 +234,11 @@ def _inverse_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def _downsample_mask(pixel_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a `[B, H, W]` bool mask (the official `interpolate` default mode)."""
-    return F.interpolate(pixel_mask[:, None].float(), size=size)[:, 0].bool()
+    """Nearest-neighbour resize of a `[B, H, W]` bool mask (the official `interpolate` default mode).
+
+    `resize_mask_nearest` picks exactly `F.interpolate`'s source pixels, as gathers that follow a traced size.
+    """
+    return resize_mask_nearest(pixel_mask, size)
 
 
 def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
@@ -320,7 +324,7 @@ class _DeformableAttention(nn.Module):
             memory_valid: `[B, S]` bool, False for padding (its values are zeroed before sampling).
             reference_points: `[B, Q, levels, 2]` points (x, y) or `[B, Q, levels, 4]` boxes (cx, cy, w, h),
                 normalised to [0, 1] per level.
-            spatial_shapes: `(H, W)` of each level.
+            spatial_shapes: `(H, W)` of each level: Python ints, or traced sizes while exporting.
         """
         batch, num_queries, dim = query.shape
         value = self.value_proj(memory).masked_fill(~memory_valid[..., None], 0.0)
@@ -333,10 +337,8 @@ class _DeformableAttention(nn.Module):
         )
         weights = weights.softmax(-1).view(batch, num_queries, self.heads, self.levels, self.points)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level.
-            normalizer = torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device
-            )
+            # Offsets are in pixels of each level: (W_l, H_l) per level, from the (possibly traced) sizes.
+            normalizer = spatial_shapes_tensor([(w, h) for h, w in spatial_shapes], query.dtype, query.device)
             locations = (
                 reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None]
             )
@@ -686,9 +688,11 @@ class GroundingDinoOV(nn.Module):
         """Pixel centres of every level, normalised by the valid extent, then re-scaled to each level."""
         points = []
         for level, (height, width) in enumerate(spatial_shapes):
+            # `arange + 0.5` equals the official `linspace(0.5, n - 0.5, n)` exactly (its step is 1.0) and
+            # follows a traced `n`.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=torch.float32, device=device),
-                torch.linspace(0.5, width - 0.5, width, dtype=torch.float32, device=device),
+                torch.arange(height, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(width, dtype=torch.float32, device=device) + 0.5,
                 indexing="ij",
             )
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -709,9 +713,10 @@ class GroundingDinoOV(nn.Module):
             level_valid = valid[:, start : start + height * width].view(batch, height, width)
             valid_h = level_valid[:, :, 0].sum(1)
             valid_w = level_valid[:, 0, :].sum(1)
+            # `arange` equals the official `linspace(0, n - 1, n)` exactly and follows a traced `n`.
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+                torch.arange(height, dtype=torch.float32, device=memory.device),
+                torch.arange(width, dtype=torch.float32, device=memory.device),
                 indexing="ij",
             )
             grid = torch.cat([grid_x[..., None], grid_y[..., None]], -1)
@@ -765,7 +770,7 @@ class GroundingDinoOV(nn.Module):
         Raises:
             ValueError: An input has the wrong rank, shape or dtype (the message names it).
         """
-        with _static_shapes_when_tracing():
+        with _quiet_input_checks_when_tracing():
             self._check_inputs(pixel_values, pixel_mask, text_query, text_query_masks, mask_query_indices)
             return self._forward(pixel_values, pixel_mask, text_query, text_query_masks, mask_query_indices)
 
@@ -782,7 +787,8 @@ class GroundingDinoOV(nn.Module):
 
         # Image side: flatten the levels into one token sequence.
         stage_maps, sources, masks, positions = self._multi_level_inputs(pixel_values, pixel_mask)
-        spatial_shapes = [(int(src.shape[-2]), int(src.shape[-1])) for src in sources]
+        # Python ints in eager mode; traced sizes while exporting, so everything derived follows the input.
+        spatial_shapes = [(src.shape[-2], src.shape[-1]) for src in sources]
         memory = torch.cat([src.flatten(2).transpose(1, 2) for src in sources], 1)
         valid = torch.cat([m.flatten(1) for m in masks], 1)
         vision_pad = ~valid
@@ -806,10 +812,11 @@ class GroundingDinoOV(nn.Module):
             memory = layer.deformable_layer(memory, level_positions, valid, reference_points, spatial_shapes)
 
         # Pixel decoder: upsample the finest encoder level onto the stride-4 backbone map.
-        level_maps = [
-            chunk.transpose(1, 2).reshape(memory.shape[0], -1, h, w)
-            for chunk, (h, w) in zip(memory.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)
-        ]
+        level_maps, start = [], 0
+        for h, w in spatial_shapes:  # slices at running offsets (a `split` would freeze the sizes)
+            chunk = memory[:, start : start + h * w]
+            level_maps.append(chunk.transpose(1, 2).reshape(memory.shape[0], -1, h, w))
+            start = start + h * w
         for idx in range(body.num_fpn_levels):
             lateral = body.lateral_convs[idx](stage_maps[idx])
             upsampled = F.interpolate(

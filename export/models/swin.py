@@ -7,6 +7,10 @@ depends on the input size: the window size and the cyclic shift are fixed by the
 `SwinBackbone` runs its stages (it always partitions, so it never shrinks the window to a small feature map).
 A feature map smaller than the window is zero-padded up to one window, and the padded positions take part in
 attention as keys, as they do in transformers.
+
+Every size-dependent quantity (window padding, the shifted-window mask, patch-merging padding, the stage
+sizes) is computed with tensor-friendly arithmetic on the map's own shape: while `torch.onnx.export` traces,
+`x.shape[i]` is a traced value, so the exported graph takes any input height and width.
 """
 
 from __future__ import annotations
@@ -218,7 +222,9 @@ class _SwinBlock(nn.Module):
         window, shift = self.window, self.shift
         # Padding is applied after the norm, so padded positions are exact zeros (keys of value `bias`).
         h = self.layernorm_before(x).view(batch, height, width, channels)
-        pad_h, pad_w = (-height) % window, (-width) % window
+        # Non-negative operands only: traced, `%` is exported integer arithmetic on a shape, and C-style and
+        # floor modulo (which ONNX Mod's `fmod` picks between) differ on negatives.
+        pad_h, pad_w = (window - height % window) % window, (window - width % window) % window
         h = F.pad(h, (0, 0, 0, pad_w, 0, pad_h))
         full_h, full_w = height + pad_h, width + pad_w
         mask = None
@@ -281,7 +287,9 @@ class _PatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
-        pixel_values = F.pad(pixel_values, (0, (-width) % self.patch, 0, (-height) % self.patch))
+        patch = self.patch
+        pad_w, pad_h = (patch - width % patch) % patch, (patch - height % patch) % patch
+        pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
         return self.projection(pixel_values)
 
 

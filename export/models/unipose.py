@@ -24,7 +24,8 @@ off-by-one windows (see `pose_self_attention_mask`).
 
 The deformable attention runs through `msda.multi_scale_deformable_attention` (float32, like the official
 op). Nothing here caches input-size-dependent state; masks and grids are rebuilt per call on the input's
-device.
+device, from the maps' own shapes with tensor arithmetic (no `int()` of a shape, no size-dependent Python
+branch), so a graph traced with `torch.onnx.export` takes any padded image size.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .msda import multi_scale_deformable_attention
+from .msda import multi_scale_deformable_attention, resize_mask_nearest, spatial_shapes_tensor
 from .unipose_swin import SWIN_PRESETS, SwinBackbone
 
 #: Keypoint rows per group. The official decoder is built without passing the config value, so it is 68.
@@ -210,10 +211,8 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(b, q, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(b, q, self.heads, self.levels, self.points)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: normalise by (W_l, H_l).
-            norm = torch.tensor(
-                [[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device
-            )
+            # Offsets are in pixels of each level: normalise by (W_l, H_l), from the (possibly traced) sizes.
+            norm = spatial_shapes_tensor([(w, h) for h, w in spatial_shapes], offsets.dtype, offsets.device)
             loc = reference_points[:, :, None, :, None, :] + offsets / norm[None, None, None, :, None, :]
         else:
             # Offsets are relative to the reference box: scaled by half its size over the point count.
@@ -282,8 +281,11 @@ def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a `[B, H, W]` bool mask (the official `F.interpolate` default mode)."""
-    return F.interpolate(mask[:, None].float(), size=size).to(torch.bool)[:, 0]
+    """Nearest-neighbour resize of a `[B, H, W]` bool mask (the official `F.interpolate` default mode).
+
+    `resize_mask_nearest` picks exactly `F.interpolate`'s source pixels, as gathers that follow a traced size.
+    """
+    return resize_mask_nearest(mask, size)
 
 
 def pose_self_attention_mask(kpt_mask: torch.Tensor, num_groups: int = NUM_GROUPS) -> torch.Tensor:
@@ -460,9 +462,11 @@ class TransformerEncoder(nn.Module):
         dev = valid_ratios.device
         refs = []
         for lvl, (h, w) in enumerate(spatial_shapes):
+            # `arange + 0.5` equals the official `linspace(0.5, n - 0.5, n)` exactly (its step is 1.0) and
+            # follows a traced `n`.
             ys, xs = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, device=dev),
-                torch.linspace(0.5, w - 0.5, w, device=dev),
+                torch.arange(h, dtype=torch.float32, device=dev) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=dev) + 0.5,
                 indexing="ij",
             )
             ry = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
@@ -812,7 +816,8 @@ class UniPose(nn.Module):
 
         # Flatten levels.
         t = self.transformer
-        spatial_shapes = [(int(s.shape[-2]), int(s.shape[-1])) for s in srcs]
+        # Python ints in eager mode; traced sizes while exporting, so everything derived follows the input.
+        spatial_shapes = [(s.shape[-2], s.shape[-1]) for s in srcs]
         src_flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
         pad_flat = torch.cat([m.flatten(1) for m in masks], 1)
         pos_flat = []
@@ -960,9 +965,10 @@ def _encoder_proposals(
         m = padding_mask[:, start : start + h * w].view(b, h, w)
         valid_h = (~m[:, :, 0]).sum(1)
         valid_w = (~m[:, 0, :]).sum(1)
+        # `arange` equals the official `linspace(0, n - 1, n)` exactly and follows a traced `n`.
         gy, gx = torch.meshgrid(
-            torch.linspace(0, h - 1, h, dtype=torch.float32, device=dev),
-            torch.linspace(0, w - 1, w, dtype=torch.float32, device=dev),
+            torch.arange(h, dtype=torch.float32, device=dev),
+            torch.arange(w, dtype=torch.float32, device=dev),
             indexing="ij",
         )
         grid = torch.stack((gx, gy), -1)

@@ -8,11 +8,13 @@ purpose:
   tokens take part in the (unshifted) window attention without any mask;
 * the shifted-window mask uses -100 (not -inf) between regions;
 * only the stages named in `out_indices` get an output `norm{i}` (UniPose uses stages 1, 2, 3).
+
+No Python control flow or `int()` depends on the input size: paddings, window counts and the shifted-window
+mask are computed from the map's own shape with arithmetic that also works on traced sizes, so one exported
+graph takes any input height and width.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -181,8 +183,8 @@ class PatchMerging(nn.Module):
         """`[B, h*w, C]` -> `[B, ceil(h/2)*ceil(w/2), 2C]`."""
         b, _, c = x.shape
         x = x.view(b, h, w, c)
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        # Always padded (by zero rows/columns when even): a size test would freeze into the traced graph.
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         # Concatenation order (0,0), (1,0), (0,1), (1,1) as (row, col) offsets matches the trained weights.
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         return self.reduction(self.norm(x.reshape(b, -1, 4 * c)))
@@ -203,7 +205,8 @@ class SwinStage(nn.Module):
     def _shift_mask(self, h: int, w: int, x: torch.Tensor) -> torch.Tensor:
         """`[nW, N, N]` additive mask that keeps shifted windows from mixing wrapped-around regions."""
         ws, s = self.window, self.shift
-        hp, wp = math.ceil(h / ws) * ws, math.ceil(w / ws) * ws
+        # ceil(h / ws) * ws with integer arithmetic (a traced size has no `math.ceil`).
+        hp, wp = h + (ws - h % ws) % ws, w + (ws - w % ws) % ws
         # Bands [0, -ws), [-ws, -s), [-s, end) per axis; region label = 3 * row band + column band. Written as
         # comparisons rather than slice assignments: those trace to ScatterND chains, and an empty band (a
         # map no larger than one window) breaks `torch.onnx.export`.
@@ -211,7 +214,7 @@ class SwinStage(nn.Module):
         row_band = (rows >= hp - ws).to(torch.int64) + (rows >= hp - s).to(torch.int64)
         col_band = (cols >= wp - ws).to(torch.int64) + (cols >= wp - s).to(torch.int64)
         region = (3 * row_band[:, None] + col_band[None, :]).to(torch.float32)[None, :, :, None]
-        ids = _to_windows(region, ws).squeeze(-1)  # [nW, N]
+        ids = _to_windows(region, ws)[..., 0]  # [nW, N]; not squeeze(-1), which exports as an If
         diff = ids[:, None, :] - ids[:, :, None]
         return torch.zeros_like(diff).masked_fill(diff != 0, -100.0).to(x.dtype)
 
@@ -241,8 +244,10 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` -> `[B, C, ceil(H/p), ceil(W/p)]`."""
         h, w = x.shape[-2:]
-        if w % self.patch or h % self.patch:
-            x = F.pad(x, (0, (-w) % self.patch, 0, (-h) % self.patch))
+        p = self.patch
+        # Always padded (by nothing on /patch sizes), with non-negative operands: traced, `%` is exported
+        # integer arithmetic on a shape, and C-style and floor modulo differ on negatives.
+        x = F.pad(x, (0, (p - w % p) % p, 0, (p - h % p) % p))
         x = self.proj(x)
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 

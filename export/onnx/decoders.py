@@ -7,28 +7,36 @@ reference decoders sample with `grid_sample`; TensorRT has silently miscompiled 
 (`NVIDIA/TensorRT#4813`), so the graphs use `msda.multi_scale_deformable_attention_gather` (explicit bilinear
 corners and GatherElements), which is tested equal to the `grid_sample` form. The graphs hold no GridSample
 node; the decoders have no other `grid_sample` use (the GDINO pixel decoder's upsampling is a plain bilinear
-`interpolate`, i.e. ONNX Resize).
+`interpolate`, i.e. ONNX Resize, and the masks' nearest downsampling is a pair of Gathers).
 
-**One static image size per graph (a size bucket).** The export form of MSDA, the Swin backbones' window
-partitions and the encoders' reference grids take per-level sizes as Python ints, so a traced graph is only
-right at the size it was traced at. Making H and W symbolic would mean rewriting all of those; instead each
-graph is exported at one padded size and its `pixel_values` / `pixel_mask` dims are static, so ONNX Runtime
-(and a TensorRT profile) rejects any other size instead of running it wrong. The bucket is one square of side
-`max_long_side` rounded up to /32 (1344 for the release, 160 for tiny-random): the detection preprocessing
-never makes a side longer than that, in either orientation, so every image fits. The alternative, a
-landscape `[pad(min(short, long)), pad(long)]` and a portrait bucket, costs ~40% fewer pixels per call
-(800x1344 vs 1344x1344) but needs two files per decoder, which the one-file-per-graph manifest does not
-carry today. The runtime resizes as usual, pads bottom/right with zeros into the bucket and passes the
-valid-pixel mask.
+**The image height and width are dynamic** (`height`, `width` axes of `pixel_values` / `pixel_mask`;
+`mask_height`, `mask_width` of `pred_masks`). The runtime pads each image exactly as the official model
+does, bottom/right with zeros to the next multiple of 32 (`preprocess.pad_detection_image`), and feeds that
+size as it is: no size bucket. Padding further would change the outputs (the decoders' GroupNorms, Swin
+windows and two-stage query selection all see the padded area: on tiny-random a bucket moved GDINO logits by
+up to 6 and UniPose logits by 23), so one graph must serve every padded size. It does because every
+size-dependent quantity in the traced forward is computed in the graph from the feature maps' shapes:
 
-Padding is masked, not free: the decoders' GroupNorms, Swin windows and query selection see the padded
-map, so an image padded into the bucket does not give bit-identical results to the same image padded only
-to /32. Reference runs that are compared with the runtime must therefore pad into the bucket too (the
-reference loop takes a prepared `det_image`).
+* Swin (both backbones): window padding, the shifted-window masks (index comparisons), patch-merging
+  padding and the stage sizes are integer arithmetic on traced sizes (`swin.py`, `unipose_swin.py`);
+* deformable attention: level shapes are traced sizes; the gather form derives each level's pixel scale,
+  clamp bounds, row stride and start offset from them (`msda.py`);
+* encoders: reference points, valid ratios, position embeddings, the levels' nearest-downsampled validity
+  masks, two-stage proposals and GDINO's per-level split of the memory for the mask pixel decoder (a
+  bilinear `interpolate` to the traced size of the stride-4 map) all follow the traced sizes.
+
+What stays fixed in a graph: batch 1, the number of feature levels, queries, groups and keypoints, all set by
+the weights. The graphs hold no shape guard: `facts["image_size"]` gives the range the runtime feeds
+(`min_side` .. `max_side`, both multiples of `size_divisibility` = 32) and `min_encoder_tokens` the least
+number of encoder tokens (the two-stage top-k takes `num_queries` of them; `encoder_tokens` counts them
+for a size; below it the reference raises and ONNX Runtime fails at the TopK node). A side that is not a
+multiple of 32 is outside the contract: the PyTorch modules reject it, the graphs run it without complaint
+and return what the reference would compute at that size with its /32 check lifted, which is not what the
+official model (which pads to /32) returns for that image.
 
 Box conventions (what the runtime's post-processing needs): `det` boxes are (cx, cy, w, h) normalised to the
 *valid* region (GDINO rescales by the valid ratios), so they scale by the resized image size; `pose` boxes
-and keypoints are normalised to the *padded* bucket image.
+and keypoints are normalised to the *padded* (/32) image.
 """
 
 from __future__ import annotations
@@ -109,10 +117,10 @@ def msda_patched() -> bool:
 def _quiet_tracing() -> Iterator[None]:
     """Silences `TracerWarning`s while tracing.
 
-    Every Python number the decoders take from a shape (input checks, per-level sizes, window counts) is
-    meant to become a constant: a graph serves one image size, which its static input dims enforce. UniPose's
-    checks on input *values* (at least one object slot, at most 68 keypoints) run on the example only and are
-    not part of the graph: the runtime must keep to them.
+    The only Python values the decoders take from traced tensors are in their input checks (shapes, /32
+    sides, UniPose's checks on input *values*: at least one object slot, at most 68 keypoints); they run on
+    the example and steer no computation, so nothing size-dependent is frozen into the graph. The graph does
+    not repeat the checks: the runtime must keep to them.
     """
     if not torch.jit.is_tracing():
         yield
@@ -122,19 +130,21 @@ def _quiet_tracing() -> Iterator[None]:
         yield
 
 
-# --- the size bucket ----------------------------------------------------------------------------------------
+# --- image sizes --------------------------------------------------------------------------------------------
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def decoder_image_size(short_side: int, max_long_side: int) -> tuple[int, int]:
-    """The static `(H, W)` both decoder graphs are exported at: one square bucket for every image.
+def decoder_size_range(short_side: int, max_long_side: int) -> dict[str, int]:
+    """The padded image sizes the decoder graphs are fed: `{"min_side", "max_side", "size_divisibility"}`.
 
-    `preprocess.detection_image` scales by `min(short_side / short, max_long_side / long)`, so neither side
-    of the resized image exceeds `max_long_side` (the short side is at most `min(short_side, max_long_side)`);
-    padded to /32 that bounds both orientations.
+    Both sides of a padded image are multiples of `size_divisibility` (32) between `min_side` (32) and
+    `max_side`. `preprocess.detection_image` scales by `min(short_side / short, max_long_side / long)`, so
+    neither side of the resized image exceeds `max_long_side`; padded to /32, neither exceeds `max_side`.
+    (The graphs have no hard upper bound; `max_side` is what the preprocessing produces and what is
+    validated.)
 
     Args:
         short_side: the preprocessing's target short side (`config.det_short_side`).
@@ -145,20 +155,46 @@ def decoder_image_size(short_side: int, max_long_side: int) -> tuple[int, int]:
     """
     if short_side < 1 or max_long_side < 1:
         raise ValueError(f"detection sizes must be positive, got short={short_side}, long={max_long_side}")
-    side = _round_up(max_long_side, SIZE_DIVISIBILITY)
-    return side, side
+    return {
+        "min_side": SIZE_DIVISIBILITY,
+        "max_side": _round_up(max_long_side, SIZE_DIVISIBILITY),
+        "size_divisibility": SIZE_DIVISIBILITY,
+    }
 
 
-def _image_size(model) -> tuple[int, int]:
-    return decoder_image_size(model.config.det_short_side, model.config.det_max_long_side)
+def padded_image_size(height: int, width: int) -> tuple[int, int]:
+    """`(H, W)` of an image of `height x width` valid pixels padded to /32, as the official model pads."""
+    return _round_up(height, SIZE_DIVISIBILITY), _round_up(width, SIZE_DIVISIBILITY)
 
 
-def _check_image(pixel_values: torch.Tensor, pixel_mask: torch.Tensor, image_size: tuple[int, int]) -> None:
-    """Eager-mode guard of the wrappers: the graph's static dims reject other sizes, so does the module."""
-    height, width = image_size
-    if tuple(pixel_values.shape) != (1, 3, height, width):
-        got = list(pixel_values.shape)
-        raise ValueError(f"pixel_values: expected shape [1, 3, {height}, {width}], got {got}")
+def encoder_tokens(height: int, width: int, num_levels: int) -> int:
+    """Encoder tokens (summed `H_l * W_l`) of a padded `height x width` image with `num_levels` levels.
+
+    Levels 0-2 are the backbone maps at strides 8, 16, 32; each further level is a stride-2 3x3 conv
+    (padding 1) of the previous one, i.e. halves rounding up. The two-stage top-k needs at least
+    `num_queries` tokens (`facts["min_encoder_tokens"]`).
+    """
+    sizes = [(-(-height // stride), -(-width // stride)) for stride in (8, 16, 32)][:num_levels]
+    while len(sizes) < num_levels:
+        h, w = sizes[-1]
+        sizes.append((-(-h // 2), -(-w // 2)))
+    return sum(h * w for h, w in sizes)
+
+
+def _size_range(model) -> dict[str, int]:
+    return decoder_size_range(model.config.det_short_side, model.config.det_max_long_side)
+
+
+def _check_image(pixel_values: torch.Tensor, pixel_mask: torch.Tensor) -> None:
+    """Eager-mode guard of the wrappers (the graphs carry no shape guard; the runtime keeps to the facts)."""
+    if torch.jit.is_tracing():
+        return
+    if pixel_values.dim() != 4 or pixel_values.shape[:2] != (1, 3):
+        raise ValueError(f"pixel_values: expected shape [1, 3, H, W], got {list(pixel_values.shape)}")
+    height, width = pixel_values.shape[-2:]
+    if height % SIZE_DIVISIBILITY or width % SIZE_DIVISIBILITY:
+        expected = f"H and W multiples of {SIZE_DIVISIBILITY}"
+        raise ValueError(f"pixel_values: expected {expected}, got {height}x{width}")
     if tuple(pixel_mask.shape) != (1, height, width) or pixel_mask.dtype != torch.bool:
         got = f"{pixel_mask.dtype} {list(pixel_mask.shape)}"
         raise ValueError(f"pixel_mask: expected bool [1, {height}, {width}], got {got}")
@@ -169,21 +205,51 @@ def _check_precision(settings: ExportSettings) -> None:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {settings.precision!r}")
 
 
+def _image_inputs(rng: np.random.Generator, valid_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+    """A random image of `valid_hw` pixels zero-padded bottom/right to /32, and its valid-pixel mask."""
+    vh, vw = valid_hw
+    height, width = padded_image_size(vh, vw)
+    pixels = np.zeros((1, 3, height, width), np.float32)
+    pixels[:, :, :vh, :vw] = rng.standard_normal((1, 3, vh, vw), dtype=np.float32)
+    mask = np.zeros((1, height, width), bool)
+    mask[:, :vh, :vw] = True
+    return {"pixel_values": pixels, "pixel_mask": mask}
+
+
+def _case_regions(model, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Valid regions of the three validation images, padded to three different sizes: portrait and landscape
+    at the preprocessing's extremes (no padding needed at all on tiny-random), then a smaller random one,
+    at least 32 pixels shorter (so its padded size differs) and at least 2/3 of the long side wide (enough
+    encoder tokens for UniPose's query selection)."""
+    short = min(model.config.det_short_side, model.config.det_max_long_side)
+    long = model.config.det_max_long_side
+    low = max(1, long // 3)
+    high = max(low, short - SIZE_DIVISIBILITY)
+    small = (int(rng.integers(low, high + 1)), int(rng.integers(long * 2 // 3, long + 1)))
+    return [(long, short), (short, long), small]
+
+
+def _example_region(model) -> tuple[int, int]:
+    """The valid region of the traced example: landscape, the long side full, the short side 2/3 valid."""
+    short = min(model.config.det_short_side, model.config.det_max_long_side)
+    # 5/6 rather than less: no level of the example may be 1 pixel high (a size-1 dim can be specialised by
+    # broadcasting while tracing). Tiny-random: 80x160 valid, 96x160 padded.
+    return max(1, short * 5 // 6), model.config.det_max_long_side
+
+
 # --- det.onnx -----------------------------------------------------------------------------------------------
 
 
 class DetectionGraph(nn.Module):
-    """The forward of `det.onnx`: the object decoder at one image size, with the gather-form MSDA.
+    """The forward of `det.onnx`: the object decoder with the gather-form MSDA, at any padded image size.
 
     Args:
         gdino: the reference `GroundingDinoOV` (shared, not copied).
-        image_size: the static `(H, W)` of the bucket.
     """
 
-    def __init__(self, gdino: nn.Module, image_size: tuple[int, int]):
+    def __init__(self, gdino: nn.Module):
         super().__init__()
         self.gdino = gdino
-        self.image_size = tuple(image_size)
 
     def forward(
         self,
@@ -196,7 +262,7 @@ class DetectionGraph(nn.Module):
         """Runs the object decoder.
 
         Args:
-            pixel_values: `[1, 3, H, W]` normalised image, zero-padded bottom/right into the bucket.
+            pixel_values: `[1, 3, H, W]` normalised image, zero-padded bottom/right to /32 (H, W dynamic).
             pixel_mask: `[1, H, W]` bool, True on the valid (resized image) pixels, a top-left rectangle.
             text_query: `[1, K, N, Hl]` link states of K groups, 1 <= K <= max_text_len.
             text_query_mask: `[1, K]` bool, True for real groups (which come first).
@@ -207,18 +273,18 @@ class DetectionGraph(nn.Module):
             the valid region) and `pred_masks [1, k, H/4, W/4]` mask logits.
         """
         with _quiet_tracing(), msda_export_patch():
-            _check_image(pixel_values, pixel_mask, self.image_size)
+            _check_image(pixel_values, pixel_mask)
             return self.gdino(pixel_values, pixel_mask, text_query, text_query_mask, mask_query_index)
 
 
 def det_facts(model) -> dict:
     """What the runtime needs to feed `det.onnx` and read its outputs; also the component's manifest facts."""
     s = model.gdino.settings
-    height, width = _image_size(model)
     return {
-        "image_size": [height, width],
-        "image_buckets": [{"file": DET.file, "image_size": [height, width]}],
+        "image_size": _size_range(model),
         "size_divisibility": SIZE_DIVISIBILITY,
+        "min_encoder_tokens": s.num_queries,
+        "num_feature_levels": s.num_feature_levels,
         "num_queries": s.num_queries,
         "max_text_len": s.max_text_len,
         "max_groups": s.max_text_len,
@@ -234,7 +300,6 @@ def det_facts(model) -> dict:
 
 def _det_inputs(
     rng: np.random.Generator,
-    image_size: tuple[int, int],
     valid_hw: tuple[int, int],
     num_groups: int,
     num_valid: int,
@@ -242,18 +307,11 @@ def _det_inputs(
     num_embs: int,
     hidden: int,
 ) -> dict[str, np.ndarray]:
-    """Fresh random `det.onnx` inputs: an image in the top-left `valid_hw` of the bucket, zeros elsewhere."""
-    height, width = image_size
-    vh, vw = valid_hw
-    pixels = np.zeros((1, 3, height, width), np.float32)
-    pixels[:, :, :vh, :vw] = rng.standard_normal((1, 3, vh, vw), dtype=np.float32)
-    mask = np.zeros((1, height, width), bool)
-    mask[:, :vh, :vw] = True
+    """Fresh random `det.onnx` inputs: an image of `valid_hw` pixels padded to /32 (as the official model)."""
     group_mask = np.zeros((1, num_groups), bool)
     group_mask[:, :num_valid] = True
     return {
-        "pixel_values": pixels,
-        "pixel_mask": mask,
+        **_image_inputs(rng, valid_hw),
         "text_query": rng.standard_normal((1, num_groups, num_embs, hidden), dtype=np.float32),
         "text_query_mask": group_mask,
         "mask_query_index": np.asarray(mask_queries, np.int64).reshape(1, -1),
@@ -282,6 +340,10 @@ def reference_det_outputs(
     return {name: out.numpy() for name, out in zip(DET.outputs, outputs)}
 
 
+#: Dynamic axes shared by both graphs' image inputs.
+_IMAGE_AXES = {"pixel_values": {2: "height", 3: "width"}, "pixel_mask": {1: "height", 2: "width"}}
+
+
 @register
 class DetExporter(ComponentExporter):
     """`det.onnx`: the object decoder (OV Grounding DINO + mask head) on LLM link states."""
@@ -293,49 +355,47 @@ class DetExporter(ComponentExporter):
 
     def graphs(self, model, settings: ExportSettings) -> list[GraphExport]:
         _check_precision(settings)
-        image_size = _image_size(model)
         s = model.gdino.settings
         rng = np.random.default_rng(settings.seed)
         # Traced with K=3 and k=2, not 1: a size-1 dim can be specialised by broadcasting while tracing.
-        height, width = image_size
         example = _det_inputs(
-            rng, image_size, (height * 2 // 3, width), 3, 3, np.array([0, s.num_queries - 1]),
-            model.config.num_embs, s.l_hidden_size,
+            rng, _example_region(model), 3, 3, np.array([0, s.num_queries - 1]), model.config.num_embs,
+            s.l_hidden_size,
         )  # fmt: skip
         return [
             GraphExport(
                 name="det",
-                module=DetectionGraph(model.gdino, image_size).eval(),
+                module=DetectionGraph(model.gdino).eval(),
                 example_inputs=tuple(torch.from_numpy(example[name]) for name in DET.inputs),
                 input_names=list(DET.inputs),
                 output_names=list(DET.outputs),
                 dynamic_axes={
+                    **_IMAGE_AXES,
                     "text_query": {1: "groups"},
                     "text_query_mask": {1: "groups"},
                     "mask_query_index": {1: "mask_queries"},
-                    "pred_masks": {1: "mask_queries"},
+                    "pred_masks": {1: "mask_queries", 2: "mask_height", 3: "mask_width"},
                 },
                 facts=det_facts(model),
             )
         ]
 
     def validation_cases(self, model, settings, rng: np.random.Generator) -> dict[str, list[ValidationCase]]:
-        """Three images with different valid regions (portrait, landscape, a smaller random one) and 1, 3, 7
-        groups (the last with two padded groups), each with its own random mask queries."""
+        """Three images padded to three different sizes (portrait, landscape, a smaller random one) and 1, 3,
+        7 groups (the last with two padded groups), each with its own random mask queries."""
         s = model.gdino.settings
-        image_size = _image_size(model)
-        short = min(model.config.det_short_side, model.config.det_max_long_side)
-        long = model.config.det_max_long_side
-        small = (int(rng.integers(long // 3, short + 1)), int(rng.integers(long // 3, long + 1)))
-        plans = [((long, short), 1, 1, 1), ((short, long), 3, 3, 3), (small, 7, 5, 5)]
+        plans = zip(_case_regions(model, rng), (1, 3, 7), (1, 3, 5), (1, 3, 5))
         cases = []
         for valid_hw, groups, valid_groups, num_masks in plans:
             queries = rng.choice(s.num_queries, size=min(num_masks, s.num_queries), replace=False)
             inputs = _det_inputs(
-                rng, image_size, valid_hw, groups, valid_groups, queries, model.config.num_embs,
-                s.l_hidden_size,
-            )  # fmt: skip
-            label = f"K={groups}({valid_groups} valid),k={queries.size},valid={valid_hw[0]}x{valid_hw[1]}"
+                rng, valid_hw, groups, valid_groups, queries, model.config.num_embs, s.l_hidden_size
+            )
+            height, width = inputs["pixel_mask"].shape[1:]
+            label = (
+                f"K={groups}({valid_groups} valid),k={queries.size},"
+                f"valid={valid_hw[0]}x{valid_hw[1]},padded={height}x{width}"
+            )
             cases.append(ValidationCase(label, inputs, reference_det_outputs(model, inputs)))
         return {"det": cases}
 
@@ -347,17 +407,15 @@ class DetExporter(ComponentExporter):
 
 
 class PoseGraph(nn.Module):
-    """The forward of `pose.onnx`: UniPose at one image size, with the gather-form MSDA.
+    """The forward of `pose.onnx`: UniPose with the gather-form MSDA, at any padded image size.
 
     Args:
         unipose: the reference `UniPose` (shared, not copied).
-        image_size: the static `(H, W)` of the bucket.
     """
 
-    def __init__(self, unipose: nn.Module, image_size: tuple[int, int]):
+    def __init__(self, unipose: nn.Module):
         super().__init__()
         self.unipose = unipose
-        self.image_size = tuple(image_size)
 
     def forward(
         self,
@@ -371,7 +429,7 @@ class PoseGraph(nn.Module):
         """Runs the keypoint decoder.
 
         Args:
-            pixel_values: `[1, 3, H, W]` normalised image, zero-padded bottom/right into the bucket.
+            pixel_values: `[1, 3, H, W]` normalised image, zero-padded bottom/right to /32 (H, W dynamic).
             pixel_mask: `[1, H, W]` bool, True on valid pixels (UniPose itself takes the inverse).
             object_query: `[1, 100, N, Hl]` link states of the object groups, real ones first, zeros after.
             object_query_mask: `[1, 100]` bool; at least one True.
@@ -384,7 +442,7 @@ class PoseGraph(nn.Module):
             image frame).
         """
         with _quiet_tracing(), msda_export_patch():
-            _check_image(pixel_values, pixel_mask, self.image_size)
+            _check_image(pixel_values, pixel_mask)
             padding = ~pixel_mask
             return self.unipose(
                 pixel_values, padding, object_query, object_query_mask, keypoint_query, keypoint_query_mask
@@ -393,11 +451,11 @@ class PoseGraph(nn.Module):
 
 def pose_facts(model) -> dict:
     """What the runtime needs to feed `pose.onnx` and read its outputs; also the component's facts."""
-    height, width = _image_size(model)
     return {
-        "image_size": [height, width],
-        "image_buckets": [{"file": POSE.file, "image_size": [height, width]}],
+        "image_size": _size_range(model),
         "size_divisibility": SIZE_DIVISIBILITY,
+        "min_encoder_tokens": model.unipose.num_queries,
+        "num_feature_levels": model.unipose.num_feature_levels,
         "num_groups": unipose_module.NUM_GROUPS,
         "max_objects": POSE_SLOTS,
         "max_keypoints": unipose_module.NUM_BODY_POINTS,
@@ -414,21 +472,15 @@ def pose_facts(model) -> dict:
 
 def _pose_inputs(
     rng: np.random.Generator,
-    image_size: tuple[int, int],
     valid_hw: tuple[int, int],
     num_objects: int,
     num_keypoints: int,
     num_embs: int,
     hidden: int,
 ) -> dict[str, np.ndarray]:
-    """Fresh random `pose.onnx` inputs laid out as the reference loop does (real slots first, zeros after)."""
-    height, width = image_size
-    vh, vw = valid_hw
-    pixels = np.zeros((1, 3, height, width), np.float32)
-    pixels[:, :, :vh, :vw] = rng.standard_normal((1, 3, vh, vw), dtype=np.float32)
-    mask = np.zeros((1, height, width), bool)
-    mask[:, :vh, :vw] = True
-    inputs = {"pixel_values": pixels, "pixel_mask": mask}
+    """Fresh random `pose.onnx` inputs laid out as the reference loop does (real slots first, zeros after),
+    with an image of `valid_hw` pixels padded to /32."""
+    inputs = _image_inputs(rng, valid_hw)
     for prefix, count in (("object", num_objects), ("keypoint", num_keypoints)):
         states = np.zeros((1, POSE_SLOTS, num_embs, hidden), np.float32)
         states[:, :count] = rng.standard_normal((1, count, num_embs, hidden), dtype=np.float32)
@@ -467,35 +519,33 @@ class PoseExporter(ComponentExporter):
 
     def graphs(self, model, settings: ExportSettings) -> list[GraphExport]:
         _check_precision(settings)
-        image_size = _image_size(model)
-        height, width = image_size
         rng = np.random.default_rng(settings.seed)
         hidden = model.unipose.l_hidden_size
-        example = _pose_inputs(rng, image_size, (height * 2 // 3, width), 2, 3, model.config.num_embs, hidden)
+        example = _pose_inputs(rng, _example_region(model), 2, 3, model.config.num_embs, hidden)
         return [
             GraphExport(
                 name="pose",
-                module=PoseGraph(model.unipose, image_size).eval(),
+                module=PoseGraph(model.unipose).eval(),
                 example_inputs=tuple(torch.from_numpy(example[name]) for name in POSE.inputs),
                 input_names=list(POSE.inputs),
                 output_names=list(POSE.outputs),
-                dynamic_axes={},
+                dynamic_axes=dict(_IMAGE_AXES),
                 facts=pose_facts(model),
             )
         ]
 
     def validation_cases(self, model, settings, rng: np.random.Generator) -> dict[str, list[ValidationCase]]:
-        """Three images with different valid regions and (objects, keypoints) = (1, 3), (2, 5), (3, 68)."""
-        image_size = _image_size(model)
-        short = min(model.config.det_short_side, model.config.det_max_long_side)
-        long = model.config.det_max_long_side
-        small = (int(rng.integers(long // 3, short + 1)), int(rng.integers(long // 3, long + 1)))
-        plans = [((long, short), 1, 3), ((short, long), 2, 5), (small, 3, unipose_module.NUM_BODY_POINTS)]
+        """Three images padded to three different sizes and (objects, keypoints) = (1, 3), (2, 5), (3, 68)."""
+        plans = zip(_case_regions(model, rng), (1, 2, 3), (3, 5, unipose_module.NUM_BODY_POINTS))
         sizes = (model.config.num_embs, model.unipose.l_hidden_size)
         cases = []
         for valid_hw, objects, keypoints in plans:
-            inputs = _pose_inputs(rng, image_size, valid_hw, objects, keypoints, *sizes)
-            label = f"objects={objects},keypoints={keypoints},valid={valid_hw[0]}x{valid_hw[1]}"
+            inputs = _pose_inputs(rng, valid_hw, objects, keypoints, *sizes)
+            height, width = inputs["pixel_mask"].shape[1:]
+            label = (
+                f"objects={objects},keypoints={keypoints},"
+                f"valid={valid_hw[0]}x{valid_hw[1]},padded={height}x{width}"
+            )
             cases.append(ValidationCase(label, inputs, reference_pose_outputs(model, inputs)))
         return {"pose": cases}
 
