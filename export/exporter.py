@@ -145,6 +145,9 @@ def export(
         (partial / contract.VALIDATION_FILE).write_text(json.dumps(validation, indent=2) + "\n")
         if validate and not validation["passed"]:
             raise ExportValidationError(_validation_summary(validation))
+        from visionllm_edge.export.trt_report import write_trt_report
+
+        write_trt_report(partial, graphs=graphs_meta, component_facts=component_facts, model=model)
         manifest = build_manifest_dict(model, tokenizer, graphs_meta, extra_files, component_facts, settings, partial)
         from visionllm_edge.manifest import validate_manifest_dict
 
