@@ -101,7 +101,7 @@ inline uint8_t clip8(int32_t sum) {
 constexpr int32_t kRoundHalf = 1 << (kPrecisionBits - 1);
 
 // Rows per thread at least in the resampling passes; below this, thread start-up costs more than it saves.
-constexpr int64_t kMinRowsPerThread = 64;
+constexpr int64_t kMinRowsPerThread = 256;
 
 // Horizontal pass over image rows [row_first, row_first + rows) into a packed rows x out_width x 3 buffer.
 void resample_horizontal(const ImageView& image, int64_t row_first, int64_t rows,

@@ -127,7 +127,9 @@ class MaskUpsampler {
 };
 
 // Output rows per thread at least; below this, thread start-up costs more than it saves.
-constexpr int64_t kMinRowsPerThread = 32;
+// Starting a thread costs tens of microseconds (and more when the CPUs are busy with engine threads): split
+// only frames big enough for the split to pay, e.g. a 1080-row mask.
+constexpr int64_t kMinRowsPerThread = 256;
 
 void check_mask_geometry(const char* fn, const View3<float>& mask_logits, Size2 resized, Size2 out) {
   if (mask_logits.dim1 <= 0 || mask_logits.dim2 <= 0) {
