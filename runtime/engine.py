@@ -55,8 +55,14 @@ class OnnxRuntimeEngine(Engine):
         spin: let idle intra-op workers spin (lower latency for a lone session, worse for a pipeline).
     """
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0, name: str = "",
-                 spin: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        threads: int = 0,
+        name: str = "",
+        spin: bool = False,
+    ):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -66,7 +72,8 @@ class OnnxRuntimeEngine(Engine):
         missing = [p for p in providers if p not in have]
         if missing:
             raise BackendUnavailableError(
-                f"{self.name}: execution provider(s) {missing} are not in this onnxruntime build (it has {have})"
+                f"{self.name}: execution provider(s) {missing} are not in this onnxruntime build "
+                f"(it has {have})"
             )
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -88,8 +95,9 @@ class OnnxRuntimeEngine(Engine):
         names = outputs or self.output_names
         return dict(zip(names, self.session.run(names, inputs)))
 
-    def run_bound(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-                  fetch: list[str] = ()) -> dict[str, np.ndarray]:
+    def run_bound(
+        self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], fetch: list[str] = ()
+    ) -> dict[str, np.ndarray]:
         """Runs with every input and the given outputs bound by pointer (CPU memory, no copies).
 
         Args:
@@ -122,11 +130,15 @@ class OnnxRuntimeEngine(Engine):
         missing = [n for n in self.input_names if n not in inputs]
         extra = [n for n in inputs if n not in self._input_types]
         if missing or extra:
-            raise ValueError(f"{self.name}: inputs missing {missing}, unexpected {extra} (graph takes {self.input_names})")
+            raise ValueError(
+                f"{self.name}: inputs missing {missing}, unexpected {extra} (graph takes {self.input_names})"
+            )
         for name, arr in inputs.items():
             want = self._input_types[name]
             if want is not None and arr.dtype != want:
-                raise TypeError(f"{self.name}: input {name!r} must be {np.dtype(want).name}, got {arr.dtype.name}")
+                raise TypeError(
+                    f"{self.name}: input {name!r} must be {np.dtype(want).name}, got {arr.dtype.name}"
+                )
 
 
 def make_engine(path: Path, backend: str, providers: list[str] | None, threads: int, name: str) -> Engine:
@@ -136,7 +148,7 @@ def make_engine(path: Path, backend: str, providers: list[str] | None, threads: 
     if backend == "tensorrt":
         raise BackendUnavailableError(
             "the TensorRT backend is not available yet: it has not been built and validated on hardware. "
-            "Use backend='onnxruntime' (optionally with providers=['TensorrtExecutionProvider', ...] where your "
-            "onnxruntime build has it)."
+            "Use backend='onnxruntime' (optionally with providers=['TensorrtExecutionProvider', ...] "
+            "where your onnxruntime build has it)."
         )
     raise ValueError(f"unknown backend {backend!r}; known: 'onnxruntime', 'tensorrt'")

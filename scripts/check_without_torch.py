@@ -13,7 +13,9 @@ import numpy as np
 
 def main(artifact: str) -> int:
     if importlib.util.find_spec("torch") is not None:
-        print("error: torch is installed in this environment; this check needs one without it", file=sys.stderr)
+        print(
+            "error: torch is installed in this environment; this check needs one without it", file=sys.stderr
+        )
         return 1
     from visionllm_edge.pipeline import Pipeline
 
@@ -25,8 +27,10 @@ def main(artifact: str) -> int:
     seg = pipe.segment(image, ["sky", "grass"])
     gen = pipe.generate_image("a red circle")
     print(chat)
-    print(f"detections: {len(det.detections)}  segmentation labels: {seg.segmentation.labels}  "
-          f"generated images: {len(gen.images)}")
+    print(
+        f"detections: {len(det.detections)}  segmentation labels: {seg.segmentation.labels}  "
+        f"generated images: {len(gen.images)}"
+    )
     assert chat.token_ids and det.links and seg.segmentation is not None and gen.images
     assert "torch" not in sys.modules
     print("ok: requests ran without torch")

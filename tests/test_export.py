@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-
 from visionllm_edge import contract
 from visionllm_edge.export.exporter import export
 from visionllm_edge.manifest import load_manifest
@@ -90,10 +88,14 @@ def test_killing_an_export_midway_leaves_no_artifact(tmp_path):
         "import sys; from visionllm_edge.export.exporter import export; "
         f"export('tiny-random', {str(out)!r}, progress=True)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # Wait until it is exporting (a partial folder exists), then kill it without warning.
     deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".killed.partial-") for p in tmp_path.iterdir()):
+    while time.time() < deadline and not any(
+        p.name.startswith(".killed.partial-") for p in tmp_path.iterdir()
+    ):
         time.sleep(0.05)
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGKILL)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from visionllm_edge import _core
 from visionllm_edge.contract import compare
 
@@ -29,19 +28,47 @@ _MASK[20:60, 30:80] = True
 
 #: (prompt, answer_prefix, regions, history, image size)
 REQUESTS = [
-    ("Can you identify the circle, square present?", "Yes, here are the results for circle[DET], square[DET]", None, (), (120, 90)),
+    (
+        "Can you identify the circle, square present?",
+        "Yes, here are the results for circle[DET], square[DET]",
+        None,
+        (),
+        (120, 90),
+    ),
     ("Where can we locate the red circle in the image?", "It is [GRD]", None, (), (90, 120)),
     ("Please segment the sky and the grass.", "sky[SEG], grass[SEG], road[SEG]", None, (), (200, 60)),
-    ("Find the keypoints of the person.", "person[DET]. nose[POSE], left eye[POSE], right eye[POSE]", None, (), (120, 90)),
+    (
+        "Find the keypoints of the person.",
+        "person[DET]. nose[POSE], left eye[POSE], right eye[POSE]",
+        None,
+        (),
+        (120, 90),
+    ),
     ("Draw a large red circle.", "Sure, here it is [GEN]", None, (), (64, 64)),
     ("Make the square blue.", "Here it is [EDIT]", None, (), (100, 80)),
     ("What is in <reg>region1<region></reg>?", "region1[DET]", [(10.0, 10.0, 60.0, 50.0)], (), (120, 90)),
-    ("Segment <reg>region1<region></reg> and <reg>region2<region></reg>.", "region1[DET], region2[DET]",
-     [(30.0, 40.0), _MASK], (), (120, 90)),
+    (
+        "Segment <reg>region1<region></reg> and <reg>region2<region></reg>.",
+        "region1[DET], region2[DET]",
+        [(30.0, 40.0), _MASK],
+        (),
+        (120, 90),
+    ),
     ("Detect the dog.", "dog[DET]", None, (("Detect the cat.", "cat[DET]"),), (120, 90)),
-    ("And the car?", "car[GRD]", None, (("Where is the person?", "It is [GRD]."), ("Draw it.", "Here [GEN].")),
-     (150, 100)),
-    ("Everything at once.", "a[DET], b[SEG], c[GRD], d[DET]. e[POSE]. Here [GEN] and [EDIT]", None, (), (300, 100)),
+    (
+        "And the car?",
+        "car[GRD]",
+        None,
+        (("Where is the person?", "It is [GRD]."), ("Draw it.", "Here [GEN].")),
+        (150, 100),
+    ),
+    (
+        "Everything at once.",
+        "a[DET], b[SEG], c[GRD], d[DET]. e[POSE]. Here [GEN] and [EDIT]",
+        None,
+        (),
+        (300, 100),
+    ),
     ("Describe the image.", None, None, (), (120, 90)),
     ("Describe the image.", None, None, (), (240, 60)),
     ("What is at <reg>region1<region></reg>?", None, [(5.0, 5.0)], (), (120, 90)),
@@ -58,7 +85,13 @@ REQUESTS = [
     ("Is there a dog?", "Yes", None, (), (100, 100)),
     ("Detect three things.", "a[DET], b[DET], c[DET]", None, (("Hi.", "Hello."),), (100, 70)),
     ("Grounding with history.", "It is [GRD].", None, (("Detect the cat.", "cat[DET]"),), (110, 90)),
-    ("Segment with a region <reg>region1<region></reg>.", "region1[SEG]", [(0.0, 0.0, 30.0, 30.0)], (), (120, 90)),
+    (
+        "Segment with a region <reg>region1<region></reg>.",
+        "region1[SEG]",
+        [(0.0, 0.0, 30.0, 30.0)],
+        (),
+        (120, 90),
+    ),
     ("Generate and detect.", "x[DET]. Now [GEN]", None, (), (96, 96)),
     ("Last one.", "a[DET], b[GRD]", None, (), (160, 120)),
 ]
@@ -100,13 +133,23 @@ def test_runtime_equals_reference(ref, pipe, index):
     prompt, prefix, regions, history, (w, h) = REQUESTS[index]
     image = _scene(100 + index, w, h)
     det = _det_input(pipe, image)
-    kw = dict(regions=regions, history=history, answer_prefix=prefix, max_new_tokens=10, repetition_penalty=1.3,
-              det_image=det)
+    kw = dict(
+        regions=regions,
+        history=history,
+        answer_prefix=prefix,
+        max_new_tokens=10,
+        repetition_penalty=1.3,
+        det_image=det,
+    )
     n_gen = sum(prefix.count(t) for t in ("[GEN]",)) if prefix else 0
     n_edit = prefix.count("[EDIT]") if prefix else 0
     noise = {}
     if n_gen or n_edit:
-        noise = {"noise": np.random.default_rng(index).standard_normal((max(n_gen, n_edit), 4, 16, 16)).astype(np.float32)}
+        noise = {
+            "noise": np.random.default_rng(index)
+            .standard_normal((max(n_gen, n_edit), 4, 16, 16))
+            .astype(np.float32)
+        }
     if n_gen and n_edit:
         noise = {}  # one noise array cannot serve both decoders; compare conditioning only
     want = ref.run(image, prompt, decode=bool(noise), **noise, **kw)
@@ -152,8 +195,15 @@ def test_fixtures_are_not_degenerate(ref, pipe):
     texts = []
     for index in (11, 12, 16, 24):
         prompt, prefix, regions, history, (w, h) = REQUESTS[index]
-        r = pipe(_scene(100 + index, w, h), prompt, regions=regions, history=history, answer_prefix=prefix,
-                 max_new_tokens=10, repetition_penalty=1.3)
+        r = pipe(
+            _scene(100 + index, w, h),
+            prompt,
+            regions=regions,
+            history=history,
+            answer_prefix=prefix,
+            max_new_tokens=10,
+            repetition_penalty=1.3,
+        )
         assert len(set(r.token_ids)) > 3, r.token_ids
         texts.append(r.text)
     assert len(set(texts)) > 1
@@ -162,15 +212,21 @@ def test_fixtures_are_not_degenerate(ref, pipe):
 def test_forced_answers_equal_reference_forward(ref, pipe):
     image = _scene(7, 128, 96)
     det = _det_input(pipe, image)
-    for call, args in (("detect", (["circle", "square"],)), ("ground", ("red circle",)),
-                       ("segment", (["sky", "grass"],)), ("pose", (["nose", "left eye"],))):
+    for call, args in (
+        ("detect", (["circle", "square"],)),
+        ("ground", ("red circle",)),
+        ("segment", (["sky", "grass"],)),
+        ("pose", (["nose", "left eye"],)),
+    ):
         got = getattr(pipe, call)(image, *args, det_image=det)
         from visionllm_edge import templates
 
         if call == "pose":
             history, q, a = templates.pose(*args)
         else:
-            q, a = getattr(templates, {"detect": "detection", "ground": "grounding", "segment": "segmentation"}[call])(*args)
+            q, a = getattr(
+                templates, {"detect": "detection", "ground": "grounding", "segment": "segmentation"}[call]
+            )(*args)
             history = ()
         want = ref.forward_answer(image, q, a, history=history, det_image=det)
         assert [(lk.kind, lk.label, lk.position) for lk in got.links] == [
@@ -193,10 +249,14 @@ def test_generation_and_editing_shortcuts_produce_images(pipe):
 
 def test_seeded_sampling_frequencies_in_the_runtime(pipe):
     image = _scene(9, 100, 80)
-    firsts = [pipe(image, "Describe.", do_sample=True, temperature=1.5, seed=s, max_new_tokens=1).token_ids[0]
-              for s in range(40)]
-    again = [pipe(image, "Describe.", do_sample=True, temperature=1.5, seed=s, max_new_tokens=1).token_ids[0]
-             for s in range(40)]
+    firsts = [
+        pipe(image, "Describe.", do_sample=True, temperature=1.5, seed=s, max_new_tokens=1).token_ids[0]
+        for s in range(40)
+    ]
+    again = [
+        pipe(image, "Describe.", do_sample=True, temperature=1.5, seed=s, max_new_tokens=1).token_ids[0]
+        for s in range(40)
+    ]
     assert firsts == again  # same seed, same draw
     assert len(set(firsts)) > 3  # different seeds explore the distribution
 
@@ -207,8 +267,13 @@ def test_chat_reuses_the_kv_cache(pipe, ref):
     first = chat.ask("Describe the image.")
     second = chat.ask("And what else?")
     assert second.raw["stats"]["reused_rows"] > 0
-    want = ref.run(image, "And what else?", history=[("Describe the image.", first.text)], max_new_tokens=6,
-                   repetition_penalty=1.3)
+    want = ref.run(
+        image,
+        "And what else?",
+        history=[("Describe the image.", first.text)],
+        max_new_tokens=6,
+        repetition_penalty=1.3,
+    )
     assert second.token_ids == want.token_ids
 
 

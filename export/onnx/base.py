@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from visionllm_edge import contract
 
 DEFAULT_OPSET = 17
@@ -84,7 +83,9 @@ class ComponentExporter(ABC):
         """The graphs to write, with modules ready to trace."""
 
     @abstractmethod
-    def validation_cases(self, model, settings: ExportSettings, rng: np.random.Generator) -> dict[str, list[ValidationCase]]:
+    def validation_cases(
+        self, model, settings: ExportSettings, rng: np.random.Generator
+    ) -> dict[str, list[ValidationCase]]:
         """Per graph name, fresh random inputs at >= 3 shapes and the reference outputs for them."""
 
     def manifest_facts(self, model, settings: ExportSettings) -> dict:
@@ -116,13 +117,22 @@ def exporter_for(name: str) -> ComponentExporter:
     if name not in contract.COMPONENT_GRAPHS:
         raise ValueError(f"unknown component {name!r}; known: {', '.join(contract.COMPONENT_GRAPHS)}")
     if name not in _REGISTRY:
-        module = {"gen": "diffusion", "edit": "diffusion", "det": "decoders", "pose": "decoders",
-                  "vision": "vision", "region": "vision", "llm": "llm"}[name]
+        module = {
+            "gen": "diffusion",
+            "edit": "diffusion",
+            "det": "decoders",
+            "pose": "decoders",
+            "vision": "vision",
+            "region": "vision",
+            "llm": "llm",
+        }[name]
         importlib.import_module(f"visionllm_edge.export.onnx.{module}")
     return _REGISTRY[name]()
 
 
-def export_graph(graph: GraphExport, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None) -> None:
+def export_graph(
+    graph: GraphExport, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None
+) -> None:
     """Traces `graph.module` to `path` (TorchScript exporter; weights over 2 GB go to external data)."""
     import onnx
 
@@ -145,11 +155,19 @@ def export_graph(graph: GraphExport, path: Path, opset: int = DEFAULT_OPSET, ext
     size = sum(p.numel() * p.element_size() for p in graph.module.parameters())
     if external_data or (external_data is None and size > (1 << 31) - (64 << 20)):
         model = onnx.load(str(path), load_external_data=True)
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
 
 
-def run_onnx(path: Path, inputs: dict[str, np.ndarray], providers=("CPUExecutionProvider",)) -> dict[str, np.ndarray]:
+def run_onnx(
+    path: Path, inputs: dict[str, np.ndarray], providers=("CPUExecutionProvider",)
+) -> dict[str, np.ndarray]:
     """Runs a graph with ONNX Runtime on numpy inputs; outputs by name."""
     import onnxruntime as ort
 

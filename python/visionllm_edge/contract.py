@@ -241,14 +241,23 @@ GRAPHS: dict[str, GraphNames] = {
     # keypoint decoder: pixels, valid-pixel mask, object and keypoint link states [1,100,N,Hl] + masks [1,100]
     "pose": GraphNames(
         "pose.onnx",
-        ("pixel_values", "pixel_mask", "object_query", "object_query_mask", "keypoint_query", "keypoint_query_mask"),
+        (
+            "pixel_values",
+            "pixel_mask",
+            "object_query",
+            "object_query_mask",
+            "keypoint_query",
+            "keypoint_query_mask",
+        ),
         ("pred_logits", "pred_boxes", "pred_keypoints"),
     ),
     "gen_mapper": GraphNames("gen_mapper.onnx", ("link_states",), ("conditioning",)),
     "gen_unet": GraphNames("gen_unet.onnx", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
     "gen_vae_decoder": GraphNames("gen_vae_decoder.onnx", ("latents",), ("images",)),
     "edit_mapper": GraphNames("edit_mapper.onnx", ("link_states",), ("conditioning",)),
-    "edit_unet": GraphNames("edit_unet.onnx", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
+    "edit_unet": GraphNames(
+        "edit_unet.onnx", ("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)
+    ),
     "edit_vae_decoder": GraphNames("edit_vae_decoder.onnx", ("latents",), ("images",)),
     "edit_vae_encoder": GraphNames("edit_vae_encoder.onnx", ("images",), ("latents",)),
 }
