@@ -409,3 +409,294 @@ def save_official(model: VisionLLMv2, directory: str | Path, max_shard_bytes: in
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+# --- partial loading: only the parts one exported component needs -----------------------------------------
+
+#: What each exported component reads from the model (top-level modules or deeper module paths).
+#: `region` validates against `encode_image`, so it needs the vision tower and projector as well; `llm` also
+#: provides the artifact's embedding tables (`llm.model.embed_tokens` and the query tables), and
+#: `embeddings` is those tables alone, for an export without the LLM graph.
+COMPONENT_PARTS: dict[str, tuple[str, ...]] = {
+    "vision": ("vis_encoder", "vl_bridge"),
+    "region": ("vis_encoder", "vl_bridge", "region_encoder"),
+    "llm": ("llm", "emb_embeddings_det", "emb_embeddings_pose", "emb_embeddings_gen", "emb_embeddings_edit"),
+    "embeddings": (
+        "llm.model.embed_tokens",
+        "emb_embeddings_det",
+        "emb_embeddings_pose",
+        "emb_embeddings_gen",
+        "emb_embeddings_edit",
+    ),
+    "det": ("gdino",),
+    "pose": ("unipose",),
+    "gen": ("sd",),
+    "edit": ("ip2p",),
+}
+
+
+def _parameters_on_meta():
+    """Within it, every parameter a module registers is moved to the meta device; buffers stay real.
+
+    The same idea as `accelerate.init_empty_weights(include_buffers=False)`: constructors and their weight
+    initialisation run at no memory cost, while buffers computed at construction (index tables, position ids,
+    rotary tables) keep their values, which materialising a module built wholly on meta would lose. The
+    patch of `nn.Module.register_parameter` is process-wide while it lasts: build nothing else concurrently.
+    """
+    import contextlib
+
+    from torch import nn
+
+    @contextlib.contextmanager
+    def patched():
+        original = nn.Module.register_parameter
+
+        def register_parameter(module, name, param):
+            original(module, name, param)
+            if param is not None and param.device.type != "meta":
+                extra = dict(module._parameters[name].__dict__)
+                module._parameters[name] = type(param)(
+                    module._parameters[name].to("meta"), requires_grad=param.requires_grad
+                )
+                module._parameters[name].__dict__.update(extra)
+
+        nn.Module.register_parameter = register_parameter
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = original
+
+    return patched()
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _plain_key(key: str) -> str:
+    """The model key a checkpoint key loads into (peft names mapped; LoRA A/B keys keep their suffix)."""
+    plain = "llm." + key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+    return plain.replace(".base_layer.weight", ".weight").replace(".base_layer.bias", ".bias")
+
+
+def _checkpoint_files(directory: Path) -> tuple[Path | None, dict[str, str] | None, list[Path]]:
+    """The index (path and weight map) if there is one, and the weight files of a checkpoint folder."""
+    for index_name in (SAFE_INDEX_NAME, INDEX_NAME):
+        index = directory / index_name
+        if index.is_file():
+            weight_map = _read_index(index)
+            return index, weight_map, [directory / name for name in sorted(set(weight_map.values()))]
+    singles = [directory / n for n in ("model.safetensors", "pytorch_model.bin")]
+    singles = [path for path in singles if path.is_file()]
+    if not singles:
+        raise CheckpointError(
+            f"{directory}: no weights found (expected {INDEX_NAME}, {SAFE_INDEX_NAME}, model.safetensors "
+            "or pytorch_model.bin)"
+        )
+    return None, None, singles[:1]
+
+
+def _open_shard_lazily(path: Path) -> tuple[list[str], object, str]:
+    """The keys of one shard, a `key -> tensor` getter that reads only that tensor, and how it was opened.
+
+    `.bin` shards are opened with `torch.load(mmap=True, weights_only=True)`: the pickle is read, tensor data
+    stays in the file until a tensor is used. A legacy (pre-zip) `.bin` cannot be mapped and is read whole
+    (mode `read`). safetensors files are opened with `safe_open` and read tensor by tensor.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: shard file is missing")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            handle = safe_open(str(path), framework="pt")  # closed when the getter is dropped
+            return list(handle.keys()), handle.get_tensor, "safetensors"
+        mode = "mmap"
+        try:
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            mode = "read"  # a legacy-format file: mmap needs the zip format torch.save writes since 1.6
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global, ...
+        raise CheckpointError(f"{path}: cannot read checkpoint shard ({type(e).__name__}: {e})") from None
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is a {type(key).__name__}, not a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: key '{key}' holds a {type(value).__name__}, not a tensor")
+    return list(tensors), tensors.__getitem__, mode
+
+
+class _PartView:
+    """The part of a model's state dict under some prefixes, in the shape `load_state_into` reads."""
+
+    def __init__(self, model: VisionLLMv2, prefixes: tuple[str, ...]):
+        self.model = model
+        self.prefixes = prefixes
+
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        own = self.model.state_dict(keep_vars=keep_vars)
+        return {k: v for k, v in own.items() if _under(k, self.prefixes)}
+
+
+def _resolve_parts(model: VisionLLMv2, parts) -> tuple[str, ...]:
+    if isinstance(parts, str):
+        parts = [parts]
+    prefixes: list[str] = []
+    for part in parts:
+        for prefix in COMPONENT_PARTS.get(part, (part,)):
+            try:
+                model.get_submodule(prefix)
+            except AttributeError:
+                raise CheckpointError(
+                    f"{model.config.source}: the model has no '{prefix}' (asked for {part!r}; components: "
+                    f"{', '.join(COMPONENT_PARTS)}, or a module path such as 'vis_encoder')"
+                ) from None
+            if prefix not in prefixes:
+                prefixes.append(prefix)
+    return tuple(prefixes)
+
+
+def load_reference_parts(
+    directory: str | Path, prefixes: list[str] | tuple[str, ...], dtype: torch.dtype = torch.float32
+) -> VisionLLMv2:
+    """Loads only some parts of a checkpoint folder; everything else stays on the meta device (no memory).
+
+    The whole model is built with its parameters on `meta` (buffers real), the parameters under `prefixes`
+    are materialised on the CPU, and only the shards that hold their keys are opened (`.bin` memory-mapped,
+    see `_open_shard_lazily`); only the needed tensors are read from them. The checks are those of
+    `load_reference` for the loaded part: every needed key present (a missing one is an error naming it and
+    the shard or index it should be in), no unexpected key under the prefixes, shapes, dtypes, aliases, LoRA
+    pairs (merged as `merge_lora` does). The loaded values are bit-identical to `load_reference`'s.
+
+    Args:
+        directory: a checkpoint folder in the official layout.
+        prefixes: component names (`vision region llm det pose gen edit embeddings`, see `COMPONENT_PARTS`)
+            and/or module paths of the model (`vis_encoder`, `llm.model.embed_tokens`, ...). An empty list
+            loads no weights: the model's config, structure and tokenizer folder only.
+        dtype: floating dtype of the loaded parameters.
+
+    Returns:
+        The model in eval mode with `tokenizer_dir` set, `loaded_parts` (the module paths loaded) and
+        `shard_modes` (`{shard file: "mmap" | "read" | "safetensors"}` for each shard opened; `read` is a
+        legacy-format `.bin` that could not be memory-mapped and was read whole).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config = ModelConfig.from_file(directory / "config.json")
+    _attach_diffusion_components(config, directory)
+    index_path, weight_map, files = _checkpoint_files(directory)
+    absent = [path.name for path in files if not path.is_file()]
+    if absent:
+        raise CheckpointError(
+            f"{directory / absent[0]}: shard file is missing ({len(absent)} of {len(files)} shard(s) listed "
+            f"in {index_path.name if index_path else 'the folder'} are absent: {absent[:5]})"
+        )
+    with _parameters_on_meta():
+        model = build_model(config)
+    parts = _resolve_parts(model, prefixes)
+
+    # Materialise the needed parameters (aliases stay one tensor) on the CPU, uninitialised until loaded.
+    materialised: dict[int, torch.nn.Parameter] = {}
+    keep_alive = []  # the meta parameters replaced, so that their ids stay unique while we map them
+    for prefix in parts:
+        for module in model.get_submodule(prefix).modules():
+            for name, param in module._parameters.items():
+                if param is None or param.device.type != "meta":
+                    continue
+                new = materialised.get(id(param))
+                if new is None:
+                    new = torch.nn.Parameter(
+                        torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad
+                    )
+                    materialised[id(param)] = new
+                    keep_alive.append(param)
+                module._parameters[name] = new
+    del keep_alive
+    # Buffers outside the loaded parts carry nothing either.
+    for name, module in model.named_modules():
+        for bname, buf in module._buffers.items():
+            full = f"{name}.{bname}" if name else bname
+            if buf is not None and buf.device.type != "meta" and not _under(full, parts):
+                module._buffers[bname] = buf.to("meta")
+
+    view = _PartView(model, parts)
+    own = view.state_dict(keep_vars=True)
+    shard_modes: dict[str, str] = {}
+    if own:
+        tensors, origin = _read_needed(directory, index_path, weight_map, files, parts, own, shard_modes)
+        tensors = merge_lora(tensors, origin)
+        load_state_into(view, tensors, origin, str(directory))  # type: ignore[arg-type]
+        del tensors
+    model.tokenizer_dir = directory
+    model.loaded_parts = parts
+    model.shard_modes = shard_modes
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def _read_needed(
+    directory: Path,
+    index_path: Path | None,
+    weight_map: dict[str, str] | None,
+    files: list[Path],
+    parts: tuple[str, ...],
+    own: dict[str, torch.Tensor],
+    shard_modes: dict[str, str],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint tensors under `parts` (raw names; LoRA not merged yet) and the file of each."""
+    if weight_map is not None:
+        needed_raw = {k: v for k, v in weight_map.items() if _under(_plain_key(k), parts)}
+        # Every needed model key (or another name of its tensor) must be listed before any shard is opened.
+        listed = {_plain_key(k) for k in needed_raw}
+        ident = _same_tensor_key
+        group_listed = {ident(p) for k, p in own.items() if k in listed}
+        unlisted = [k for k, p in own.items() if k not in listed and ident(p) not in group_listed]
+        if unlisted:
+            raise CheckpointError(
+                f"{index_path}: needed key '{unlisted[0]}' is not listed (in no shard; {len(unlisted)} "
+                f"key(s) of {', '.join(parts)} missing, e.g. {unlisted[:5]})"
+            )
+        shard_names = sorted(set(needed_raw.values()))
+    else:
+        needed_raw = None
+        shard_names = [files[0].name]
+    tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for shard in shard_names:
+        path = directory / shard
+        keys, get, mode = _open_shard_lazily(path)
+        shard_modes[shard] = mode
+        for key in keys:
+            if weight_map is not None and weight_map.get(key) != shard:
+                where = f"lists it in {weight_map[key]}" if key in weight_map else "does not list it"
+                raise CheckpointError(f"{path}: holds key '{key}' but {index_path.name} {where}")
+            if key in origin:
+                raise CheckpointError(f"{path}: key '{key}' is also in {origin[key]}")
+            if _under(_plain_key(key), parts):
+                tensors[key] = get(key)
+                origin[key] = shard
+        if weight_map is not None:
+            for key, name in needed_raw.items():
+                if name == shard and key not in tensors:
+                    raise CheckpointError(
+                        f"{path}: needed key '{key}' is listed in {index_path.name} but not in the shard"
+                    )
+        del get
+    if weight_map is None:
+        got = {_plain_key(k) for k in tensors}
+        ident = _same_tensor_key
+        group_got = {ident(p) for k, p in own.items() if k in got}
+        missing = [k for k, p in own.items() if k not in got and ident(p) not in group_got]
+        if missing:
+            raise CheckpointError(
+                f"{files[0]}: needed key '{missing[0]}' is not in the file ({len(missing)} key(s) of "
+                f"{', '.join(parts)} missing, e.g. {missing[:5]})"
+            )
+    return tensors, origin

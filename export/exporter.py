@@ -10,6 +10,7 @@ before the rename.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from visionllm_edge import __version__, contract
-from visionllm_edge.export.checkpoint import load_reference
+from visionllm_edge.export.checkpoint import load_reference, load_reference_parts
 from visionllm_edge.export.model import VisionLLMv2
 from visionllm_edge.export.onnx.base import ExportSettings, export_graph, exporter_for, run_onnx
 from visionllm_edge.export.reference import PostProcessSettings
@@ -72,6 +73,7 @@ def export(
     progress: bool = True,
     seed: int = 0,
     model: VisionLLMv2 | None = None,
+    by_component: bool | None = None,
 ) -> ExportReport:
     """Exports a checkpoint folder or a named configuration to an artifact folder.
 
@@ -85,6 +87,10 @@ def export(
         validate: check every graph against the reference (on by default).
         overwrite: replace an existing artifact folder (atomically, after the new one is complete).
         model: an already loaded reference model (skips loading `source`).
+        by_component: load a checkpoint folder one component at a time (`load_reference_parts`: only the
+            shards and weights that component needs, released before the next one), so that peak memory
+            follows the largest component rather than the whole model. Default: on for a checkpoint folder
+            when no `model` is given; a named configuration or a given `model` is exported from one model.
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
@@ -101,7 +107,15 @@ def export(
                               seed=seed)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    if model is None:
+    if by_component is None:
+        by_component = model is None and Path(source).exists()
+    if by_component and model is not None:
+        raise ValueError("by_component loads the checkpoint folder part by part; it cannot use a given model")
+    if by_component:
+        # Config, structure and tokenizer folder only (weights on the meta device): what the manifest, the
+        # TensorRT report and the availability checks read. Each component loads its own weights below.
+        model = load_reference_parts(source, [])
+    elif model is None:
         model = load_reference(source)
     seconds["load"] = time.perf_counter() - t0
     tokenizer = ChatTokenizer.from_directory(model.tokenizer_dir)
@@ -113,6 +127,7 @@ def export(
         validation: dict = {"passed": True, "graphs": {}}
         extra_files: dict[str, dict] = {}
         component_facts: dict[str, dict] = {}
+        embeddings_written = False
         for name in wanted:
             exporter = exporter_for(name)
             if not exporter.available(model):
@@ -120,27 +135,24 @@ def export(
                     raise ValueError(f"component {name!r} was asked for but this model has none")
                 continue
             done = _progress(name, progress)
-            for graph in exporter.graphs(model, settings):
-                path = partial / contract.GRAPHS[graph.name].file
-                export_graph(graph, path, opset=settings.opset)
-                if quantize is not None:
-                    _quantize(graph.name, path, quantize)
-                graphs_meta[graph.name] = _graph_meta(graph, path, settings)
-            for logical, file in exporter.extra_files(model, partial).items():
-                extra_files[logical] = {"file": Path(file).name, "sha256": _sha256(Path(file))}
-            component_facts[name] = exporter.manifest_facts(model, settings)
-            if validate:
-                rng = np.random.default_rng(seed)
-                cases = exporter.validation_cases(model, settings, rng)
-                for graph_name, graph_cases in cases.items():
-                    if graph_name not in graphs_meta:
-                        continue
-                    result = _validate_graph(partial / graphs_meta[graph_name]["file"], graph_cases,
-                                             exporter, settings, graphs_meta[graph_name]["precision"])
-                    validation["graphs"][graph_name] = result
-                    validation["passed"] = validation["passed"] and result["passed"]
+            part = _load_part(source, name, progress) if by_component else model
+            _export_component(exporter, part, partial, settings, graphs_meta, extra_files, component_facts,
+                              validation)
+            if by_component:
+                if name == "llm":  # the LLM's weights hold the token table: write the embeddings now
+                    _write_embeddings(part, partial, precision)
+                    embeddings_written = True
+                del part
+                _release_memory()
             seconds[name] = done()
-        _write_embeddings(model, partial, precision)
+        if not embeddings_written:
+            if by_component:
+                part = _load_part(source, "embeddings", progress)
+                _write_embeddings(part, partial, precision)
+                del part
+                _release_memory()
+            else:
+                _write_embeddings(model, partial, precision)
         _write_tokenizer(model, partial)
         (partial / contract.VALIDATION_FILE).write_text(json.dumps(validation, indent=2) + "\n")
         if validate and not validation["passed"]:
@@ -170,6 +182,64 @@ def export(
 
 
 # --- pieces ------------------------------------------------------------------------------------------------
+
+
+def _load_part(source, name: str, progress: bool) -> VisionLLMv2:
+    """The weights one component needs (`checkpoint.COMPONENT_PARTS`), the rest of the model on meta."""
+    part = load_reference_parts(source, [name])
+    if progress:
+        modes = ", ".join(f"{shard} ({mode})" for shard, mode in part.shard_modes.items())
+        print(f"  [{name}] loaded {', '.join(part.loaded_parts)} from {modes or 'no shard'}", file=sys.stderr,
+              flush=True)
+    return part
+
+
+def _release_memory() -> None:
+    """Collects garbage and hands freed heap memory back to the system (glibc `malloc_trim`).
+
+    Without the trim, the buffers of a finished ONNX serialisation or validation session stay in the
+    process's heap (glibc keeps freed chunks below its 32 MB mmap threshold), and the next component's
+    weights come on top of them.
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+            pass
+
+
+def _export_component(exporter, model: VisionLLMv2, partial: Path, settings: ExportSettings,
+                      graphs_meta: dict, extra_files: dict, component_facts: dict, validation: dict) -> None:
+    """Writes, records and (when asked) validates one component's graphs and extra files."""
+    graphs = list(exporter.graphs(model, settings))
+    while graphs:
+        # One traced module alive at a time (an fp16 export holds a converted copy of the weights in it).
+        graph = graphs.pop(0)
+        path = partial / contract.GRAPHS[graph.name].file
+        export_graph(graph, path, opset=settings.opset)
+        if settings.quantize is not None:
+            _quantize(graph.name, path, settings.quantize)
+        graphs_meta[graph.name] = _graph_meta(graph, path, settings)
+        del graph
+        _release_memory()
+    for logical, file in exporter.extra_files(model, partial).items():
+        extra_files[logical] = {"file": Path(file).name, "sha256": _sha256(Path(file))}
+    component_facts[exporter.name] = exporter.manifest_facts(model, settings)
+    if settings.validate:
+        rng = np.random.default_rng(settings.seed)
+        cases = exporter.validation_cases(model, settings, rng)
+        for graph_name, graph_cases in cases.items():
+            if graph_name not in graphs_meta:
+                continue
+            result = _validate_graph(partial / graphs_meta[graph_name]["file"], graph_cases,
+                                     exporter, settings, graphs_meta[graph_name]["precision"])
+            validation["graphs"][graph_name] = result
+            validation["passed"] = validation["passed"] and result["passed"]
+        del cases
+        _release_memory()
 
 
 def _publishable_permissions(folder: Path) -> None:
