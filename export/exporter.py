@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from visionllm_edge import __version__, contract
 from visionllm_edge.export.checkpoint import load_reference, load_reference_parts
 from visionllm_edge.export.model import VisionLLMv2
@@ -82,7 +81,8 @@ def export(
         out_dir: the artifact folder to create.
         components: subset of `vision region llm det pose gen edit` (default: all the model has).
         precision: `fp32` or `fp16` (norms, softmax and deformable sampling stay fp32).
-        quantize: None, `int8` (dynamic MatMul quantization of vision and LLM) or `int4` (LLM weights, MatMulNBits).
+        quantize: None, `int8` (dynamic MatMul quantization of vision and LLM) or `int4` (LLM weights,
+            MatMulNBits).
         max_context: cap on the LLM context (manifest; the runtime sizes its KV arena from it).
         validate: check every graph against the reference (on by default).
         overwrite: replace an existing artifact folder (atomically, after the new one is complete).
@@ -103,8 +103,9 @@ def export(
     for name in wanted:
         if name not in contract.COMPONENT_GRAPHS:
             raise ValueError(f"unknown component {name!r}; known: {', '.join(contract.COMPONENT_GRAPHS)}")
-    settings = ExportSettings(precision=precision, quantize=quantize, max_context=max_context, validate=validate,
-                              seed=seed)
+    settings = ExportSettings(
+        precision=precision, quantize=quantize, max_context=max_context, validate=validate, seed=seed
+    )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if by_component is None:
@@ -136,8 +137,9 @@ def export(
                 continue
             done = _progress(name, progress)
             part = _load_part(source, name, progress) if by_component else model
-            _export_component(exporter, part, partial, settings, graphs_meta, extra_files, component_facts,
-                              validation)
+            _export_component(
+                exporter, part, partial, settings, graphs_meta, extra_files, component_facts, validation
+            )
             if by_component:
                 if name == "llm":  # the LLM's weights hold the token table: write the embeddings now
                     _write_embeddings(part, partial, precision)
@@ -160,7 +162,9 @@ def export(
         from visionllm_edge.export.trt_report import write_trt_report
 
         write_trt_report(partial, graphs=graphs_meta, component_facts=component_facts, model=model)
-        manifest = build_manifest_dict(model, tokenizer, graphs_meta, extra_files, component_facts, settings, partial)
+        manifest = build_manifest_dict(
+            model, tokenizer, graphs_meta, extra_files, component_facts, settings, partial
+        )
         from visionllm_edge.manifest import validate_manifest_dict
 
         validate_manifest_dict(manifest, partial)
@@ -189,8 +193,11 @@ def _load_part(source, name: str, progress: bool) -> VisionLLMv2:
     part = load_reference_parts(source, [name])
     if progress:
         modes = ", ".join(f"{shard} ({mode})" for shard, mode in part.shard_modes.items())
-        print(f"  [{name}] loaded {', '.join(part.loaded_parts)} from {modes or 'no shard'}", file=sys.stderr,
-              flush=True)
+        print(
+            f"  [{name}] loaded {', '.join(part.loaded_parts)} from {modes or 'no shard'}",
+            file=sys.stderr,
+            flush=True,
+        )
     return part
 
 
@@ -211,8 +218,16 @@ def _release_memory() -> None:
             pass
 
 
-def _export_component(exporter, model: VisionLLMv2, partial: Path, settings: ExportSettings,
-                      graphs_meta: dict, extra_files: dict, component_facts: dict, validation: dict) -> None:
+def _export_component(
+    exporter,
+    model: VisionLLMv2,
+    partial: Path,
+    settings: ExportSettings,
+    graphs_meta: dict,
+    extra_files: dict,
+    component_facts: dict,
+    validation: dict,
+) -> None:
     """Writes, records and (when asked) validates one component's graphs and extra files."""
     graphs = list(exporter.graphs(model, settings))
     while graphs:
@@ -234,8 +249,13 @@ def _export_component(exporter, model: VisionLLMv2, partial: Path, settings: Exp
         for graph_name, graph_cases in cases.items():
             if graph_name not in graphs_meta:
                 continue
-            result = _validate_graph(partial / graphs_meta[graph_name]["file"], graph_cases,
-                                     exporter, settings, graphs_meta[graph_name]["precision"])
+            result = _validate_graph(
+                partial / graphs_meta[graph_name]["file"],
+                graph_cases,
+                exporter,
+                settings,
+                graphs_meta[graph_name]["precision"],
+            )
             validation["graphs"][graph_name] = result
             validation["passed"] = validation["passed"] and result["passed"]
         del cases
@@ -269,10 +289,25 @@ def _quantize(graph_name: str, path: Path, mode: str) -> None:
     data = path.with_name(path.name + ".data")
     if data.exists():
         data.unlink()
-    os.replace(tmp, path)
     tmp_data = tmp.with_name(tmp.name + ".data")
-    if tmp_data.exists():
-        raise RuntimeError(f"{tmp}: quantized graph kept external data; expected it inline")
+    if not tmp_data.exists():
+        os.replace(tmp, path)
+        return
+    # A quantized 7B LLM is still over 2 GB and keeps external data, which the graph references by file
+    # name: re-save it under the artifact's names rather than renaming the data file under the graph.
+    import onnx
+
+    model = onnx.load(str(tmp), load_external_data=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+    tmp.unlink()
+    tmp_data.unlink()
 
 
 _DTYPES = {1: "float32", 10: "float16", 7: "int64", 9: "bool", 6: "int32"}
@@ -291,7 +326,9 @@ def _graph_meta(graph, path: Path, settings: ExportSettings) -> dict:
             out.append({"name": v.name, "dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape})
         return out
 
-    external = sorted({e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"})
+    external = sorted(
+        {e.value for init in model.graph.initializer for e in init.external_data if e.key == "location"}
+    )
     # The graph says what it holds: exporters that keep a graph in fp32 under --precision fp16 (decoders whose
     # sampling breaks in fp16) are labelled fp32, and validated at the fp32 tolerance.
     has_fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
@@ -334,7 +371,11 @@ def _validate_graph(path: Path, cases, exporter, settings: ExportSettings, preci
             g = got[name].astype(np.float64) if got[name].dtype.kind == "f" else got[name]
             m = contract.compare(g, want, atol=atol, rtol=rtol)
             finite = np.isfinite(want) if want.dtype.kind == "f" else np.ones(want.shape, bool)
-            diff = np.abs(g[finite].astype(np.float64) - want[finite].astype(np.float64)) if finite.any() else np.zeros(1)
+            diff = (
+                np.abs(g[finite].astype(np.float64) - want[finite].astype(np.float64))
+                if finite.any()
+                else np.zeros(1)
+            )
             rel = diff / np.maximum(np.abs(want[finite].astype(np.float64)), 1e-6) if finite.any() else diff
             entry = result["outputs"].setdefault(name, {"max_abs": 0.0, "max_rel": 0.0})
             entry["max_abs"] = max(entry["max_abs"], float(diff.max()) if diff.size else 0.0)
@@ -374,8 +415,15 @@ def _write_tokenizer(model: VisionLLMv2, out: Path) -> None:
     convert_tokenizer(model.tokenizer_dir, out / contract.TOKENIZER_FILE)
 
 
-def build_manifest_dict(model: VisionLLMv2, tokenizer: ChatTokenizer, graphs: dict, extra_files: dict,
-                        component_facts: dict, settings: ExportSettings, folder: Path) -> dict:
+def build_manifest_dict(
+    model: VisionLLMv2,
+    tokenizer: ChatTokenizer,
+    graphs: dict,
+    extra_files: dict,
+    component_facts: dict,
+    settings: ExportSettings,
+    folder: Path,
+) -> dict:
     """The manifest of DESIGN.md §2 for what was written into `folder`."""
     from visionllm_edge.export import preprocess as pp
 
@@ -444,7 +492,10 @@ def build_manifest_dict(model: VisionLLMv2, tokenizer: ChatTokenizer, graphs: di
                 "std": list(pp.IMAGENET_STD),
                 "resample": "bilinear",
             },
-            "diffusion": {"gen_image_size": cfg.image_size_for("gen"), "edit_image_size": cfg.image_size_for("edit")},
+            "diffusion": {
+                "gen_image_size": cfg.image_size_for("gen"),
+                "edit_image_size": cfg.image_size_for("edit"),
+            },
         },
         "postprocess": {
             "det_top_k": post.det_top_k,
@@ -479,8 +530,13 @@ def main_export(args) -> int:
     """CLI entry (`visionllm-edge export`)."""
     components = tuple(c.strip() for c in args.components.split(",")) if args.components else None
     report = export(
-        args.config or args.source, args.out_dir, components=components, precision=args.precision,
-        quantize=args.quantize, max_context=args.max_context, validate=not args.no_validate,
+        args.config or args.source,
+        args.out_dir,
+        components=components,
+        precision=args.precision,
+        quantize=args.quantize,
+        max_context=args.max_context,
+        validate=not args.no_validate,
         overwrite=args.overwrite,
     )
     print(f"wrote {report.path}")
@@ -490,7 +546,7 @@ def main_export(args) -> int:
         print("validation (max abs error per output):")
         for graph, g in report.validation["graphs"].items():
             worst = max((e["max_abs"] for e in g["outputs"].values()), default=0.0)
-            print(f"  {graph:<18} {'passed' if g['passed'] else 'FAILED'}  shapes={len(g['shapes'])}  max_abs={worst:.2e}")
+            verdict = "passed" if g["passed"] else "FAILED"
+            print(f"  {graph:<18} {verdict}  shapes={len(g['shapes'])}  max_abs={worst:.2e}")
     print(f"total {report.seconds['total']:.1f} s")
     return 0
-
