@@ -74,3 +74,13 @@ def test_cli_parser_knows_the_commands():
         build_parser().parse_args(
             ["reference", "tiny-random", "--image", "x", "--prompt", "p", "--region", "1,2,3"]
         )
+
+
+def test_demo_runs_every_kind_and_writes_pictures(tmp_path, capsys):
+    from visionllm_edge.demo import DEMO_REQUESTS, run_reference_demo
+
+    run_reference_demo(tmp_path)
+    out = capsys.readouterr().out
+    assert out.count("== ") == len(DEMO_REQUESTS)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert {"scene.png", "detection.png", "segmentation.png", "pose.png", "generation_0.png"} <= set(written)

@@ -69,6 +69,10 @@ def run_reference_demo(out_dir: Path) -> None:
         print(f"\n== {title}: {prompt!r}" + (f" (answer prefix {prefix!r})" if prefix else ""))
         print(result)
         print(f"  total {total:.0f} ms")
+        if result.detections or result.segmentation is not None or result.poses:
+            path = out_dir / f"{title}.png"
+            Image.fromarray(result.draw(np.asarray(image))).save(path)
+            print(f"  wrote {path}")
         for i, im in enumerate(result.images):
             path = out_dir / f"{title}_{i}.png"
             Image.fromarray(np.ascontiguousarray(im)).save(path)
