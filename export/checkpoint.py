@@ -34,6 +34,17 @@ class CheckpointError(ValueError):
 # --- reading tensors -------------------------------------------------------------------------------------
 
 
+def _check_shard_contents(path: Path, tensors) -> None:
+    """A shard must be a dict of string keys to tensors; anything else is named with its file and key."""
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{path}: key {key!r} is a {type(key).__name__}, not a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: key '{key}' holds a {type(value).__name__}, not a tensor")
+
+
 def _read_shard(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: shard file is missing")
@@ -46,13 +57,7 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
             tensors = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global, ...
         raise CheckpointError(f"{path}: cannot read checkpoint shard ({type(e).__name__}: {e})") from None
-    if not isinstance(tensors, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
-    for key, value in tensors.items():
-        if not isinstance(key, str):
-            raise CheckpointError(f"{path}: key {key!r} is a {type(key).__name__}, not a string")
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: key '{key}' holds a {type(value).__name__}, not a tensor")
+    _check_shard_contents(path, tensors)
     return tensors
 
 
@@ -523,13 +528,7 @@ def _open_shard_lazily(path: Path) -> tuple[list[str], object, str]:
         raise
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global, ...
         raise CheckpointError(f"{path}: cannot read checkpoint shard ({type(e).__name__}: {e})") from None
-    if not isinstance(tensors, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
-    for key, value in tensors.items():
-        if not isinstance(key, str):
-            raise CheckpointError(f"{path}: key {key!r} is a {type(key).__name__}, not a string")
-        if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{path}: key '{key}' holds a {type(value).__name__}, not a tensor")
+    _check_shard_contents(path, tensors)
     return list(tensors), tensors.__getitem__, mode
 
 

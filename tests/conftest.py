@@ -5,7 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+
+def scene(seed: int, width: int, height: int) -> np.ndarray:
+    """A deterministic, non-degenerate test image: gradients plus seeded noise, H x W x 3 uint8."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), (xx + yy) % 256], -1)
+    img = img.astype(np.float64) * 0.6 + rng.uniform(0, 255, (height, width, 3)) * 0.4
+    return img.astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

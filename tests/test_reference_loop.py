@@ -11,17 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import scene as _scene
 from visionllm_edge.contract import compare
 from visionllm_edge.export import ReferencePipeline, load_reference
-
-
-def _scene(seed: int, width: int, height: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), (xx + yy) % 256], -1)
-    img = img.astype(np.float64) * 0.6 + rng.uniform(0, 255, (height, width, 3)) * 0.4
-    return img.astype(np.uint8)
-
 
 _MASK = np.zeros((90, 120), dtype=bool)
 _MASK[20:60, 30:80] = True
