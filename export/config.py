@@ -22,7 +22,7 @@ from pathlib import Path
 from visionllm_edge.export.models.llama import LlamaSettings
 
 EXTENSION_KEY = "visionllm_edge"
-NAMED_CONFIGS = ("visionllmv2-7b", "tiny-random", "visionllmv2-7b-2layer")
+NAMED_CONFIGS = ("visionllmv2-7b", "tiny-random", "visionllmv2-7b-2layer", "shapes-tiny")
 
 #: Keys our extension section may hold.
 EXTENSION_FIELDS = {
@@ -219,7 +219,8 @@ def config_tiny_random() -> ModelConfig:
     """The released architecture at test sizes (every component, a full request well under a second).
 
     Sizes follow the golden development checkpoint (CLIP 48 wide, Llama 96 wide with 3 layers, a 2+2-layer
-    Grounding DINO) plus a 1+3-layer UniPose (hidden 256 is hard-wired in UniPose) and small SD/IP2P.
+    Grounding DINO) plus a 1+3-layer UniPose (hidden 256, 68 keypoints and 50 groups as released) and small
+    SD/IP2P.
     """
     raw = _released_config()
     raw["_name_or_path"] = "tiny-random"
@@ -317,7 +318,114 @@ def config_7b_2layer() -> ModelConfig:
     return ModelConfig.from_dict(raw, "visionllmv2-7b-2layer")
 
 
+def config_shapes_tiny() -> ModelConfig:
+    """The bundled, trained model (issue 5): the released architecture at small sizes for the shapes world.
+
+    128-pixel scenes (one CLIP tile of 8 x 8 patches, no thumbnail), a 4-layer Llama 192 wide over a
+    768-piece tokenizer trained on the instruction corpus, a 2+3-layer Grounding DINO on a small Swin, a
+    UniPose 128 wide with 7 keypoints and 10 groups, and SD / IP2P with a 3-level VAE (64-pixel pictures,
+    16 x 16 latents) and a 2-level UNet.
+    """
+    raw = _released_config()
+    raw["_name_or_path"] = "shapes-tiny"
+    raw["num_embs_gen"] = 8
+    raw["vis_encoder_config"].update(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=128,
+        patch_size=16,
+        projection_dim=128,
+    )
+    hidden = 192
+    raw["llm_config"].update(
+        vocab_size=794,
+        hidden_size=hidden,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        max_position_embeddings=1024,
+    )
+    g = raw["gdino_config"]
+    g["backbone_config"].update(embed_dim=24, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], hidden_size=192)
+    g.update(
+        d_model=128,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=256,
+        decoder_ffn_dim=256,
+        mask_dim=64,
+        num_queries=30,
+        l_hidden_size=hidden,
+    )
+    u = raw["unipose_config"]
+    u.update(
+        hidden_dim=128,
+        nheads=4,
+        enc_layers=1,
+        dec_layers=3,
+        dim_feedforward=256,
+        num_queries=60,
+        num_select=10,
+        num_body_points=7,
+        enc_n_points=2,
+        dec_n_points=4,
+        l_hidden_size=hidden,
+        use_checkpoint=False,
+        use_transformer_ckpt=False,
+    )
+    for key, trigger in (("sd_config", 784), ("ip2p_config", 785)):
+        raw[key].update(
+            llm_hidden_size=hidden, sd_hidden_size=64, num_embed_tokens=8, trigger_token_id=trigger
+        )
+    unet = dict(
+        _load_json("tiny_sd/unet.json"),
+        block_out_channels=[32, 64],
+        attention_head_dim=8,
+        cross_attention_dim=64,
+        norm_num_groups=16,
+        sample_size=16,
+    )
+    vae = dict(
+        _load_json("tiny_sd/vae.json"),
+        block_out_channels=[32, 48, 64],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=1.0,  # trained with a KL weight that keeps the latents near unit variance
+    )
+    text = dict(
+        _load_json("tiny_sd/text_encoder.json"), hidden_size=64, intermediate_size=128, projection_dim=64
+    )
+    raw[EXTENSION_KEY] = {
+        "unipose_swin": {
+            "embed_dim": 16,
+            "depths": [1, 1, 2, 1],
+            "num_heads": [1, 2, 4, 8],
+            "window_size": 7,
+        },
+        "diffusion_components": {
+            "gen": {"unet": unet, "vae": vae, "text_encoder": text},
+            "edit": {"unet": dict(unet, in_channels=8), "vae": vae, "text_encoder": text},
+        },
+        "max_tiles": 1,
+        "det_short_side": 128,
+        "det_max_long_side": 224,
+        "gen_image_size": 64,
+        "edit_image_size": 64,
+        "tokenizer": "shapes_tokenizer",
+    }
+    return ModelConfig.from_dict(raw, "shapes-tiny")
+
+
 def named_config(name: str) -> ModelConfig:
+    if name == "shapes-tiny":
+        return config_shapes_tiny()
     if name == "visionllmv2-7b-2layer":
         return config_7b_2layer()
     if name == "visionllmv2-7b":

@@ -774,7 +774,21 @@ class GroundingDinoOV(nn.Module):
             self._check_inputs(pixel_values, pixel_mask, text_query, text_query_masks, mask_query_indices)
             return self._forward(pixel_values, pixel_mask, text_query, text_query_masks, mask_query_indices)
 
-    def _forward(self, pixel_values, pixel_mask, text_query, text_query_masks, mask_query_indices):
+    def forward_train(self, pixel_values, pixel_mask, text_query, text_query_masks) -> dict:
+        """Training outputs: the final ones plus every decoder layer's and the encoder tokens' predictions.
+
+        Returns a dict with `logits`, `boxes`, `masks` (all queries), `layers` (per decoder layer
+        `(logits, boxes)`, the last equal to the final ones) and `encoder` (`(logits, boxes)` of every
+        encoder token, the two-stage proposals). The initial boxes and each layer's refined boxes are
+        detached before the next layer reads them, as DINO trains.
+        """
+        aux: dict = {"layers": []}
+        logits, boxes, masks = self._forward(
+            pixel_values, pixel_mask, text_query, text_query_masks, None, aux
+        )
+        return {"logits": logits, "boxes": boxes, "masks": masks, **aux}
+
+    def _forward(self, pixel_values, pixel_mask, text_query, text_query_masks, mask_query_indices, aux=None):
         s, body = self.settings, self.model
         pixel_mask = pixel_mask.bool()
         text_valid = text_query_masks.bool()
@@ -833,6 +847,9 @@ class GroundingDinoOV(nn.Module):
         top = torch.topk(token_scores.max(-1)[0], s.num_queries, dim=1)[1]
         coords = body.encoder_output_bbox_embed(object_query) + proposals
         boxes = torch.gather(coords, 1, top[..., None].expand(-1, -1, 4)).sigmoid()
+        if aux is not None:
+            aux["encoder"] = (self._class_logits(object_query, text, text_valid), coords.sigmoid(), valid)
+            boxes = boxes.detach()
         queries = body.query_position_embeddings.weight[None].expand(memory.shape[0], -1, -1)
 
         # Decoder with iterative box refinement; the last layer's box comes from the normalised output.
@@ -846,7 +863,12 @@ class GroundingDinoOV(nn.Module):
             position = body.decoder.reference_points_head(box_embedding.to(queries.dtype))
             queries = layer(queries, position, text, text_pad, memory, valid, level_boxes, spatial_shapes)
             if idx < last:
-                boxes = (self.bbox_embed[idx](queries) + _inverse_sigmoid(boxes)).sigmoid()
+                refined = (self.bbox_embed[idx](queries) + _inverse_sigmoid(boxes)).sigmoid()
+                if aux is not None:
+                    layer_logits = self._class_logits(body.decoder.layer_norm(queries), text, text_valid)
+                    aux["layers"].append((layer_logits, refined))
+                    refined = refined.detach()
+                boxes = refined
 
         hidden = body.decoder.layer_norm(queries)
         logits = self._class_logits(hidden, text, text_valid)
@@ -854,4 +876,6 @@ class GroundingDinoOV(nn.Module):
         if mask_query_indices is not None:
             hidden = torch.gather(hidden, 1, mask_query_indices[..., None].expand(-1, -1, hidden.shape[-1]))
         pred_masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed[last](hidden), mask_features)
+        if aux is not None:
+            aux["layers"].append((logits, pred_boxes))
         return logits, pred_boxes, pred_masks

@@ -1,0 +1,99 @@
+"""Train shapes-tiny, one stage per command (resumable; see `export/train/README.md`).
+
+    python -m visionllm_edge.export.train STAGE [--out training-runs/shapes-tiny] [--minutes M] [--threads T]
+    python -m visionllm_edge.export.train assemble [--out ...] DEST
+
+A stage's data, initial weights and schedule are fixed by its defaults below; `--minutes` only bounds one
+invocation (run the command again to continue where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: Per stage: planned steps, batch, peak learning rate, warm-up steps.
+DEFAULTS = {
+    "object": {"steps": 3500, "batch": 8, "lr": 2e-4, "warmup": 300},
+    "pose": {"steps": 2000, "batch": 8, "lr": 2e-4, "warmup": 200},
+    "diffusion": {"steps": 2400, "batch": 8, "lr": 5e-4, "warmup": 100},
+    "llm": {"steps": 3000, "batch": 12, "lr": 5e-4, "warmup": 200},
+}
+INIT_SEED = 0
+DEFAULT_OUT = Path("training-runs/shapes-tiny")
+
+
+def build():
+    from visionllm_edge.export.config import named_config
+    from visionllm_edge.export.model import build_model
+
+    cfg = named_config("shapes-tiny")
+    model = build_model(cfg, seed=INIT_SEED)
+    return cfg, model
+
+
+def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
+    from visionllm_edge.export.train import stages
+    from visionllm_edge.export.train.runner import StageRunner
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(INIT_SEED)
+    cfg, model = build()
+    settings = DEFAULTS[name]
+    modules_fn, step_fn = stages.STAGES[name]
+    trained = nn.ModuleList(modules_fn(model))
+    runner = StageRunner(
+        name, trained, out, steps=settings["steps"], minutes=minutes, lr=settings["lr"],
+        warmup=settings["warmup"],
+    )  # fmt: skip
+    if runner.done:
+        print(f"stage {name} is complete ({runner.step} steps); nothing to do")
+        return
+    runner.log({"event": "start", "argv": sys.argv[1:], **settings})
+    runner.run(step_fn(model, cfg, settings["batch"]))
+
+
+def assemble(out: Path, dest: Path) -> None:
+    """Loads every finished stage into one model and saves it in the official layout (fp16 safetensors)."""
+    from visionllm_edge.export.train import stages
+
+    cfg, model = build()
+    report = {}
+    for name in DEFAULTS:
+        ckpt = out / name / "checkpoint.pt"
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt}: stage {name!r} has not been run")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        nn.ModuleList(stages.STAGES[name][0](model)).load_state_dict(state["module"])
+        report[name] = {"steps": int(state["step"]), "minutes": round(float(state["elapsed"]) / 60, 1)}
+    from visionllm_edge.export.train.ship import save_shipped
+
+    save_shipped(model, dest, report)
+    print(json.dumps(report))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m visionllm_edge.export.train", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("stage", choices=[*DEFAULTS, "assemble"])
+    parser.add_argument("dest", nargs="?", type=Path, help="assemble: the folder to write")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="training folder (checkpoints, logs)")
+    parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock budget of this invocation")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.stage == "assemble":
+        if args.dest is None:
+            parser.error("assemble needs DEST")
+        assemble(args.out, args.dest)
+    else:
+        run_stage(args.stage, args.out, args.minutes, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""The training stages of shapes-tiny and the batches they read.
+
+- `object`: the Grounding DINO decoder (+ mask head) on detection, segmentation and grounding, reading the
+  fixed link targets of `targets.py` for each class / phrase (with noise).
+- `pose`: the UniPose decoder on stick figures, the same way.
+- `diffusion`: the VAE (shared start for generation and editing), then the generation UNet + mapper and the
+  editing UNet + mapper on the link targets of captions / instructions.
+- `llm`: CLIP, projector, region encoder, the LLM and the super-link query tables on every task's
+  conversation: next-token loss on the answers plus a regression of every link group onto its targets.
+
+Every batch is a pure function of `(seed, step)`, so a resumed stage sees the data it would have seen.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from visionllm_edge import contract
+from visionllm_edge.export import preprocess as pp
+from visionllm_edge.export.config import ModelConfig
+from visionllm_edge.export.train import losses as L
+from visionllm_edge.export.train.targets import phrase_rows
+from visionllm_edge.shapes import world
+from visionllm_edge.shapes.instructions import Sample, make_sample, task_mixture
+
+TRAIN_SEED = 1
+LINK_NOISE = 0.2
+
+
+def _samples(mixture: dict[str, float], step: int, batch: int, seed: int = TRAIN_SEED) -> list[Sample]:
+    out = []
+    for i in range(batch):
+        index = step * batch + i
+        out.append(make_sample(task_mixture(seed, index, mixture), seed, index))
+    return out
+
+
+def _link_rows(phrases: list[str], decoder: str, rows: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    t = torch.from_numpy(np.stack([phrase_rows(p, decoder, rows, width) for p in phrases]))
+    return t + LINK_NOISE * torch.randn(t.shape, generator=gen)
+
+
+# --- object decoder --------------------------------------------------------------------------------------
+
+
+def object_batch(cfg: ModelConfig, step: int, batch: int, gen: torch.Generator, mixture=None):
+    """Detection / segmentation / grounding samples as the object decoder's inputs and targets."""
+    mixture = mixture or {"detect": 0.45, "segment": 0.25, "ground": 0.3}
+    samples = _samples(mixture, step, batch)
+    width, rows = cfg.llm.hidden_size, cfg.num_embs
+    pixels, pmask, targets = [], [], []
+    k_max = max(len(s.phrases) for s in samples)
+    text = torch.zeros(batch, k_max, rows, width)
+    text_mask = torch.zeros(batch, k_max, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        px, m, (rh, rw) = pp.detection_image(s.scene.image, cfg.det_short_side, cfg.det_max_long_side)
+        pixels.append(px[0])
+        pmask.append(m[0])
+        text[i, : len(s.phrases)] = _link_rows(s.phrases, "object", rows, width, gen)
+        text_mask[i, : len(s.phrases)] = True
+        targets.append(_object_target(s, px.shape[-2:], (rh, rw)))
+    return torch.stack(pixels), torch.stack(pmask), text, text_mask, targets
+
+
+def _object_target(s: Sample, padded_hw, resized_hw) -> L.Target:
+    hp, wp = padded_hw
+    w0, h0 = s.scene.image.size
+    sx, sy = resized_hw[1] / w0, resized_hw[0] / h0
+    labels, boxes, masks = [], [], []
+    for slot, objs in enumerate(s.targets):
+        for k in objs:
+            o = s.scene.objects[k]
+            x0, y0, x1, y1 = o.box
+            x0, x1, y0, y1 = x0 * sx / wp, x1 * sx / wp, y0 * sy / hp, y1 * sy / hp
+            labels.append(slot)
+            boxes.append([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0])
+            m = torch.zeros(hp, wp)
+            full = torch.from_numpy(o.mask.astype(np.float32))[None, None]
+            m[: resized_hw[0], : resized_hw[1]] = F.interpolate(full, size=resized_hw, mode="bilinear")[0, 0]
+            masks.append(F.avg_pool2d(m[None], 4)[0])
+    if not labels:
+        return L.Target(torch.zeros(0, dtype=torch.long), torch.zeros(0, 4), torch.zeros(0, hp // 4, wp // 4))
+    return L.Target(torch.tensor(labels), torch.tensor(boxes, dtype=torch.float32), torch.stack(masks))
+
+
+def object_step(model, cfg: ModelConfig, batch: int):
+    gen = torch.Generator()
+
+    def step(i: int) -> dict:
+        gen.manual_seed(10_000 + i)
+        pixels, pmask, text, text_mask, targets = object_batch(cfg, i, batch, gen)
+        out = model.gdino.forward_train(pixels, pmask, text, text_mask)
+        n_cls = text_mask.sum(1)
+        parts: dict[str, torch.Tensor] = {}
+        layers = out["layers"]
+        for li, (logits, boxes) in enumerate(layers):
+            last = li == len(layers) - 1
+            got = L.set_loss(logits, boxes, targets, n_cls, masks=out["masks"] if last else None)
+            for k, v in got.items():
+                parts[k] = parts.get(k, 0) + v
+        enc_logits, enc_boxes, valid = out["encoder"]
+        for k, v in L.set_loss(enc_logits, enc_boxes, targets, n_cls, valid=valid).items():
+            parts["enc_" + k] = v
+        loss = L.weighted({k: v for k, v in parts.items() if not k.startswith("enc_")})
+        loss = loss + L.weighted({k[4:]: v for k, v in parts.items() if k.startswith("enc_")})
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+    return step
+
+
+def object_modules(model) -> list:
+    return [model.gdino]
+
+
+# --- LLM (with CLIP, projector, region encoder and query tables) ----------------------------------------
+
+LLM_MIXTURE = {
+    "vqa": 0.25, "caption": 0.07, "region_caption": 0.13, "detect": 0.12, "segment": 0.08,
+    "ground": 0.12, "pose": 0.08, "generate": 0.08, "edit": 0.07,
+}  # fmt: skip
+#: Which decoder's targets a routing kind's group regresses onto.
+LINK_DECODER = {
+    "det": "object",
+    "grd": "object",
+    "seg": "object",
+    "pose": "pose",
+    "gen": "gen",
+    "edit": "edit",
+}
+LINK_WEIGHT = 2.0
+
+
+class ConversationEncoder:
+    """Turns samples into the LLM's padded ids, labels and link slots, exactly as the reference loop builds
+    its sequences (it reuses `ReferencePipeline`'s templating and tokenisation)."""
+
+    def __init__(self, model, cfg: ModelConfig):
+        from visionllm_edge.export.config import data_path
+        from visionllm_edge.export.reference import ReferencePipeline
+        from visionllm_edge.export.tokenizer import ChatTokenizer
+
+        tokenizer = ChatTokenizer.from_directory(data_path(cfg.extension["tokenizer"]))
+        self.ref = ReferencePipeline(model, tokenizer)
+        self.cfg = cfg
+
+    def encode(self, s: Sample) -> dict:
+        ref = self.ref
+        has_image = s.scene is not None
+        turns = ref._turns(s.question, s.history, self._answer(s.answer), has_image=has_image)
+        n_tiles = 1 if has_image else 0
+        ids = ref._token_ids(turns, n_tiles)
+        start = ref._answer_start(ids, turns, n_tiles)
+        links = []  # (position of the first query row, kind)
+        for pos, tok in enumerate(ids):
+            kind = ref.routing_ids.get(tok)
+            if kind is not None:
+                links.append((pos + 1, kind))
+        if len(links) != len(s.phrases):
+            raise ValueError(f"{s.task}: {len(links)} routing groups for {len(s.phrases)} phrases")
+        return {"ids": ids, "answer_start": start, "links": links}
+
+    def _answer(self, answer: str) -> str:
+        from visionllm_edge.export.tokenizer import insert_placeholders
+
+        return insert_placeholders(answer, self.cfg.num_embs, self.cfg.num_embs_gen)
+
+
+def llm_step(model, cfg: ModelConfig, batch: int):
+    enc = ConversationEncoder(model, cfg)
+    width = cfg.llm.hidden_size
+    placeholder_ids = enc.ref.placeholder_ids
+    patch_id, region_id = enc.ref.patch_id, enc.ref.region_id
+    size = cfg.image_size
+
+    def step(i: int) -> dict:
+        samples = _samples(LLM_MIXTURE, i, batch, seed=TRAIN_SEED + 100)
+        coded = [enc.encode(s) for s in samples]
+        seq = max(len(c["ids"]) for c in coded)
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        for b, c in enumerate(coded):
+            ids[b, : len(c["ids"])] = torch.tensor(c["ids"])
+        # Vision: one tile per picture (max_tiles 1), CLIP hidden states for the projector and regions.
+        with_image = [b for b, s in enumerate(samples) if s.scene is not None]
+        embeds = model.embed_tokens(ids).clone()
+        if with_image:
+            tiles = torch.cat(
+                [pp.anyres_tiles(samples[b].scene.image, size, cfg.max_tiles)[0] for b in with_image]
+            )
+            vision = model.encode_image(tiles)
+            rows = (ids[with_image] == patch_id).nonzero()
+            embeds[torch.tensor(with_image)[rows[:, 0]], rows[:, 1]] = vision.projected.reshape(-1, width)
+            region_items = [(j, b) for j, b in enumerate(with_image) if samples[b].regions]
+            if region_items:
+                masks, images, levels = [], [], [[], [], []]
+                for j, b in region_items:
+                    s = samples[b]
+                    for r in s.regions:
+                        masks.append(pp.region_mask(r, s.scene.image.size, size))
+                        images.append(tiles[j])
+                        for li, h in enumerate(vision.hidden_states[-3:]):
+                            levels[li].append(h[j, 1:])
+                region_rows = model.region_encoder(
+                    torch.stack(images), torch.stack(masks)[:, None], [torch.stack(lv) for lv in levels]
+                )
+                at = [
+                    (b, p) for _j, b in region_items for p in (ids[b] == region_id).nonzero()[:, 0].tolist()
+                ]
+                embeds[torch.tensor([a for a, _ in at]), torch.tensor([p for _, p in at])] = region_rows
+        # Super-link query rows and their targets.
+        link_b, link_p, link_rows, link_targets = [], [], [], []
+        for b, (s, c) in enumerate(zip(samples, coded)):
+            for (pos, kind), phrase in zip(c["links"], s.phrases):
+                n = model.num_queries(kind)
+                link_b.append(torch.full((n,), b))
+                link_p.append(torch.arange(pos, pos + n))
+                link_rows.append(model.query_table(kind))
+                link_targets.append(torch.from_numpy(phrase_rows(phrase, LINK_DECODER[kind], n, width)))
+        if link_b:
+            lb, lp = torch.cat(link_b), torch.cat(link_p)
+            embeds[lb, lp] = torch.cat(link_rows)
+        hidden = model.llm(embeds, torch.arange(seq)).hidden
+        # Next-token loss on the answers (placeholders are inputs, never targets).
+        tb, tp, tt = [], [], []
+        for b, c in enumerate(coded):
+            for p in range(c["answer_start"], len(c["ids"])):
+                if c["ids"][p] not in placeholder_ids:
+                    tb.append(b)
+                    tp.append(p - 1)
+                    tt.append(c["ids"][p])
+        logits = model.logits(hidden[torch.tensor(tb), torch.tensor(tp)])
+        ce = F.cross_entropy(logits, torch.tensor(tt))
+        out = {"ce": ce}
+        loss = ce
+        if link_b:
+            link = F.mse_loss(hidden[lb, lp], torch.cat(link_targets))
+            out["link"] = link
+            loss = loss + LINK_WEIGHT * link
+        acc = (logits.argmax(-1) == torch.tensor(tt)).float().mean()
+        return {"loss": loss, **{k: v.detach() for k, v in out.items()}, "token_acc": acc}
+
+    return step
+
+
+def llm_modules(model) -> list:
+    return [
+        model.vis_encoder, model.vl_bridge, model.region_encoder, model.llm, model.emb_embeddings_det,
+        model.emb_embeddings_pose, model.emb_embeddings_gen, model.emb_embeddings_edit,
+    ]  # fmt: skip
+
+
+# --- diffusion: VAE, then the generation and editing UNets with their mappers -------------------------------
+
+VAE_STEPS = 400
+VAE_KL = 1e-3
+CFG_DROP = 0.1
+
+
+def _to_unit(images) -> torch.Tensor:
+    """PIL pictures -> `[n, 3, H, W]` in [-1, 1] (the VAE's range)."""
+    arr = np.stack([np.asarray(im, np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _noised(latents: torch.Tensor, gen: torch.Generator):
+    from visionllm_edge.export.models.diffusion import BETA_END, BETA_START, TRAIN_STEPS
+
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, TRAIN_STEPS, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0).float()
+    t = torch.randint(0, TRAIN_STEPS, (latents.shape[0],), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    a = abar[t].view(-1, 1, 1, 1)
+    return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
+
+
+def diffusion_step(model, cfg: ModelConfig, batch: int):
+    width = cfg.llm.hidden_size
+    gen = torch.Generator()
+    sd, ip2p = model.sd, model.ip2p
+    rows = cfg.num_embs_gen
+    uncond = {"gen": sd.unconditional_embedding().detach(), "edit": ip2p.unconditional_embedding().detach()}
+
+    def step(i: int) -> dict:
+        gen.manual_seed(20_000 + i)
+        if i < VAE_STEPS:
+            mixture = {"generate": 0.5, "edit": 0.5}
+            samples = _samples(mixture, i, batch, seed=TRAIN_SEED + 200)
+            images = _to_unit([s.image_out if s.task == "generate" else s.scene.image for s in samples])
+            posterior = sd.sd_vae.encode(images).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            recon = sd.sd_vae.decode(z).sample
+            rec = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images)
+            kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
+            return {"loss": rec + VAE_KL * kl, "rec": rec.detach(), "kl": kl.detach(),
+                    "latent_std": posterior.mean.detach().std()}  # fmt: skip
+        if i == VAE_STEPS:  # both decoders use the same (now frozen) autoencoder
+            ip2p.sd_vae.load_state_dict(sd.sd_vae.state_dict())
+        kind = "gen" if i % 2 == 0 else "edit"
+        task = "generate" if kind == "gen" else "edit"
+        samples = _samples({task: 1.0}, i, batch, seed=TRAIN_SEED + 200)
+        dec = sd if kind == "gen" else ip2p
+        with torch.no_grad():
+            target = _to_unit([s.image_out for s in samples])
+            latents = dec.sd_vae.encode(target).latent_dist.mean * dec.scaling_factor
+            source = None
+            if kind == "edit":
+                source = dec.sd_vae.encode(_to_unit([s.scene.image for s in samples])).latent_dist.mode()
+        links = torch.stack([_link_rows([s.instruction], kind, rows, width, gen)[0] for s in samples])
+        cond = dec.map_queries(links)
+        drop = torch.rand(batch, generator=gen) < CFG_DROP
+        cond = torch.where(drop[:, None, None], uncond[kind].expand_as(cond), cond)
+        noisy, t, noise = _noised(latents, gen)
+        unet_in = noisy
+        if source is not None:
+            keep = (torch.rand(batch, generator=gen) >= 0.05).float().view(-1, 1, 1, 1)
+            unet_in = torch.cat([noisy, source * keep], 1)
+        eps = dec.sd_unet(unet_in, t, encoder_hidden_states=cond).sample
+        mse = F.mse_loss(eps, noise)
+        return {"loss": mse, f"{kind}_mse": mse.detach()}
+
+    return step
+
+
+def diffusion_modules(model) -> list:
+    return [model.sd, model.ip2p]
+
+
+STAGES = {
+    "object": (object_modules, object_step),
+    "llm": (llm_modules, llm_step),
+    "diffusion": (diffusion_modules, diffusion_step),
+}
+
+
+def check_batch_shapes(cfg: ModelConfig) -> None:  # pragma: no cover - a debugging aid
+    gen = torch.Generator().manual_seed(0)
+    pixels, pmask, text, mask, targets = object_batch(cfg, 0, 2, gen)
+    print(pixels.shape, pmask.shape, text.shape, mask.shape, [len(t.labels) for t in targets])
+
+
+__all__ = ["STAGES", "contract", "world"]
