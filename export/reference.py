@@ -382,10 +382,11 @@ class ReferencePipeline:
         self, objects: list[Link], keypoints: list[Link], prep: _Prepared
     ) -> dict[str, np.ndarray]:
         n_slots = 100
-        if len(objects) > n_slots or len(keypoints) > 68:
+        max_keypoints = self.model.unipose.num_body_points
+        if len(objects) > n_slots or len(keypoints) > max_keypoints:
             raise ValueError(
-                f"the keypoint decoder takes at most 100 object and 68 keypoint groups, got "
-                f"{len(objects)} and {len(keypoints)}"
+                f"the keypoint decoder takes at most {n_slots} object and {max_keypoints} keypoint groups, "
+                f"got {len(objects)} and {len(keypoints)}"
             )
         hidden = objects[0].states.shape[-1]
         n = objects[0].states.shape[0]
@@ -486,7 +487,8 @@ class ReferencePipeline:
                 box = ((cx - bw / 2) * sx, (cy - bh / 2) * sy, (cx + bw / 2) * sx, (cy + bh / 2) * sy)
                 kp = pose["pred_keypoints"][0, q]
                 xy = kp[: 2 * len(names)].reshape(-1, 2) * np.array([sx, sy])
-                vis = kp[136 : 136 + len(names)]
+                k = kp.shape[-1] // 3  # [x0, y0, ..., x{K-1}, y{K-1}, v0, ..., v{K-1}]
+                vis = kp[2 * k : 2 * k + len(names)]
                 keypoints = np.concatenate([xy, vis[:, None]], axis=1).astype(np.float32)
                 result.poses.append(Pose(objects[c].label, score, box, keypoints, names, q))
         for kind in contract.GENERATION_KINDS:

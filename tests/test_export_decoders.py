@@ -496,3 +496,25 @@ def test_pose_facts(model, pose):
     assert facts["min_encoder_tokens"] == model.unipose.num_queries == 120
     assert (facts["num_groups"], facts["max_objects"], facts["max_keypoints"]) == (50, 100, 68)
     assert facts["box_frame"] == facts["keypoint_frame"] == "padded_image"
+
+
+def test_pose_graph_of_a_small_config(tmp_path):
+    """UniPose with 7 keypoints, 10 groups and hidden 128: the graph, its facts and cases follow the model."""
+    from types import SimpleNamespace
+
+    from visionllm_edge.export.config import config_tiny_random
+    from visionllm_edge.export.models.unipose import UniPose
+
+    tiny = config_tiny_random()
+    cfg = {**tiny.official["unipose_config"], "num_body_points": 7, "num_select": 10, "hidden_dim": 128}
+    torch.manual_seed(0)
+    small = SimpleNamespace(config=tiny, unipose=UniPose(cfg, swin=tiny.extension["unipose_swin"]).eval())
+    exporter, graph, path, cases = _export(small, "pose", tmp_path)
+    assert (graph.facts["num_groups"], graph.facts["max_keypoints"]) == (10, 7)
+    assert [int(c.inputs["keypoint_query_mask"].sum()) for c in cases] == [3, 5, 7]
+    session = _session(path)
+    for case in cases:
+        got = _run(session, case.inputs)
+        assert got["pred_boxes"].shape == (1, 10, 4)
+        assert got["pred_keypoints"].shape == (1, 10, 21)
+        _assert_matches(got, case.expected, f"small pose {case.label}")

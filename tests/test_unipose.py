@@ -321,10 +321,14 @@ def test_bad_inputs_raise_value_error():
 
 def test_unsupported_config_raises():
     cfg = _config_7b()
-    with pytest.raises(ValueError, match="num_body_points=17"):
-        UniPose({**cfg, "num_body_points": 17}, swin=TINY_SWIN)
+    with pytest.raises(ValueError, match="num_body_points=0"):
+        UniPose({**cfg, "num_body_points": 0}, swin=TINY_SWIN)
     with pytest.raises(ValueError, match="dec_layers=2"):
         UniPose({**cfg, "dec_layers": 2}, swin=TINY_SWIN)
+    with pytest.raises(ValueError, match="dec_layers=4.*num_box_decoder_layers=4"):
+        UniPose({**cfg, "dec_layers": 4, "num_box_decoder_layers": 4}, swin=TINY_SWIN)
+    with pytest.raises(ValueError, match="num_queries=40; must be >= num_select=50"):
+        UniPose({**cfg, "num_queries": 40}, swin=TINY_SWIN)
     with pytest.raises(ValueError, match="swin overrides"):
         with torch.device("meta"):
             UniPose(cfg, swin={"patch": 4})
@@ -367,3 +371,91 @@ def test_runs_on_cuda(model, inputs, golden):
             _check(got, golden[name], name)
     finally:
         model.to("cpu")
+
+
+# --- sizes from the config ----------------------------------------------------------------------------
+
+
+def _small_config(**changes) -> tuple[dict, dict]:
+    """The tiny-random UniPose config and Swin sizes, with 7 keypoints, 10 groups and hidden 128."""
+    from visionllm_edge.export.config import config_tiny_random
+
+    tiny = config_tiny_random()
+    cfg = {**tiny.official["unipose_config"], "num_body_points": 7, "num_select": 10, "hidden_dim": 128}
+    return {**cfg, **changes}, tiny.extension["unipose_swin"]
+
+
+def test_official_sizes_are_the_defaults():
+    cfg = _config_7b()
+    for key in ("num_body_points", "num_select", "num_box_decoder_layers", "hidden_dim"):
+        del cfg[key]
+    with torch.device("meta"):
+        model = UniPose(cfg, swin=TINY_SWIN)
+    sizes = (model.num_body_points, model.num_groups, model.num_box_decoder_layers, model.hidden_dim)
+    assert sizes == (68, 50, 2, 256)
+    sd = model.state_dict()
+    assert sd["transformer.decoder.hw.weight"].shape == (17, 2)
+    assert sd["transformer.decoder.hw_append.weight"].shape == (51, 2)
+
+
+@pytest.mark.parametrize("points, head, rest", [(7, 7, 0), (17, 17, 0), (20, 17, 3)])
+def test_keypoint_sizes_split_as_the_checkpoint(points, head, rest):
+    cfg, swin = _small_config(num_body_points=points)
+    with torch.device("meta"):
+        model = UniPose(cfg, swin=swin)
+    sd = model.state_dict()
+    assert sd["transformer.decoder.hw.weight"].shape == (head, 2)
+    assert sd["transformer.decoder.hw_append.weight"].shape == (rest, 2)
+
+
+def test_small_config_runs_with_fewer_keypoints_and_groups(tmp_path):
+    cfg, swin = _small_config()
+    torch.manual_seed(0)
+    model = UniPose(cfg, swin=swin).eval()
+    sizes = (model.num_body_points, model.num_groups, model.num_box_decoder_layers, model.hidden_dim)
+    assert sizes == (7, 10, 2, 128)
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(1, 3, 96, 160, generator=gen)
+    padding = torch.zeros(1, 96, 160, dtype=torch.bool)
+    padding[:, 80:] = True
+    pixels[padding[:, None].expand_as(pixels)] = 0
+    objects = torch.randn(1, 3, 4, 96, generator=gen)
+    object_mask = torch.tensor([[True, True, False]])
+    keypoints = torch.randn(1, 7, 4, 96, generator=gen)
+    keypoint_mask = torch.ones(1, 7, dtype=torch.bool)
+    inputs = (pixels, padding, objects, object_mask, keypoints, keypoint_mask)
+    with torch.no_grad():
+        run = model.forward_with_intermediates(*inputs)
+    assert run["pred_logits"].shape == (1, 10, 3)
+    assert run["pred_boxes"].shape == (1, 10, 4)
+    assert run["pred_keypoints"].shape == (1, 10, 21)
+    assert run["kpt_embed"].shape == (1, 7, 128)
+    assert run["attn_mask2"].shape == (1, 80, 80)
+    assert torch.isfinite(run["pred_boxes"]).all() and torch.isfinite(run["pred_keypoints"]).all()
+    assert torch.isneginf(run["pred_logits"][..., 2]).all()
+    assert torch.equal(run["pred_keypoints"][..., 14:], torch.full((1, 10, 7), torch.tensor(1.0).sigmoid()))
+
+    # An empty `hw_append` survives saving and strict loading.
+    (tmp_path / "unipose_config.json").write_text(json.dumps(cfg))
+    torch.save({f"unipose.{k}": v for k, v in model.state_dict().items()}, tmp_path / "unipose_state_dict.pt")
+    loaded = load_unipose_component(tmp_path)
+    assert loaded.transformer.decoder.hw_append.weight.shape == (0, 2)
+    with torch.no_grad():
+        again = loaded(*inputs)
+    for name, got in zip(OUTPUTS, again):
+        assert torch.equal(got, run[name]), name
+
+    with pytest.raises(ValueError, match="kpt_querys: expected at least 7"):
+        model(pixels, padding, objects, object_mask, keypoints[:, :6], keypoint_mask[:, :6])
+    too_many = torch.ones(1, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="kpt_query_masks: at most 7"):
+        model(pixels, padding, objects, object_mask, torch.zeros(1, 8, 4, 96), too_many)
+
+
+def test_hidden_dim_must_be_a_multiple_of_32():
+    cfg, swin = _small_config(hidden_dim=100)
+    with pytest.raises(ValueError, match=r"hidden_dim=100; must be a multiple of 32"):
+        UniPose(cfg, swin=swin)
+    cfg, swin = _small_config(hidden_dim=96, nheads=5)
+    with pytest.raises(ValueError, match=r"hidden_dim=96; must be a multiple of nheads=5"):
+        UniPose(cfg, swin=swin)

@@ -13,14 +13,17 @@ Pipeline, per image:
    multi-scale deformable self-attention layer over the image tokens.
 3. Two-stage query selection: the `num_queries` image tokens with the highest object score become the
    decoder's reference boxes.
-4. Decoder: the first two layers refine boxes; after layer 1 the best 50 queries each become a group of
-   1 box row + 68 keypoint rows (3450 rows); later layers refine boxes and keypoints.
-5. Heads on the last layer: object logits (dot product with the projected object queries), boxes and 68
+4. Decoder: the first `num_box_decoder_layers` (2) layers refine boxes; after the last of them the best G
+   (`num_select`, 50) queries each become a group of 1 box row + K (`num_body_points`, 68) keypoint rows
+   (G * (K + 1) = 3450 rows); later layers refine boxes and keypoints.
+5. Heads on the last layer: object logits (dot product with the projected object queries), boxes and K
    keypoints per group.
 
-Several numbers are hard-wired in the official code and therefore here: 68 keypoints, 50 groups, 2 box-only
-decoder layers. The decoder self-attention mask of the keypoint layers is reproduced *exactly*, including its
-off-by-one windows (see `pose_self_attention_mask`).
+The official code hard-wires 68 keypoints, 50 groups and 2 box-only decoder layers; the released config
+carries the same numbers under `num_body_points`, `num_select` and `num_box_decoder_layers`. Here they are
+read from the config (those values by default), so that a smaller model can use fewer keypoints and groups;
+the official sizes build the official model. The decoder self-attention mask of the keypoint layers is
+reproduced *exactly*, including its off-by-one windows (see `pose_self_attention_mask`).
 
 The deformable attention runs through `msda.multi_scale_deformable_attention` (float32, like the official
 op). Nothing here caches input-size-dependent state; masks and grids are rebuilt per call on the input's
@@ -42,19 +45,24 @@ from torch import nn
 from .msda import multi_scale_deformable_attention, resize_mask_nearest, spatial_shapes_tensor
 from .unipose_swin import SWIN_PRESETS, SwinBackbone
 
-#: Keypoint rows per group. The official decoder is built without passing the config value, so it is 68.
+#: Official default of `num_body_points`, the keypoint rows per group (the official decoder is built without
+#: passing the config value, so it is always 68 there).
 NUM_BODY_POINTS = 68
-#: Pose groups kept after decoder layer 1 (hard-coded in the official decoder, forward and mask).
+#: Official default of `num_select`, the pose groups kept after the box-only layers (hard-coded in the
+#: official decoder, forward and mask).
 NUM_GROUPS = 50
-#: Decoder layers that refine boxes only (the official decoder's default, never taken from the config).
+#: Official default of `num_box_decoder_layers`, the decoder layers that refine boxes only (the official
+#: decoder's default, never taken from the config).
 NUM_BOX_DECODER_LAYERS = 2
+#: Official default of `hidden_dim`.
+HIDDEN_DIM = 256
+#: Rows of the decoder's `hw` embedding in the official checkpoint; keypoints beyond go to `hw_append`.
+HW_ROWS = 17
 
 # Config values the official code asserts or silently relies on; anything else builds a different model.
 _REQUIRED: dict[str, Any] = {
     "two_stage_type": "standard",
     "query_dim": 4,
-    "num_body_points": NUM_BODY_POINTS,
-    "num_box_decoder_layers": NUM_BOX_DECODER_LAYERS,
     "dec_pred_bbox_embed_share": True,
     "dec_pred_class_embed_share": True,
     "two_stage_bbox_embed_share": False,
@@ -78,9 +86,16 @@ _REQUIRED: dict[str, Any] = {
     "return_interm_indices": [1, 2, 3],
 }
 # Attributes the released config may lack; the values the official model was built with.
-_ASSUMED: dict[str, Any] = {"num_box_decoder_layers": 2, "sub_sentence_present": True, "focal_alpha": 0.25}
+_ASSUMED: dict[str, Any] = {
+    "num_body_points": NUM_BODY_POINTS,
+    "num_select": NUM_GROUPS,
+    "num_box_decoder_layers": NUM_BOX_DECODER_LAYERS,
+    "hidden_dim": HIDDEN_DIM,
+    "sub_sentence_present": True,
+    "focal_alpha": 0.25,
+}
 _NEEDED = (
-    "hidden_dim", "nheads", "num_queries", "num_feature_levels", "enc_layers", "dec_layers",
+    "nheads", "num_queries", "num_feature_levels", "enc_layers", "dec_layers",
     "dim_feedforward", "enc_n_points", "dec_n_points", "l_hidden_size", "backbone",
     "pe_temperatureH", "pe_temperatureW",
 )  # fmt: skip
@@ -261,10 +276,14 @@ def _sine_1d(pos: torch.Tensor, num_feats: int, temperature: float = 10000.0) ->
     return torch.stack((e[..., 0::2].sin(), e[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
-def _sine_box(box: torch.Tensor) -> torch.Tensor:
-    """`[B, Q, 4]` (cx, cy, w, h) -> `[B, Q, 512]`, blocks in the order y, x, w, h (128 each)."""
-    dim = torch.arange(128, dtype=torch.float32, device=box.device)
-    dim = 10000 ** (2 * (dim // 2) / 128)
+def _sine_box(box: torch.Tensor, num_feats: int = HIDDEN_DIM // 2) -> torch.Tensor:
+    """`[B, Q, 4]` (cx, cy, w, h) -> `[B, Q, 4 * num_feats]`, blocks in the order y, x, w, h.
+
+    The official code fixes `num_feats` at 128 (`hidden_dim` 256); here it is `hidden_dim // 2`, so that the
+    embedding keeps the width `2 * hidden_dim` that `ref_point_head` takes.
+    """
+    dim = torch.arange(num_feats, dtype=torch.float32, device=box.device)
+    dim = 10000 ** (2 * (dim // 2) / num_feats)
 
     def embed(c: torch.Tensor) -> torch.Tensor:
         e = (c * (2 * math.pi))[..., None] / dim
@@ -541,14 +560,25 @@ class TransformerDecoder(nn.Module):
     pose_embed: nn.ModuleList
     pose_hw_embed: nn.ModuleList
 
-    def __init__(self, num_layers: int, dim: int, heads: int, ffn: int, levels: int, points: int):
+    def __init__(
+        self,
+        num_layers: int,
+        dim: int,
+        heads: int,
+        ffn: int,
+        levels: int,
+        points: int,
+        num_body_points: int = NUM_BODY_POINTS,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(dim, ffn, levels, heads, points) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
         self.ref_point_head = MLP(2 * dim, dim, dim, 2)
-        # Per-keypoint initial box sizes (relative to the person box), split 17 + 51 in the checkpoint.
-        self.hw = nn.Embedding(17, 2)
-        self.hw_append = nn.Embedding(NUM_BODY_POINTS - 17, 2)
+        # Per-keypoint initial box sizes (relative to the person box), split 17 + 51 in the official
+        # checkpoint: the first (up to) 17 keypoints in `hw`, the rest (possibly none) in `hw_append`.
+        head = min(num_body_points, HW_ROWS)
+        self.hw = nn.Embedding(head, 2)
+        self.hw_append = nn.Embedding(num_body_points - head, 2)
 
 
 # --- the model ----------------------------------------------------------------------------------------
@@ -567,10 +597,29 @@ def _settings(config: dict) -> dict:
             raise ValueError(f"unipose config {key}={cfg[key]!r} is not supported (the model needs {want!r})")
     if cfg["backbone"] not in SWIN_PRESETS:
         raise ValueError(f"unipose config backbone={cfg['backbone']!r}; supported: {sorted(SWIN_PRESETS)}")
-    if cfg["dec_layers"] < NUM_BOX_DECODER_LAYERS + 1:
-        raise ValueError(f"unipose config dec_layers={cfg['dec_layers']}; the keypoint decoder needs >= 3")
-    if cfg["num_queries"] < NUM_GROUPS:
-        raise ValueError(f"unipose config num_queries={cfg['num_queries']}; must be >= {NUM_GROUPS}")
+    for key in ("hidden_dim", "num_body_points", "num_select", "num_box_decoder_layers"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"unipose config {key}={value!r}; must be a positive integer")
+    if cfg["hidden_dim"] % 32:
+        raise ValueError(
+            f"unipose config hidden_dim={cfg['hidden_dim']}; must be a multiple of 32 "
+            "(the input projections use GroupNorm(32, hidden_dim))"
+        )
+    if cfg["hidden_dim"] % cfg["nheads"]:
+        raise ValueError(
+            f"unipose config hidden_dim={cfg['hidden_dim']}; must be a multiple of nheads={cfg['nheads']}"
+        )
+    box_layers = cfg["num_box_decoder_layers"]
+    if cfg["dec_layers"] < box_layers + 1:
+        raise ValueError(
+            f"unipose config dec_layers={cfg['dec_layers']}; the keypoint decoder needs >= {box_layers + 1} "
+            f"(num_box_decoder_layers={box_layers} box-only layers, then keypoint layers)"
+        )
+    if cfg["num_queries"] < cfg["num_select"]:
+        raise ValueError(
+            f"unipose config num_queries={cfg['num_queries']}; must be >= num_select={cfg['num_select']}"
+        )
     if cfg["num_feature_levels"] < 3:
         raise ValueError(f"unipose config num_feature_levels={cfg['num_feature_levels']}; must be >= 3")
     return cfg
@@ -604,8 +653,9 @@ class UniPose(nn.Module):
         self.num_feature_levels = levels = int(cfg["num_feature_levels"])
         self.l_hidden_size = int(cfg["l_hidden_size"])
         self.pe_temperature = (float(cfg["pe_temperatureH"]), float(cfg["pe_temperatureW"]))
-        self.num_body_points = NUM_BODY_POINTS
-        self.num_groups = NUM_GROUPS
+        self.num_body_points = int(cfg["num_body_points"])
+        self.num_groups = int(cfg["num_select"])
+        self.num_box_decoder_layers = box_layers = int(cfg["num_box_decoder_layers"])
         enc_layers, dec_layers, ffn = (
             int(cfg["enc_layers"]),
             int(cfg["dec_layers"]),
@@ -628,7 +678,9 @@ class UniPose(nn.Module):
         else:
             t.level_embed = None
         t.encoder = TransformerEncoder(enc_layers, dim, self.nheads, ffn, levels, int(cfg["enc_n_points"]))
-        t.decoder = TransformerDecoder(dec_layers, dim, self.nheads, ffn, levels, int(cfg["dec_n_points"]))
+        t.decoder = TransformerDecoder(
+            dec_layers, dim, self.nheads, ffn, levels, int(cfg["dec_n_points"]), self.num_body_points
+        )
         t.tgt_embed = nn.Embedding(self.num_queries, dim)
         t.enc_output = nn.Linear(dim, dim)
         t.enc_output_norm = nn.LayerNorm(dim)
@@ -651,8 +703,8 @@ class UniPose(nn.Module):
         # One module per head kind, listed once per decoder layer that uses it (official sharing).
         bbox, pose, pose_hw = MLP(dim, dim, 4, 3), MLP(dim, dim, 2, 3), MLP(dim, dim, 2, 3)
         self.bbox_embed = nn.ModuleList([bbox] * dec_layers)
-        self.pose_embed = nn.ModuleList([pose] * (dec_layers - NUM_BOX_DECODER_LAYERS + 1))
-        self.pose_hw_embed = nn.ModuleList([pose_hw] * (dec_layers - NUM_BOX_DECODER_LAYERS))
+        self.pose_embed = nn.ModuleList([pose] * (dec_layers - box_layers + 1))
+        self.pose_hw_embed = nn.ModuleList([pose_hw] * (dec_layers - box_layers))
         t.decoder.bbox_embed = self.bbox_embed
         t.decoder.pose_embed = self.pose_embed
         t.decoder.pose_hw_embed = self.pose_hw_embed
@@ -689,20 +741,15 @@ class UniPose(nn.Module):
                 fail(q_name, f"[{b}, N, num_embs, {lh}]", q)
             if m.shape != q.shape[:2] or m.dtype != torch.bool:
                 fail(m_name, f"bool [{b}, {q.shape[1]}]", m)
-        if kpt_querys.shape[1] < NUM_BODY_POINTS:
-            fail(
-                "kpt_querys",
-                f"at least {NUM_BODY_POINTS} keypoint slots [{b}, >={NUM_BODY_POINTS}, ...]",
-                kpt_querys,
-            )
+        k = self.num_body_points
+        if kpt_querys.shape[1] < k:
+            fail("kpt_querys", f"at least {k} keypoint slots [{b}, >={k}, ...]", kpt_querys)
         # These two need values, not shapes; they fail loudly rather than produce NaN / silent truncation.
         if not bool(obj_query_masks.any(1).all()):
             raise ValueError("obj_query_masks: every batch item needs at least one True (valid) object slot")
         n_kpt = kpt_query_masks.sum(1)
-        if bool((n_kpt > NUM_BODY_POINTS).any()):
-            raise ValueError(
-                f"kpt_query_masks: at most {NUM_BODY_POINTS} valid keypoints per item, got {n_kpt.tolist()}"
-            )
+        if bool((n_kpt > k).any()):
+            raise ValueError(f"kpt_query_masks: at most {k} valid keypoints per item, got {n_kpt.tolist()}")
 
     # --- forward ----------------------------------------------------------------------------------
 
@@ -722,13 +769,15 @@ class UniPose(nn.Module):
             pixel_padding_mask: `[B, H, W]` bool, True = padding.
             obj_querys: `[B, Nobj, num_embs, l_hidden_size]` LLM states of the object queries.
             obj_query_masks: `[B, Nobj]` bool, True = a real object query.
-            kpt_querys: `[B, Nkpt >= 68, num_embs, l_hidden_size]` LLM states of the keypoint queries.
-            kpt_query_masks: `[B, Nkpt]` bool; the first `sum` slots (at most 68) are used as keypoints.
+            kpt_querys: `[B, Nkpt >= K, num_embs, l_hidden_size]` LLM states of the keypoint queries
+                (K = `num_body_points`, 68 in the release).
+            kpt_query_masks: `[B, Nkpt]` bool; the first `sum` slots (at most K) are used as keypoints.
 
         Returns:
-            `(pred_logits [B, 50, Nobj], pred_boxes [B, 50, 4], pred_keypoints [B, 50, 204])`, float32.
-            Logits are -inf on invalid object slots; boxes are (cx, cy, w, h) in [0, 1] of the padded image;
-            keypoints are `[x0, y0, ..., x67, y67, v0, ..., v67]` with the constant v = sigmoid(1).
+            `(pred_logits [B, G, Nobj], pred_boxes [B, G, 4], pred_keypoints [B, G, 3K])`, float32, with
+            G = `num_select` (50 in the release). Logits are -inf on invalid object slots; boxes are
+            (cx, cy, w, h) in [0, 1] of the padded image; keypoints are
+            `[x0, y0, ..., x{K-1}, y{K-1}, v0, ..., v{K-1}]` with the constant v = sigmoid(1).
         """
         return self._run(
             pixel_values, pixel_padding_mask, obj_querys, obj_query_masks, kpt_querys, kpt_query_masks
@@ -737,12 +786,13 @@ class UniPose(nn.Module):
     def forward_with_intermediates(self, *inputs: torch.Tensor) -> dict[str, Any]:
         """Same inputs as `forward`; returns the outputs plus the intermediate tensors, for debugging/parity.
 
-        Keys: `pred_logits`, `pred_boxes`, `pred_keypoints`, `obj_proj_mean` [B, Nobj, C], `kpt_embed`
-        [B, 68, C], `backbone_feats` / `backbone_masks` / `backbone_pos` (lists), `srcs` (list),
+        Keys (K keypoints, G groups; 68 and 50 in the release): `pred_logits`, `pred_boxes`,
+        `pred_keypoints`, `obj_proj_mean` [B, Nobj, C], `kpt_embed` [B, K, C], `backbone_feats` /
+        `backbone_masks` / `backbone_pos` (lists), `srcs` (list),
         `enc_memory`, `enc_memory_text`, `enc_key_padding_mask`, `enc_valid_ratios`, `enc_spatial_shapes`,
         `text_position_ids`, `topk0_input` [B, S], `topk0_indices` [B, Q], `enc_hs_topk`, `enc_ref_topk`,
         `init_box_proposal`, `dec_hs` (list), `dec_ref` (list, layers + 1), `topk1_input` [B, Q],
-        `topk1_indices` [B, 50], `kpt_mask` [B, 69], `attn_mask2` [B, 3450, 3450].
+        `topk1_indices` [B, G], `kpt_mask` [B, K+1], `attn_mask2` [B, G(K+1), G(K+1)].
         """
         record: dict[str, Any] = {}
         logits, boxes, kpts = self._run(*inputs, record=record)
@@ -765,7 +815,8 @@ class UniPose(nn.Module):
         dtype = self.transformer.tgt_embed.weight.dtype
         pixel_values = pixel_values.to(dtype)
         b = pixel_values.shape[0]
-        k = NUM_BODY_POINTS
+        k = self.num_body_points
+        g = self.num_groups
         dev = pixel_values.device
 
         # Text side: object queries (the "classes") and keypoint queries from the LLM.
@@ -853,15 +904,15 @@ class UniPose(nn.Module):
         # Heads on the last layer's normalised output, relative to the references that layer read.
         last = len(t.decoder.layers) - 1
         group = k + 1
-        h_last = hs[-1].view(b, NUM_GROUPS, group, -1)
-        r_last = refs[last].view(b, NUM_GROUPS, group, 4)
+        h_last = hs[-1].view(b, g, group, -1)
+        r_last = refs[last].view(b, g, group, 4)
         h_box = h_last[:, :, 0]
         boxes = (self.bbox_embed[last](h_box) + inverse_sigmoid(r_last[:, :, 0])).sigmoid()
         logits = contrastive_logits(h_box, text, text_valid)
-        xy = self.pose_embed[last - NUM_BOX_DECODER_LAYERS](h_last[:, :, 1:]) + inverse_sigmoid(
+        xy = self.pose_embed[last - self.num_box_decoder_layers](h_last[:, :, 1:]) + inverse_sigmoid(
             r_last[:, :, 1:, :2]
         )
-        xy = xy.sigmoid().flatten(2)  # [B, 50, 136] as x0, y0, x1, y1, ...
+        xy = xy.sigmoid().flatten(2)  # [B, G, 2K] as x0, y0, x1, y1, ...
         vis = torch.ones_like(xy[..., :k]).sigmoid()  # the model predicts no visibility: sigmoid(1)
         keypoints = torch.cat((xy, vis), -1)
 
@@ -903,7 +954,8 @@ class UniPose(nn.Module):
         """
         dec = self.transformer.decoder
         b = tgt.shape[0]
-        group = NUM_BODY_POINTS + 1
+        k, g, box_layers = self.num_body_points, self.num_groups, self.num_box_decoder_layers
+        group = k + 1
         ratios4 = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # [B, 1, L, 4]
         text_pad = ~text_valid
         out = tgt
@@ -912,39 +964,39 @@ class UniPose(nn.Module):
         n_layers = len(dec.layers)
         for lid, layer in enumerate(dec.layers):
             ref_in = ref[:, :, None] * ratios4  # [B, Q, L, 4]
-            query_pos = dec.ref_point_head(_sine_box(ref_in[:, :, 0]).to(out.dtype))
+            query_pos = dec.ref_point_head(_sine_box(ref_in[:, :, 0], self.hidden_dim // 2).to(out.dtype))
             out = layer(out, query_pos, ref_in, blocked, text, text_pad, memory, memory_pad, spatial_shapes)
             hs.append(dec.norm(out))
             if lid == n_layers - 1 and not full_refs:
                 break
-            if lid < NUM_BOX_DECODER_LAYERS:
+            if lid < box_layers:
                 new_ref = (self.bbox_embed[lid](out) + inverse_sigmoid(ref)).sigmoid()
-            if lid == NUM_BOX_DECODER_LAYERS - 1:
-                # Keep the 50 best queries; each becomes a group of its box row and 68 keypoint rows.
+            if lid == box_layers - 1:
+                # Keep the G best queries; each becomes a group of its box row and K keypoint rows.
                 scores = contrastive_logits(out, text, text_valid).max(-1).values  # [B, Q]
-                top = torch.topk(scores, NUM_GROUPS, dim=1).indices
+                top = torch.topk(scores, g, dim=1).indices
                 box_ref = torch.gather(new_ref, 1, top[..., None].expand(-1, -1, 4))
                 box_out = torch.gather(out, 1, top[..., None].expand(-1, -1, out.shape[-1]))
-                delta = self.pose_embed[-1](kpt_embed)  # [B, 68, 2], the same for every group
+                delta = self.pose_embed[-1](kpt_embed)  # [B, K, 2], the same for every group
                 kpt_xy = (inverse_sigmoid(box_ref[:, :, None, :2]) + delta[:, None]).sigmoid()
-                size = torch.cat((dec.hw.weight, dec.hw_append.weight), 0).sigmoid()  # [68, 2]
+                size = torch.cat((dec.hw.weight, dec.hw_append.weight), 0).sigmoid()  # [K, 2]
                 kpt_wh = size[None, None] * box_ref[:, :, None, 2:]
-                kpt_ref = torch.cat((kpt_xy, kpt_wh), -1)  # [B, 50, 68, 4]
+                kpt_ref = torch.cat((kpt_xy, kpt_wh), -1)  # [B, G, K, 4]
                 new_ref = torch.cat((box_ref[:, :, None], kpt_ref), 2).flatten(1, 2)
-                kpt_rows = kpt_embed[:, None].expand(-1, NUM_GROUPS, -1, -1)
+                kpt_rows = kpt_embed[:, None].expand(-1, g, -1, -1)
                 out = torch.cat((box_out[:, :, None], kpt_rows), 2).flatten(1, 2)
-                mask2 = pose_self_attention_mask(kpt_mask)
+                mask2 = pose_self_attention_mask(kpt_mask, num_groups=g)
                 blocked = mask2[:, None]
                 sel = {"topk1_input": scores, "topk1_indices": top, "attn_mask2": mask2}
-            if lid >= NUM_BOX_DECODER_LAYERS:
-                pose_i = lid - NUM_BOX_DECODER_LAYERS
-                o = out.view(b, NUM_GROUPS, group, -1)
-                r = inverse_sigmoid(ref).view(b, NUM_GROUPS, group, 4)
+            if lid >= box_layers:
+                pose_i = lid - box_layers
+                o = out.view(b, g, group, -1)
+                r = inverse_sigmoid(ref).view(b, g, group, 4)
                 box = (self.bbox_embed[lid](o[:, :, 0]) + r[:, :, 0]).sigmoid()
                 o_kpt = o[:, :, 1:]
                 delta = torch.cat((self.pose_embed[pose_i](o_kpt), self.pose_hw_embed[pose_i](o_kpt)), -1)
                 kpt = (r[:, :, 1:] + delta).sigmoid()
-                new_ref = torch.cat((box[:, :, None], kpt), 2).view(b, NUM_GROUPS * group, 4)
+                new_ref = torch.cat((box[:, :, None], kpt), 2).view(b, g * group, 4)
             ref = new_ref
             refs.append(ref)
         return hs, refs, sel

@@ -65,7 +65,8 @@ from visionllm_edge.export.onnx.base import (
 SIZE_DIVISIBILITY = 32
 #: `pred_masks` are at 1/4 of the padded image (the stride of the first Swin stage).
 MASK_STRIDE = 4
-#: Object and keypoint slots of `pose.onnx` (the reference loop's fixed 100; keypoints use the first 68).
+#: Object and keypoint slots of `pose.onnx` (the reference loop's fixed 100; keypoints use the first K, the
+#: model's `num_body_points`, 68 in the release).
 POSE_SLOTS = 100
 #: The decoders run in float32 whatever the artifact's precision (deploy research 5(ii).4: FP32 deformable
 #: attention is the known-good split; FP16 MSDA needs its own kernels and checks).
@@ -118,7 +119,7 @@ def _quiet_tracing() -> Iterator[None]:
     """Silences `TracerWarning`s while tracing.
 
     The only Python values the decoders take from traced tensors are in their input checks (shapes, /32
-    sides, UniPose's checks on input *values*: at least one object slot, at most 68 keypoints); they run on
+    sides, UniPose's checks on input *values*: at least one object slot, at most K keypoints); they run on
     the example and steer no computation, so nothing size-dependent is frozen into the graph. The graph does
     not repeat the checks: the runtime must keep to them.
     """
@@ -433,13 +434,14 @@ class PoseGraph(nn.Module):
             pixel_mask: `[1, H, W]` bool, True on valid pixels (UniPose itself takes the inverse).
             object_query: `[1, 100, N, Hl]` link states of the object groups, real ones first, zeros after.
             object_query_mask: `[1, 100]` bool; at least one True.
-            keypoint_query: `[1, 100, N, Hl]` link states of the keypoint groups; the first 68 slots are read.
-            keypoint_query_mask: `[1, 100]` bool; at most 68 True, first.
+            keypoint_query: `[1, 100, N, Hl]` link states of the keypoint groups; the first K slots are read
+                (K = the model's `num_body_points`, 68 in the release).
+            keypoint_query_mask: `[1, 100]` bool; at most K True, first.
 
         Returns:
-            `pred_logits [1, 50, 100]` (-inf on empty object slots), `pred_boxes [1, 50, 4]` (cx, cy, w, h of
-            the padded image) and `pred_keypoints [1, 50, 204]` (`x0, y0, ..., x67, y67, v0..v67`, padded
-            image frame).
+            `pred_logits [1, G, 100]` (-inf on empty object slots), `pred_boxes [1, G, 4]` (cx, cy, w, h of
+            the padded image) and `pred_keypoints [1, G, 3K]` (`x0, y0, ..., x{K-1}, y{K-1}, v0..v{K-1}`,
+            padded image frame); G = the model's `num_select` (50 in the release), so `[1, 50, 204]` there.
         """
         with _quiet_tracing(), msda_export_patch():
             _check_image(pixel_values, pixel_mask)
@@ -456,9 +458,9 @@ def pose_facts(model) -> dict:
         "size_divisibility": SIZE_DIVISIBILITY,
         "min_encoder_tokens": model.unipose.num_queries,
         "num_feature_levels": model.unipose.num_feature_levels,
-        "num_groups": unipose_module.NUM_GROUPS,
+        "num_groups": model.unipose.num_groups,
         "max_objects": POSE_SLOTS,
-        "max_keypoints": unipose_module.NUM_BODY_POINTS,
+        "max_keypoints": model.unipose.num_body_points,
         "query_slots": POSE_SLOTS,
         "keypoint_layout": "xy_then_visibility",
         "box_format": "cxcywh",
@@ -519,9 +521,15 @@ class PoseExporter(ComponentExporter):
 
     def graphs(self, model, settings: ExportSettings) -> list[GraphExport]:
         _check_precision(settings)
+        if model.unipose.num_body_points > POSE_SLOTS:
+            raise ValueError(
+                f"pose: unipose num_body_points={model.unipose.num_body_points} exceeds the graph's "
+                f"{POSE_SLOTS} keypoint slots"
+            )
         rng = np.random.default_rng(settings.seed)
         hidden = model.unipose.l_hidden_size
-        example = _pose_inputs(rng, _example_region(model), 2, 3, model.config.num_embs, hidden)
+        keypoints = min(3, model.unipose.num_body_points)
+        example = _pose_inputs(rng, _example_region(model), 2, keypoints, model.config.num_embs, hidden)
         return [
             GraphExport(
                 name="pose",
@@ -535,8 +543,12 @@ class PoseExporter(ComponentExporter):
         ]
 
     def validation_cases(self, model, settings, rng: np.random.Generator) -> dict[str, list[ValidationCase]]:
-        """Three images padded to three different sizes and (objects, keypoints) = (1, 3), (2, 5), (3, 68)."""
-        plans = zip(_case_regions(model, rng), (1, 2, 3), (3, 5, unipose_module.NUM_BODY_POINTS))
+        """Three images padded to three different sizes and (objects, keypoints) = (1, 3), (2, 5), (3, K).
+
+        K is the model's `num_body_points` (68 in the release); the keypoint counts are capped at K.
+        """
+        k = model.unipose.num_body_points
+        plans = zip(_case_regions(model, rng), (1, 2, 3), (min(3, k), min(5, k), k))
         sizes = (model.config.num_embs, model.unipose.l_hidden_size)
         cases = []
         for valid_hw, objects, keypoints in plans:

@@ -572,9 +572,11 @@ class Pipeline:
 
     def _pose_decoder(self, objects, keypoints, det) -> dict:
         pixels, mask, _ = det
-        if len(objects) > 100 or len(keypoints) > 68:
+        facts = self.manifest.graphs["pose"].facts
+        max_keypoints = int(facts.get("max_keypoints", 68))
+        if len(objects) > 100 or len(keypoints) > max_keypoints:
             raise ValueError(
-                f"the keypoint decoder takes at most 100 object and 68 keypoint groups, got "
+                f"the keypoint decoder takes at most 100 object and {max_keypoints} keypoint groups, got "
                 f"{len(objects)} and {len(keypoints)}"
             )
         n, hidden = np.asarray(objects[0].states).shape
