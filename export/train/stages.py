@@ -325,10 +325,78 @@ def diffusion_modules(model) -> list:
     return [model.sd, model.ip2p]
 
 
+# --- keypoint decoder ----------------------------------------------------------------------------------------
+
+
+def pose_batch(cfg: ModelConfig, step: int, batch: int, gen: torch.Generator, num_keypoints: int):
+    """Pose samples as UniPose's inputs (objects: "person"; keypoints: every name) and targets."""
+    samples = _samples({"pose": 1.0}, step, batch, seed=TRAIN_SEED + 300)
+    width, rows = cfg.llm.hidden_size, cfg.num_embs
+    pixels, pad, targets = [], [], []
+    obj = torch.stack([_link_rows([s.phrases[0]], "object", rows, width, gen) for s in samples])
+    kpt = torch.stack([_link_rows(s.phrases[1:], "pose", rows, width, gen) for s in samples])
+    for s in samples:
+        px, m, (rh, rw) = pp.detection_image(s.scene.image, cfg.det_short_side, cfg.det_max_long_side)
+        pixels.append(px[0])
+        pad.append(~m[0])
+        hp, wp = px.shape[-2:]
+        w0, h0 = s.scene.image.size
+        sx, sy = rw / w0 / wp, rh / h0 / hp
+        boxes, kps = [], []
+        for k in s.targets[0]:
+            o = s.scene.objects[k]
+            x0, y0, x1, y1 = o.box
+            boxes.append([(x0 + x1) / 2 * sx, (y0 + y1) / 2 * sy, (x1 - x0) * sx, (y1 - y0) * sy])
+            kps.append(o.keypoints[:, :2] * np.array([sx, sy]))
+        targets.append(
+            L.Target(
+                torch.zeros(len(boxes), dtype=torch.long),
+                torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
+                keypoints=torch.tensor(np.array(kps), dtype=torch.float32).view(-1, num_keypoints, 2),
+            )
+        )
+    obj_mask = torch.ones(batch, 1, dtype=torch.bool)
+    kpt_mask = torch.ones(batch, kpt.shape[1], dtype=torch.bool)
+    return torch.stack(pixels), torch.stack(pad), obj, obj_mask, kpt, kpt_mask, targets
+
+
+def pose_step(model, cfg: ModelConfig, batch: int):
+    from visionllm_edge.export.models.unipose import contrastive_logits
+
+    gen = torch.Generator()
+    unipose = model.unipose
+    k = unipose.num_body_points
+
+    def step(i: int) -> dict:
+        gen.manual_seed(30_000 + i)
+        pixels, pad, obj, obj_mask, kpt, kpt_mask, targets = pose_batch(cfg, i, batch, gen, k)
+        rec = unipose.forward_with_intermediates(pixels, pad, obj, obj_mask, kpt, kpt_mask)
+        text, n_cls = rec["enc_memory_text"], obj_mask.sum(1)
+        kp = rec["pred_keypoints"][..., : 2 * k].reshape(batch, -1, k, 2)
+        parts = dict(L.set_loss(rec["pred_logits"], rec["pred_boxes"], targets, n_cls, keypoints=kp))
+        # The box-only layers and the two-stage proposals (on the selected tokens), as DINO trains them.
+        hs0 = contrastive_logits(rec["dec_hs"][0], text, obj_mask)
+        for key, v in L.set_loss(hs0, rec["dec_ref"][1], targets, n_cls).items():
+            parts["dec0_" + key] = v
+        enc = contrastive_logits(rec["enc_hs_topk"], text, obj_mask)
+        for key, v in L.set_loss(enc, rec["enc_ref_topk"], targets, n_cls).items():
+            parts["enc_" + key] = v
+        loss = sum(L.WEIGHTS[key.split("_", 1)[1] if key.startswith(("dec0_", "enc_")) else key] * v
+                   for key, v in parts.items())  # fmt: skip
+        return {"loss": loss, **{key: v.detach() for key, v in parts.items()}}
+
+    return step
+
+
+def pose_modules(model) -> list:
+    return [model.unipose]
+
+
 STAGES = {
     "object": (object_modules, object_step),
     "llm": (llm_modules, llm_step),
     "diffusion": (diffusion_modules, diffusion_step),
+    "pose": (pose_modules, pose_step),
 }
 
 
