@@ -325,7 +325,7 @@ def diffusion_modules(model) -> list:
     return [model.sd, model.ip2p]
 
 
-# --- keypoint decoder ----------------------------------------------------------------------------------------
+# --- keypoint decoder ---------------------------------------------------------------------------------
 
 
 def pose_batch(cfg: ModelConfig, step: int, batch: int, gen: torch.Generator, num_keypoints: int):
