@@ -266,6 +266,8 @@ def load_state_into(
 
 #: Named configurations `load_reference` builds with seeded random weights (the 7B needs its checkpoint).
 BUILDABLE_CONFIGS = ("tiny-random", "visionllmv2-7b-2layer")
+#: The trained model shipped inside the package (`export/data/shapes_tiny`).
+BUNDLED_MODEL = "shapes-tiny"
 
 
 def load_reference(

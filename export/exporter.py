@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from visionllm_edge import __version__, contract
-from visionllm_edge.export.checkpoint import load_reference, load_reference_parts
+from visionllm_edge.export.checkpoint import BUNDLED_MODEL, load_reference, load_reference_parts
 from visionllm_edge.export.model import VisionLLMv2
 from visionllm_edge.export.onnx.base import ExportSettings, export_graph, exporter_for, run_onnx
 from visionllm_edge.export.reference import PostProcessSettings
@@ -77,7 +77,8 @@ def export(
     """Exports a checkpoint folder or a named configuration to an artifact folder.
 
     Args:
-        source: checkpoint folder (official layout) or a configuration name (`tiny-random`, ...).
+        source: checkpoint folder (official layout), a configuration name (`tiny-random`, ...), or
+            `shapes-tiny`: the bundled trained model (`resolve_source`).
         out_dir: the artifact folder to create.
         components: subset of `vision region llm det pose gen edit` (default: all the model has).
         precision: `fp32` or `fp16` (norms, softmax and deformable sampling stay fp32).
@@ -108,6 +109,8 @@ def export(
     )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    if model is None:
+        source = resolve_source(source)
     if by_component is None:
         by_component = model is None and Path(source).exists()
     if by_component and model is not None:
@@ -186,6 +189,21 @@ def export(
 
 
 # --- pieces ------------------------------------------------------------------------------------------------
+
+
+def resolve_source(source: str | Path) -> str | Path:
+    """What `export` reads for SOURCE: `shapes-tiny` is the bundled checkpoint folder, the rest as given.
+
+    The bundled model is exported as the checkpoint folder it is (component by component), from where
+    `visionllm_edge.export.train.ship.bundled_path()` says (`$VLE_SHAPES_TINY` can point it elsewhere); a
+    missing one raises `CheckpointError` saying so. A folder of that name in the working directory wins, as
+    in `load_reference`.
+    """
+    if isinstance(source, str) and source == BUNDLED_MODEL and not Path(source).exists():
+        from visionllm_edge.export.train.ship import require_bundled
+
+        return require_bundled()
+    return source
 
 
 def _load_part(source, name: str, progress: bool) -> VisionLLMv2:

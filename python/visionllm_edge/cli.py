@@ -314,9 +314,12 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from visionllm_edge.demo import run_reference_demo
+    from visionllm_edge import demo
 
-    run_reference_demo(Path(args.out))
+    if args.reference:
+        demo.run_reference_demo(Path(args.out))
+    else:
+        demo.run_demo(args.out, artifact=args.artifact, seed=args.seed)
     return 0
 
 
@@ -340,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(func=_cmd_reference)
 
     exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (ONNX graphs + manifest)")
-    exp.add_argument("source", help="checkpoint folder (official layout) or a configuration name")
+    exp.add_argument(
+        "source",
+        help="checkpoint folder (official layout), a configuration name (tiny-random, ...) or shapes-tiny "
+        "(the bundled trained model)",
+    )
     exp.add_argument("out_dir", help="artifact folder to create")
     exp.add_argument("--config", default=None, help="build this named configuration (seeded random weights)")
     exp.add_argument(
@@ -401,8 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_cmd_info)
 
-    demo = sub.add_parser("demo", help="one request of every kind on generated scenes")
+    demo = sub.add_parser(
+        "demo",
+        help="the bundled shapes-tiny model through the runtime: one request of every kind on generated "
+        "scenes (exported into the user's cache folder on the first run)",
+    )
     demo.add_argument("--out", default="visionllm-edge-demo", help="folder for the pictures")
+    demo.add_argument(
+        "--artifact", default=None, help="use this exported artifact folder instead of the bundled model"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="seed of the generated scenes (default 7)")
+    demo.add_argument(
+        "--reference",
+        action="store_true",
+        help="run the PyTorch reference on tiny-random instead (random weights: the loop, not the answers)",
+    )
     demo.set_defaults(func=_cmd_demo)
     return parser
 
