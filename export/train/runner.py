@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,12 +105,15 @@ class StageRunner:
 
     def run(self, step_fn: Callable[[int], dict], log_every: int = 50, save_every_s: float = 300.0) -> None:
         self.module.train()
+        # Background jobs start with SIGINT ignored; make Ctrl-C and `kill` (SIGTERM) stop with a checkpoint.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         start = time.time()
         base_elapsed = self.elapsed
         last_save = start
         try:
             self._loop(step_fn, log_every, save_every_s, start, base_elapsed, last_save)
-        except KeyboardInterrupt:  # Ctrl-C / SIGINT: keep what was done
+        except KeyboardInterrupt:  # Ctrl-C, SIGINT or SIGTERM: keep what was done
             self.log({"event": "interrupted", "step": self.step})
         self.save()
         self.log({"event": "stopped", "step": self.step, "done": self.done})

@@ -251,7 +251,7 @@ def llm_modules(model) -> list:
 
 # --- diffusion: VAE, then the generation and editing UNets with their mappers -------------------------------
 
-VAE_STEPS = 400
+VAE_STEPS = 300
 VAE_KL = 1e-3
 CFG_DROP = 0.1
 
