@@ -557,6 +557,57 @@ class ReferencePipeline:
         )
 
     @torch.no_grad()
+    def answer(
+        self,
+        image,
+        prompt: str,
+        answer: str,
+        regions=None,
+        history=(),
+        instruction: str | None = None,
+        det_image=None,
+        region_frame: str = "image",
+        bgr: bool = False,
+        decode: bool = True,
+        seed: int = 0,
+        noise=None,
+    ) -> Result:
+        """A complete forced answer, post-processed: the reference side of the runtime's task shortcuts.
+
+        The teacher-forced pass of `forward_answer` (one prefill over prompt + answer, no sampling), then the
+        decoders its groups route to — with denoising for `[GEN]`/`[EDIT]` unless `decode=False` — and the
+        post-processing of `run`. `instruction` labels `[GEN]`/`[EDIT]` groups (default: the prompt);
+        `seed`/`noise` are the diffusion's, as in `run`.
+        """
+        prep = self._prepare(image, regions, region_frame, det_image, bgr)
+        timings = prep.timings
+        with _timed(timings, "tokenize"):
+            full_answer = insert_placeholders(answer, self.config.num_embs, self.config.num_embs_gen)
+            turns = self._turns(prompt, history, full_answer, has_image=prep.tiles is not None)
+            ids = self._token_ids(turns, prep.n_tiles)
+            answer_start = self._answer_start(ids, turns, prep.n_tiles)
+        if len(ids) > self.max_context:
+            raise ValueError(f"the conversation is {len(ids)} tokens; the context holds {self.max_context}")
+        with _timed(timings, "prefill"):
+            hidden = self.model.llm(self._embed(ids, prep), torch.arange(len(ids))).hidden[0]
+        text = self._answer_text(ids[answer_start:])
+        links = self._links(ids, hidden, answer_labels(text, prompt, instruction), answer_start)
+        self._set_history_objects(prep, ids, hidden, answer_start, history)
+        raw = self._run_decoders(links, prep, det_image, denoise=decode, seed=seed, noise=noise)
+        query_rows = {lk.position + 1 + i for lk in links for i in range(len(lk.states))}
+        result = Result(
+            text=text,
+            token_ids=[t for p, t in enumerate(ids) if p >= answer_start and p not in query_rows],
+            stop_reason="eos",
+            links=links,
+            timings=timings,
+        )
+        with _timed(timings, "postprocess"):
+            self._postprocess(links, raw, prep, result)
+        result.raw = {"decoders": raw, "input_ids": np.asarray(ids, dtype=np.int64)}
+        return result
+
+    @torch.no_grad()
     def _set_history_objects(
         self, prep: _Prepared, ids: list[int], hidden, answer_start: int, history
     ) -> None:

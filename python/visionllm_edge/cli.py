@@ -307,6 +307,21 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from visionllm_edge.shapes.evaluate import run_evaluation
+
+    run_evaluation(
+        args.artifact,
+        backend=args.backend,
+        seed=args.seed,
+        scenes=args.scenes,
+        tasks=args.tasks,
+        json_path=args.json,
+        threads=args.threads,
+    )
+    return 0
+
+
 def _cmd_export(args) -> int:
     from visionllm_edge.export.exporter import main_export
 
@@ -407,6 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="also check every file's sha256 (slow on big models)"
     )
     info.set_defaults(func=_cmd_info)
+
+    ev = sub.add_parser(
+        "eval", help="score a shapes-world model on a held-out split (COCO AP, mIoU, REC, VQA, generation)"
+    )
+    ev.add_argument(
+        "artifact",
+        help="artifact folder; with --backend reference a checkpoint folder or 'shapes-tiny' (bundled)",
+    )
+    ev.add_argument("--seed", type=int, default=2024, help="seed of the split (default: held out)")
+    ev.add_argument("--scenes", type=int, default=200, help="samples per task")
+    ev.add_argument("--json", default=None, help="write the report as JSON here")
+    ev.add_argument("--backend", choices=("onnxruntime", "reference"), default="onnxruntime")
+    ev.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated subset of detect,segment,pose,ground,vqa,region_caption,caption,generate,edit",
+    )
+    ev.add_argument("--threads", type=int, default=0, help="intra-op threads per graph (0: ONNX Runtime's)")
+    ev.set_defaults(func=_cmd_eval)
 
     demo = sub.add_parser(
         "demo",
