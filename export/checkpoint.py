@@ -13,7 +13,9 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -204,13 +206,19 @@ def merge_lora(
 
 
 def load_state_into(
-    model: VisionLLMv2, tensors: dict[str, torch.Tensor], origin: dict[str, str], source: str
+    model: VisionLLMv2,
+    tensors: dict[str, torch.Tensor],
+    origin: dict[str, str],
+    source: str,
+    release: Callable[[torch.Tensor], None] | None = None,
 ) -> None:
     """Copies `tensors` into `model` with strict checks; errors name the file, the key and both shapes.
 
     Aliased keys (one tensor under several names, the shared heads) must all hold the same values; an alias
     may be absent (safetensors saving drops them) as long as one key of its group is present. Meta tensors
-    (model or checkpoint) carry no values: only names and shapes are checked.
+    (model or checkpoint) carry no values: only names and shapes are checked. `release`, when given, is
+    called with each checkpoint tensor once its values are read (partial loading hands back the pages of a
+    memory-mapped shard there, see `_MappedShards`).
     """
     own = model.state_dict(keep_vars=True)
     ident = _same_tensor_key
@@ -253,12 +261,16 @@ def load_state_into(
                     f"{where}: aliased keys '{other}' (in {origin.get(other, source)}) and '{key}' share one "
                     "tensor but hold different values"
                 )
+            if release is not None:
+                release(value)
             continue
         first_of[ptr] = key
         if param.device.type == "meta":
             continue  # nothing to copy into
         with torch.no_grad():
             param.data.copy_(value.to(param.dtype))
+        if release is not None:
+            release(value)
 
 
 # --- public API --------------------------------------------------------------------------------------------
@@ -581,10 +593,12 @@ def load_reference_parts(
         prefixes: component names (`vision region llm det pose gen edit embeddings`, see `COMPONENT_PARTS`)
             and/or module paths of the model (`vis_encoder`, `llm.model.embed_tokens`, ...). An empty list
             loads no weights: the model's config, structure and tokenizer folder only.
-        dtype: floating dtype of the loaded parameters.
+        dtype: floating dtype of the loaded parameters; each tensor is converted as it is read, so a float16
+            load never holds a float32 copy of the part.
 
     Returns:
-        The model in eval mode with `tokenizer_dir` set, `loaded_parts` (the module paths loaded) and
+        The model in eval mode with `tokenizer_dir` and `checkpoint_dir` (the folder, for `read_parts`)
+        set, `loaded_parts` (the module paths loaded) and
         `shard_modes` (`{shard file: "mmap" | "read" | "safetensors"}` for each shard opened; `read` is a
         legacy-format `.bin` that could not be memory-mapped and was read whole).
     """
@@ -604,7 +618,8 @@ def load_reference_parts(
         model = build_model(config)
     parts = _resolve_parts(model, prefixes)
 
-    # Materialise the needed parameters (aliases stay one tensor) on the CPU, uninitialised until loaded.
+    # Materialise the needed parameters (aliases stay one tensor) on the CPU, uninitialised until loaded, in
+    # the dtype asked for: a float16 load never holds a float32 copy (each tensor is converted as it is read).
     materialised: dict[int, torch.nn.Parameter] = {}
     keep_alive = []  # the meta parameters replaced, so that their ids stay unique while we map them
     for prefix in parts:
@@ -615,7 +630,8 @@ def load_reference_parts(
                 new = materialised.get(id(param))
                 if new is None:
                     new = torch.nn.Parameter(
-                        torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad
+                        torch.empty(param.shape, dtype=dtype if param.is_floating_point() else param.dtype),
+                        requires_grad=param.requires_grad,
                     )
                     materialised[id(param)] = new
                     keep_alive.append(param)
@@ -628,18 +644,150 @@ def load_reference_parts(
             if buf is not None and buf.device.type != "meta" and not _under(full, parts):
                 module._buffers[bname] = buf.to("meta")
 
-    view = _PartView(model, parts)
-    own = view.state_dict(keep_vars=True)
     shard_modes: dict[str, str] = {}
-    if own:
-        tensors, origin = _read_needed(directory, index_path, weight_map, files, parts, own, shard_modes)
-        tensors = merge_lora(tensors, origin)
-        load_state_into(view, tensors, origin, str(directory))  # type: ignore[arg-type]
-        del tensors
+    _fill(_PartView(model, parts), directory, index_path, weight_map, files, parts, shard_modes)
     model.tokenizer_dir = directory
+    model.checkpoint_dir = directory
     model.loaded_parts = parts
     model.shard_modes = shard_modes
     return model.to(dtype).eval().requires_grad_(False)
+
+
+def read_parts(
+    model: VisionLLMv2, prefixes: list[str] | tuple[str, ...], dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The checkpoint values of the state under `prefixes`, read again from the folder `model` came from.
+
+    For a model from `load_reference_parts` (its `checkpoint_dir`), whatever its own tensors under `prefixes`
+    are now (loaded in another dtype, or released to meta by `release_parts`): new tensors in `dtype` (float
+    ones), read as `load_reference_parts` reads them (only the shards that hold them, memory-mapped, each
+    tensor converted as it is read, the same checks and LoRA merge) and bit-identical to its values. The model
+    is not changed. This is how a component exported in float16 gets float32 reference weights back one
+    module at a time.
+
+    Returns:
+        `{model key: tensor}` for every state key under `prefixes` (aliases share one tensor).
+    """
+    directory = getattr(model, "checkpoint_dir", None)
+    if directory is None:
+        raise CheckpointError(
+            "read_parts: the model was not loaded from a checkpoint folder by load_reference_parts "
+            "(it has no checkpoint_dir)"
+        )
+    parts = _resolve_parts(model, prefixes)
+    fresh: dict[object, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in _PartView(model, parts).state_dict(keep_vars=True).items():
+        ident = _same_tensor_key(value)
+        if ident not in fresh:
+            fresh[ident] = torch.empty(value.shape, dtype=dtype if value.is_floating_point() else value.dtype)
+        state[key] = fresh[ident]
+    index_path, weight_map, files = _checkpoint_files(Path(directory))
+    _fill(_DictView(state), Path(directory), index_path, weight_map, files, parts, {})
+    return state
+
+
+def release_parts(model: VisionLLMv2, prefixes: list[str] | tuple[str, ...]) -> None:
+    """Moves the parameters under `prefixes` back to the meta device, which frees their memory.
+
+    The inverse of loading them with `load_reference_parts` (aliases stay one tensor); `read_parts` reads
+    their values again. Buffers stay (they are small). `loaded_parts` keeps recording what was loaded.
+    """
+    parts = _resolve_parts(model, prefixes)
+    moved: dict[int, torch.nn.Parameter] = {}
+    keep_alive = []  # the released parameters, so that their ids stay unique until every alias is mapped
+    for prefix in parts:
+        for module in model.get_submodule(prefix).modules():
+            for name, param in module._parameters.items():
+                if param is None or param.device.type == "meta":
+                    continue
+                new = moved.get(id(param))
+                if new is None:
+                    new = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+                    moved[id(param)] = new
+                    keep_alive.append(param)
+                module._parameters[name] = new
+    del keep_alive
+
+
+class _DictView:
+    """A `{key: tensor}` dict in the shape `load_state_into` reads (its `state_dict`)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+
+def _fill(view, directory: Path, index_path, weight_map, files, parts, shard_modes: dict[str, str]) -> None:
+    """Reads the checkpoint tensors under `parts` into the tensors of `view` (checked, LoRA merged).
+
+    The pages of memory-mapped shards are handed back tensor by tensor as they are copied: the mapped
+    checkpoint would otherwise stay resident beside the loaded copy until every shard is closed.
+    """
+    own = view.state_dict(keep_vars=True)
+    if not own:
+        return
+    mapped = _MappedShards()
+    tensors, origin = _read_needed(directory, index_path, weight_map, files, parts, own, shard_modes, mapped)
+    tensors = merge_lora(tensors, origin)
+    load_state_into(view, tensors, origin, str(directory), release=mapped.release)  # type: ignore[arg-type]
+    del tensors
+
+
+class _MappedShards:
+    """The address ranges where this process maps the shards opened so far (Linux `/proc/self/maps`).
+
+    `release(tensor)` hands back to the kernel the whole pages of a tensor that lie in one of them
+    (`madvise(MADV_DONTNEED)`): pages of a private, read-only file mapping that are dropped come back from
+    the file if they are read again, so this changes the resident size, never a value. Tensors elsewhere
+    (a LoRA merge, a legacy shard read whole) are left alone; off Linux it does nothing.
+    """
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] = []
+        self._madvise = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL("libc.so.6", use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                self._madvise = libc.madvise
+                self._page = os.sysconf("SC_PAGE_SIZE")
+            except (OSError, AttributeError, ValueError):
+                self._madvise = None
+
+    def add(self, path: Path) -> None:
+        """Records the mappings of `path` (call after opening it)."""
+        if self._madvise is None:
+            return
+        target = str(path.resolve())
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.rstrip("\n").split(maxsplit=5)
+                    if len(fields) == 6 and fields[5] == target:
+                        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                        self.ranges.append((lo, hi))
+        except OSError:
+            pass
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if self._madvise is None or not self.ranges or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        start = storage.data_ptr()
+        end = start + storage.nbytes()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return
+        first = -(-start // self._page) * self._page
+        last = end // self._page * self._page
+        if last > first:
+            self._madvise(first, last - first, self._MADV_DONTNEED)
 
 
 def _read_needed(
@@ -650,6 +798,7 @@ def _read_needed(
     parts: tuple[str, ...],
     own: dict[str, torch.Tensor],
     shard_modes: dict[str, str],
+    mapped: _MappedShards | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The checkpoint tensors under `parts` (raw names; LoRA not merged yet) and the file of each."""
     if weight_map is not None:
@@ -674,6 +823,8 @@ def _read_needed(
         path = directory / shard
         keys, get, mode = _open_shard_lazily(path)
         shard_modes[shard] = mode
+        if mapped is not None and mode != "read":
+            mapped.add(path)
         for key in keys:
             if weight_map is not None and weight_map.get(key) != shard:
                 where = f"lists it in {weight_map[key]}" if key in weight_map else "does not list it"

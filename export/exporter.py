@@ -24,7 +24,13 @@ import numpy as np
 from visionllm_edge import __version__, contract
 from visionllm_edge.export.checkpoint import BUNDLED_MODEL, load_reference, load_reference_parts
 from visionllm_edge.export.model import VisionLLMv2
-from visionllm_edge.export.onnx.base import ExportSettings, export_graph, exporter_for, run_onnx
+from visionllm_edge.export.onnx.base import (
+    ExportSettings,
+    export_graph,
+    exporter_for,
+    merge_external_data,
+    validation_session,
+)
 from visionllm_edge.export.reference import PostProcessSettings
 from visionllm_edge.export.tokenizer import ChatTokenizer
 
@@ -139,9 +145,19 @@ def export(
                     raise ValueError(f"component {name!r} was asked for but this model has none")
                 continue
             done = _progress(name, progress)
-            part = _load_part(source, name, progress) if by_component else model
+            part = (
+                _load_part(source, name, progress, exporter.load_dtype(settings)) if by_component else model
+            )
             _export_component(
-                exporter, part, partial, settings, graphs_meta, extra_files, component_facts, validation
+                exporter,
+                part,
+                partial,
+                settings,
+                graphs_meta,
+                extra_files,
+                component_facts,
+                validation,
+                owned=by_component,
             )
             if by_component:
                 if name == "llm":  # the LLM's weights hold the token table: write the embeddings now
@@ -206,9 +222,14 @@ def resolve_source(source: str | Path) -> str | Path:
     return source
 
 
-def _load_part(source, name: str, progress: bool) -> VisionLLMv2:
-    """The weights one component needs (`checkpoint.COMPONENT_PARTS`), the rest of the model on meta."""
-    part = load_reference_parts(source, [name])
+def _load_part(source, name: str, progress: bool, dtype=None) -> VisionLLMv2:
+    """The weights one component needs (`checkpoint.COMPONENT_PARTS`), the rest of the model on meta.
+
+    `dtype` is the exporter's `load_dtype` (float32 unless its graph uses the weights as they are).
+    """
+    import torch
+
+    part = load_reference_parts(source, [name], dtype=dtype or torch.float32)
     if progress:
         modes = ", ".join(f"{shard} ({mode})" for shard, mode in part.shard_modes.items())
         print(
@@ -245,8 +266,13 @@ def _export_component(
     extra_files: dict,
     component_facts: dict,
     validation: dict,
+    owned: bool = False,
 ) -> None:
-    """Writes, records and (when asked) validates one component's graphs and extra files."""
+    """Writes, records and (when asked) validates one component's graphs and extra files.
+
+    `owned`: the model was loaded for this component alone, and the exporter may release the weights that
+    only its graphs needed before validation (`ComponentExporter.release_weights`).
+    """
     graphs = list(exporter.graphs(model, settings))
     while graphs:
         # One traced module alive at a time (an fp16 export holds a converted copy of the weights in it).
@@ -261,6 +287,9 @@ def _export_component(
     for logical, file in exporter.extra_files(model, partial).items():
         extra_files[logical] = {"file": Path(file).name, "sha256": _sha256(Path(file))}
     component_facts[exporter.name] = exporter.manifest_facts(model, settings)
+    if owned:
+        exporter.release_weights(model)
+        _release_memory()
     if settings.validate:
         rng = np.random.default_rng(settings.seed)
         cases = exporter.validation_cases(model, settings, rng)
@@ -312,20 +341,10 @@ def _quantize(graph_name: str, path: Path, mode: str) -> None:
         os.replace(tmp, path)
         return
     # A quantized 7B LLM is still over 2 GB and keeps external data, which the graph references by file
-    # name: re-save it under the artifact's names rather than renaming the data file under the graph.
-    import onnx
-
-    model = onnx.load(str(tmp), load_external_data=True)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
+    # name: rewrite it under the artifact's names (streamed: the weights never enter memory whole) rather
+    # than renaming the data file under the graph.
+    merge_external_data(tmp, path)
     tmp.unlink()
-    tmp_data.unlink()
 
 
 _DTYPES = {1: "float32", 10: "float16", 7: "int64", 9: "bool", 6: "int32"}
@@ -380,8 +399,11 @@ def _validate_graph(path: Path, cases, exporter, settings: ExportSettings, preci
     if not fp16:
         rtol = exporter.rtol
     result = {"passed": True, "shapes": [], "outputs": {}}
+    # One session for all the cases, holding the weights about once (a 7B graph is mapped, not copied).
+    session = validation_session(path)
+    names = [o.name for o in session.get_outputs()]
     for case in cases:
-        got = run_onnx(path, case.inputs)
+        got = dict(zip(names, session.run(names, case.inputs)))
         result["shapes"].append(case.label)
         for name, want in case.expected.items():
             if name not in got:

@@ -9,8 +9,12 @@ and records them; no `if component == ...` chains anywhere.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +100,21 @@ class ComponentExporter(ABC):
         """Files besides the graphs (e.g. a precomputed unconditional embedding), by logical name."""
         return {}
 
+    def load_dtype(self, settings: ExportSettings) -> torch.dtype:
+        """The dtype this component's weights are loaded in when it is exported from a checkpoint folder part
+        by part. float32 (the reference's) by default; an exporter whose graph uses the weights as they are
+        in its own precision can ask for that, so that no converted copy sits beside them."""
+        return torch.float32
+
+    def release_weights(self, model) -> None:
+        """Drops what only the traced graphs needed, once they are written and before validation.
+
+        Called only when `model` was loaded for this component alone (component-by-component export), so
+        that validation's ONNX Runtime session, which maps the graph's weights, does not come on top of the
+        model's copy. `validation_cases` must still work after it. The default keeps everything.
+        """
+        return None
+
 
 _REGISTRY: dict[str, type[ComponentExporter]] = {}
 
@@ -130,39 +149,234 @@ def exporter_for(name: str) -> ComponentExporter:
     return _REGISTRY[name]()
 
 
+#: Parameter bytes above which `export_graph` writes external data by default: protobuf's 2 GB limit on one
+#: file, less a margin for the graph itself.
+EXTERNAL_DATA_PARAM_BYTES = (1 << 31) - (64 << 20)
+#: Tensors smaller than this stay inside the `.onnx` file of a graph written with external data (the
+#: `size_threshold` of `onnx.save_model`).
+EXTERNAL_DATA_THRESHOLD = 1024
+#: Each tensor of an external data file starts at a multiple of this (a page: ONNX Runtime maps the file
+#: and reads a page-aligned tensor in place).
+EXTERNAL_DATA_ALIGNMENT = 4096
+#: Bytes moved per read while merging external data: memory stays at one chunk whatever the weights weigh.
+_COPY_CHUNK = 16 << 20
+
+
 def export_graph(
     graph: GraphExport, path: Path, opset: int = DEFAULT_OPSET, external_data: bool | None = None
 ) -> None:
-    """Traces `graph.module` to `path` (TorchScript exporter; weights over 2 GB go to external data)."""
-    import onnx
+    """Traces `graph.module` to `path` (TorchScript exporter).
 
+    A graph whose weights weigh over `EXTERNAL_DATA_PARAM_BYTES` (or any graph, with `external_data=True`)
+    keeps them in one external data file, `path.name + ".data"`, beside it; a smaller one is one `.onnx` file
+    as torch wrote it (`external_data=False` insists on that). Over 2 GB, `torch.onnx.export` writes one file
+    per weight, named after the initializer: the export runs in a private scratch folder beside `path`, so
+    those files can never overwrite other files of the folder, and `merge_external_data` streams them into
+    the one data file (the weights never enter a `ModelProto`). Nothing of the scratch folder is left.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter warns about every F.pad it cannot constant-fold; the graph is correct, and
-        # the warning would fail any caller that runs with warnings as errors.
-        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
-        torch.onnx.export(
-            graph.module.eval(),
-            graph.example_inputs,
-            str(path),
-            input_names=graph.input_names,
-            output_names=graph.output_names,
-            dynamic_axes=graph.dynamic_axes,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    size = sum(p.numel() * p.element_size() for p in graph.module.parameters())
-    if external_data or (external_data is None and size > (1 << 31) - (64 << 20)):
-        model = onnx.load(str(path), load_external_data=True)
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.export-", dir=path.parent))
+    try:
+        traced = scratch / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter warns about every F.pad it cannot constant-fold; the graph is correct,
+            # and the warning would fail any caller that runs with warnings as errors.
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+            torch.onnx.export(
+                graph.module.eval(),
+                graph.example_inputs,
+                str(traced),
+                input_names=graph.input_names,
+                output_names=graph.output_names,
+                dynamic_axes=graph.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        # torch writes per-weight files only when the graph is over protobuf's limit.
+        torch_external = any(p.name != traced.name for p in scratch.iterdir())
+        if external_data is None:
+            size = sum(p.numel() * p.element_size() for p in graph.module.parameters())
+            external_data = torch_external or size > EXTERNAL_DATA_PARAM_BYTES
+        if external_data:
+            merge_external_data(traced, path)
+        elif torch_external:
+            raise ValueError(
+                f"{path.name}: graph {graph.name!r} is over protobuf's 2 GB limit and cannot be written as "
+                "one file (external_data=False)"
+            )
+        else:
+            os.replace(traced, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _graph_tensors(graph) -> Iterator[tuple[object, bool]]:
+    """Every tensor of a graph and its subgraphs, with whether it is an initializer (else an attribute)."""
+    for tensor in graph.initializer:
+        yield tensor, True
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t, False
+            for tensor in attr.tensors:
+                yield tensor, False
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def merge_external_data(
+    src: Path,
+    dst: Path,
+    *,
+    threshold: int = EXTERNAL_DATA_THRESHOLD,
+    alignment: int = EXTERNAL_DATA_ALIGNMENT,
+) -> Path:
+    """Writes graph `src` as `dst` plus one external data file `dst.name + ".data"`, by streaming copy.
+
+    `src` is read without its external data (`onnx.load(load_external_data=False)`). Each initializer of at
+    least `threshold` bytes is copied, in chunks, from wherever `src` keeps it (an external file beside it,
+    whole or at an offset, as `torch.onnx.export` and `onnx.save_model` write them, or inline) into the data
+    file at an offset that is a multiple of `alignment`, and its `location` / `offset` / `length` entries are
+    rewritten; smaller external tensors come back inline, as `onnx.save_model(size_threshold=...)` keeps them.
+    Attribute tensors stay where they are, except external ones, which are merged too. Memory stays at one
+    chunk plus the graph without its weights.
+
+    The external files `src` names are deleted as soon as their last tensor is copied (disk then holds about
+    one copy of the weights at a time; after an error, `src` may have lost some); `src` itself is left to the
+    caller. `dst` may replace `src`: both
+    files are written under temporary names and renamed into place at the end.
+
+    Returns:
+        The data file's path.
+
+    Raises:
+        ValueError: an external file that is missing, too short for a tensor, or outside `src`'s folder (the
+            message names the graph, the tensor and the file).
+    """
+    import onnx
+    from onnx import TensorProto
+
+    src, dst = Path(src), Path(dst)
+    if alignment < 1 or threshold < 0:
+        raise ValueError(f"alignment must be >= 1 and threshold >= 0, got {alignment} and {threshold}")
+    model = onnx.load(str(src), load_external_data=False)
+    base = src.parent.resolve()
+    tensors = list(_graph_tensors(model.graph))
+    plan = []  # (tensor, source file or None for inline, offset, length, goes to the data file)
+    uses: dict[Path, int] = {}
+    for tensor, is_initializer in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            location = entries.get("location", "")
+            file = (base / location).resolve()
+            if not location or Path(location).is_absolute() or base not in file.parents:
+                raise ValueError(
+                    f"{src}: tensor '{tensor.name}' names external file {location!r}, which is not a file "
+                    f"inside {base}"
+                )
+            if not file.is_file():
+                raise ValueError(
+                    f"{src}: tensor '{tensor.name}' needs external file '{file}', which is missing"
+                )
+            offset = int(entries.get("offset", 0))
+            size = file.stat().st_size
+            length = int(entries["length"]) if "length" in entries else size - offset
+            if offset < 0 or length < 0 or offset + length > size:
+                raise ValueError(
+                    f"{src}: tensor '{tensor.name}' {list(tensor.dims)} needs bytes "
+                    f"[{offset}, {offset + length}) of '{file}', which holds {size} bytes"
+                )
+            plan.append((tensor, file, offset, length, length >= threshold))
+            uses[file] = uses.get(file, 0) + 1
+        elif is_initializer and tensor.HasField("raw_data") and len(tensor.raw_data) >= threshold:
+            plan.append((tensor, None, 0, len(tensor.raw_data), True))
+
+    data_path = dst.with_name(dst.name + ".data")
+    tmp_data = dst.with_name(f".{data_path.name}.tmp-{os.getpid()}")
+    tmp_graph = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    buffer = bytearray(min(_COPY_CHUNK, max((length for *_, length, _ in plan), default=0)) or 1)
+    try:
+        with open(tmp_data, "wb") as out:
+            for tensor, file, offset, length, external in plan:
+                if file is None:
+                    data = memoryview(tensor.raw_data)
+                    position = _align(out, alignment)
+                    for start in range(0, length, len(buffer)):
+                        out.write(data[start : start + len(buffer)])
+                    tensor.ClearField("raw_data")
+                else:
+                    with open(file, "rb") as f:
+                        f.seek(offset)
+                        if external:
+                            position = _align(out, alignment)
+                            _copy(f, out, length, buffer, file)
+                        else:
+                            tensor.raw_data = f.read(length)
+                    uses[file] -= 1
+                    if uses[file] == 0:
+                        file.unlink()
+                del tensor.external_data[:]
+                if external:
+                    tensor.data_location = TensorProto.EXTERNAL
+                    fields = {"location": data_path.name, "offset": position, "length": length}
+                    for key, value in fields.items():
+                        entry = tensor.external_data.add()
+                        entry.key, entry.value = key, str(value)
+                else:
+                    tensor.data_location = TensorProto.DEFAULT
+        tmp_graph.write_bytes(model.SerializeToString())
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_graph, dst)
+    finally:
+        tmp_data.unlink(missing_ok=True)
+        tmp_graph.unlink(missing_ok=True)
+    return data_path
+
+
+def _align(out, alignment: int) -> int:
+    """Pads `out` with zeros to the next multiple of `alignment`; returns the new position."""
+    position = out.tell()
+    pad = -position % alignment
+    if pad:
+        out.write(bytes(pad))
+    return position + pad
+
+
+def _copy(f, out, length: int, buffer: bytearray, file: Path) -> None:
+    """Copies `length` bytes from `f` to `out` through `buffer`."""
+    view = memoryview(buffer)
+    left = length
+    while left:
+        n = f.readinto(view[: min(left, len(view))])
+        if not n:
+            raise ValueError(f"{file}: ended {left} bytes early while copying external data")
+        out.write(view[:n])
+        left -= n
+
+
+def validation_session(path: Path, providers=("CPUExecutionProvider",)):
+    """An ONNX Runtime session that holds a graph's weights about once, for validating large graphs.
+
+    ONNX Runtime maps a graph's external data; with its default options a CPU session then adds copies: the
+    float32 Casts it inserts before float16 MatMuls (no float16 MatMul on x86) are constant-folded into
+    float32 copies of every weight, and MatMul weights are pre-packed into another. Here: basic
+    optimizations only (no Cast folding), no pre-packing, no CPU arena (freed buffers go back to the
+    system), and the priority-based node order, which runs each inserted Cast just before its consumer
+    rather than all of them first. A 7B float16 graph then costs its mapped weights plus one weight in
+    float32, instead of twice its float32 size. The results are the graph's own; only speed differs.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    opts.enable_cpu_mem_arena = False
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
 def run_onnx(

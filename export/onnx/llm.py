@@ -13,18 +13,26 @@ sequence-major past is read through a Transpose that ONNX Runtime folds into its
 
 The export module wraps the reference model's own weights; validation computes the expected outputs with the
 reference `LlamaForCausalLM.forward` (concat-based), so parity proves the rewrite.
+
+Memory (component-by-component export of a checkpoint folder): the LLM is loaded in the graph's precision
+(`load_dtype`), so an fp16 export traces the loaded weights themselves, with no float32 copy beside them;
+once `llm.onnx` is written its layers are released (`release_weights`), and the float32 reference is
+computed layer by layer with each layer's weights read again from the checkpoint
+(`streamed_reference_outputs`), so validation holds the graph's mapped weights plus one float32 layer.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from visionllm_edge import contract
-from visionllm_edge.export.models.llama import LlamaForCausalLM
+from visionllm_edge.export.checkpoint import read_parts, release_parts
+from visionllm_edge.export.models.llama import LlamaForCausalLM, rotary_cos_sin
 from visionllm_edge.export.onnx.base import (
     ComponentExporter,
     ExportSettings,
@@ -38,6 +46,10 @@ from visionllm_edge.export.onnx.base import (
 ATTENTION_MODES = ("two_block", "concat")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+#: The LLM's modules (paths under `llm`) whose weights only the step graph and its reference use; the token
+#: table is not among them (it goes to the artifact's embeddings file, written after the graph).
+GRAPH_MODULES = ("model.layers", "model.norm", "lm_head")
 
 
 def llm_of(model) -> LlamaForCausalLM:
@@ -214,9 +226,26 @@ class LlmExporter(ComponentExporter):
         llm = llm_of(model)
         return [build_graph(llm, settings)]
 
+    def load_dtype(self, settings: ExportSettings) -> torch.dtype:
+        # `LlmStep` uses weights already in the graph's dtype as they are: an fp16 export loaded in fp16 holds
+        # one copy of the weights, not a float32 one plus a converted one.
+        return _DTYPES.get(settings.precision, torch.float32)
+
+    def release_weights(self, model) -> None:
+        # Only a checkpoint-backed model can give the weights back for the reference (`read_parts`).
+        if _checkpoint_backed(model):
+            release_parts(model, [f"llm.{path}" for path in GRAPH_MODULES])
+
     def validation_cases(
         self, model, settings: ExportSettings, rng: np.random.Generator
     ) -> dict[str, list[ValidationCase]]:
+        """Five step kinds at fresh random inputs, with the float32 reference's outputs.
+
+        The reference runs on the model's own LLM when its weights are there in float32 (or the model has no
+        checkpoint to read them from: then in whatever dtype they are); otherwise (loaded in float16, or
+        released after the export) layer by layer on float32 weights read again from the checkpoint folder
+        (`streamed_reference_outputs`), with the same values.
+        """
         llm = llm_of(model)
         cap = max_context_of(llm, settings)
         np_dtype = np.float16 if settings.precision == "fp16" else np.float32
@@ -230,11 +259,13 @@ class LlmExporter(ComponentExporter):
             (5, max(0, min(40, cap - 5)), list(rng.permutation([1, 2, 3, 4]))),
             (s_long, cap - s_long, list(rng.choice(s_long, size=2, replace=True))),
         ]
-        cases = []
-        for s, p, rows in shapes:
-            inputs = random_inputs(llm, s, p, rows, rng, np_dtype)
-            cases.append(ValidationCase(f"S={s},P={p},R={len(rows)}", inputs, reference_outputs(llm, inputs)))
-        return {"llm": cases}
+        labels = [f"S={s},P={p},R={len(rows)}" for s, p, rows in shapes]
+        inputs = [random_inputs(llm, s, p, rows, rng, np_dtype) for s, p, rows in shapes]
+        if _checkpoint_backed(model) and not _resident(llm, torch.float32):
+            expected = streamed_reference_outputs(llm, inputs, _checkpoint_weights(model))
+        else:
+            expected = [reference_outputs(llm, case) for case in inputs]
+        return {"llm": [ValidationCase(*case) for case in zip(labels, inputs, expected)]}
 
     def manifest_facts(self, model, settings: ExportSettings) -> dict:
         llm = llm_of(model)
@@ -321,23 +352,96 @@ def reference_outputs(llm: LlamaForCausalLM, inputs: dict[str, np.ndarray]) -> d
     x = torch.from_numpy(inputs["inputs_embeds"]).to(dtype)
     positions = torch.from_numpy(inputs["position_ids"])
     rows = torch.from_numpy(inputs["output_rows"])
-    p = inputs["past_key.0"].shape[0]
-    past = None
-    if p > 0:  # P = 0 takes the reference's own no-cache path
-        past = [
-            tuple(
-                torch.from_numpy(inputs[f"{kind}.{i}"]).to(dtype).permute(1, 0, 2)[None]
-                for kind in ("past_key", "past_value")
-            )
-            for i in range(n)
-        ]
-    out = llm(x, positions, past)
+    out = llm(x, positions, _head_major_past(inputs, n, dtype))
     hidden = out.hidden[0].index_select(0, rows)
-    expected = {
-        "logits": llm.lm_head(hidden).float().numpy(),
-        "hidden": hidden.float().numpy(),
-    }
-    for i, (k, v) in enumerate(out.new_kv):
+    return _expected(hidden, llm.lm_head(hidden), out.new_kv)
+
+
+@torch.no_grad()
+def streamed_reference_outputs(
+    llm: LlamaForCausalLM,
+    cases: list[dict[str, np.ndarray]],
+    weights: Callable[[str], dict[str, torch.Tensor]],
+) -> list[dict[str, np.ndarray]]:
+    """`reference_outputs` of several inputs in float32, holding one module's float32 weights at a time.
+
+    The reference's own modules run in the order `LlamaForCausalLM.forward` runs them (each
+    `LlamaDecoderLayer` on the head-major past, the final norm, then `lm_head` on the asked rows, as
+    `reference_outputs` does), layer-major over all the inputs. Each module runs through
+    `torch.func.functional_call` with the state `weights(path)` returns for it (`path` under the LLM:
+    `model.layers.3`, `model.norm`, `lm_head`; keys relative to the module), so its own parameters are never
+    read: they may be float16 or released to meta. With the float32 checkpoint values this is bit-identical to
+    `reference_outputs` on the float32 model. Each layer's past is turned into float32 when that layer runs,
+    so a float16 long-context case never has its whole past in float32 at once.
+    """
+    from torch.func import functional_call
+
+    s = llm.settings
+    f32 = torch.float32
+    states = []
+    for inputs in cases:
+        x = torch.from_numpy(inputs["inputs_embeds"]).to(f32)
+        cos, sin = rotary_cos_sin(torch.from_numpy(inputs["position_ids"]), s.head_dim, s.rope_theta, f32)
+        states.append({"x": x, "cos": cos, "sin": sin, "kv": []})
+    for i, layer in enumerate(llm.model.layers):
+        state = weights(f"model.layers.{i}")
+        for inputs, st in zip(cases, states):
+            past = _layer_past(inputs, i, f32)
+            st["x"], kv = functional_call(layer, state, (st["x"], st["cos"], st["sin"], past), strict=True)
+            st["kv"].append(kv)
+        del state
+    norm, head = weights("model.norm"), weights("lm_head")
+    out = []
+    for inputs, st in zip(cases, states):
+        rows = torch.from_numpy(inputs["output_rows"])
+        hidden = functional_call(llm.model.norm, norm, (st["x"],), strict=True)[0].index_select(0, rows)
+        out.append(_expected(hidden, functional_call(llm.lm_head, head, (hidden,), strict=True), st["kv"]))
+    return out
+
+
+def _head_major_past(inputs: dict[str, np.ndarray], n: int, dtype: torch.dtype):
+    """The graph's sequence-major past as the reference takes it (per layer `(K, V)` `[1, kv, P, D]`), or
+    None for an empty past (P = 0 takes the reference's own no-cache path)."""
+    if inputs["past_key.0"].shape[0] == 0:
+        return None
+    return [_layer_past(inputs, i, dtype) for i in range(n)]
+
+
+def _layer_past(inputs: dict[str, np.ndarray], i: int, dtype: torch.dtype):
+    """Layer `i`'s `(K, V)` of `_head_major_past`, or None for an empty past."""
+    if inputs[f"past_key.{i}"].shape[0] == 0:
+        return None
+    return tuple(
+        torch.from_numpy(inputs[f"{kind}.{i}"]).to(dtype).permute(1, 0, 2)[None]
+        for kind in ("past_key", "past_value")
+    )
+
+
+def _expected(hidden: torch.Tensor, logits: torch.Tensor, new_kv) -> dict[str, np.ndarray]:
+    """The graph's outputs from the reference's: float32, new K/V turned sequence-major."""
+    expected = {"logits": logits.float().numpy(), "hidden": hidden.float().numpy()}
+    for i, (k, v) in enumerate(new_kv):
         expected[f"present_key.{i}"] = k[0].permute(1, 0, 2).float().numpy()
         expected[f"present_value.{i}"] = v[0].permute(1, 0, 2).float().numpy()
     return expected
+
+
+def _checkpoint_backed(model) -> bool:
+    """Whether `model` came from `load_reference_parts`, and can read its weights again (`read_parts`)."""
+    return getattr(model, "checkpoint_dir", None) is not None
+
+
+def _resident(llm: LlamaForCausalLM, dtype: torch.dtype) -> bool:
+    """Whether every weight the step graph uses is in memory in `dtype`."""
+    modules = (llm.get_submodule(path) for path in GRAPH_MODULES)
+    return all(p.device.type != "meta" and p.dtype == dtype for m in modules for p in m.parameters())
+
+
+def _checkpoint_weights(model) -> Callable[[str], dict[str, torch.Tensor]]:
+    """`path under the LLM -> its float32 state, read from the checkpoint` (`streamed_reference_outputs`)."""
+
+    def weights(path: str) -> dict[str, torch.Tensor]:
+        prefix = f"llm.{path}"
+        return {key[len(prefix) + 1 :]: value for key, value in read_parts(model, [prefix]).items()}
+
+    return weights
