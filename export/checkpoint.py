@@ -298,6 +298,10 @@ def load_reference(
         The model in eval mode, with `model.tokenizer_dir` pointing at its tokenizer files.
     """
     if isinstance(path_or_name, str) and not Path(path_or_name).exists():
+        if path_or_name == BUNDLED_MODEL:
+            from visionllm_edge.export.train.ship import require_bundled
+
+            return load_reference(require_bundled(), dtype=dtype)
         if path_or_name in BUILDABLE_CONFIGS:
             model = build_model(named_config(path_or_name), seed=seed)
             _randomise(model, seed)
