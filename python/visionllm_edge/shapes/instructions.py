@@ -88,7 +88,16 @@ def _scene_for(task: str, seed: int, index: int) -> Scene:
     if task == "pose":
         return world.make_scene(seed, index, SCENE_SIZE, 0, 3, people=(1, 2))
     if task == "edit":
-        return world.make_scene(seed, index, GEN_SIZE, 1, 3, shape_scale=1.0, max_overlap=0.0)
+        # Shapes apart (the checker sees touching shapes of one colour as one blob), and at least one
+        # that its colour and kind name alone (else the instruction would be ambiguous): redraw until so.
+        for attempt in range(50):
+            scene = world.make_scene(
+                seed, index + attempt * 1_000_003, GEN_SIZE, 1, 3, shape_scale=1.0, max_overlap=0.0, gap=2.0
+            )
+            names = [o.short_name for o in scene.objects]
+            if any(names.count(n) == 1 for n in names):
+                return scene
+        return scene
     with_people = (1, 1) if world.scene_rng(seed, index, "people").random() < 0.3 else (0, 0)
     return world.make_scene(seed, index, SCENE_SIZE, 1, 5, people=with_people)
 

@@ -247,6 +247,7 @@ def make_scene(
     kinds=KINDS,
     shape_scale: float | None = None,
     max_overlap: float = _MAX_OVERLAP,
+    gap: float = 0.0,
 ) -> Scene:
     """One scene, a pure function of its arguments.
 
@@ -258,6 +259,7 @@ def make_scene(
         kinds: shape kinds to draw from.
         shape_scale: multiplies the shape sizes (default: the canvas side / 128).
         max_overlap: largest fraction of a new shape's box that may cover earlier boxes.
+        gap: pixels kept free around each shape's box (with `max_overlap=0`: shapes never touch).
     """
     rng = scene_rng(seed, index, f"scene{size}")
     img = Image.fromarray(background(rng, size))
@@ -286,7 +288,8 @@ def make_scene(
             side = rng.uniform(lo, hi) * scale
             cx, cy = rng.uniform(side / 2 + 1, size - side / 2 - 1, size=2)
             box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
-            if _overlap(box, boxes) > max_overlap or _overlap(box, person_boxes) > 0:
+            grown = (box[0] - gap, box[1] - gap, box[2] + gap, box[3] + gap)
+            if _overlap(grown, boxes) > max_overlap or _overlap(grown, person_boxes) > 0:
                 continue
             mask = _mask_of(size, lambda d, f, k=kind, x=cx, y=cy, s=side: draw_shape(d, k, x, y, s, f))
             # Later shapes hide what they cover; drop the new one if an earlier one would mostly vanish.
