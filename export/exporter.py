@@ -73,7 +73,7 @@ def export(
     precision: str = "fp32",
     quantize: str | None = None,
     max_context: int | None = None,
-    validate: bool = True,
+    validate: bool | str = True,
     overwrite: bool = False,
     progress: bool = True,
     seed: int = 0,
@@ -91,7 +91,8 @@ def export(
         quantize: None, `int8` (dynamic MatMul quantization of vision and LLM) or `int4` (LLM weights,
             MatMulNBits).
         max_context: cap on the LLM context (manifest; the runtime sizes its KV arena from it).
-        validate: check every graph against the reference (on by default).
+        validate: check every graph against the reference at every validation shape (True, the default),
+            at its first shape only (`"quick"`: the demo's first-run export), or not at all (False).
         overwrite: replace an existing artifact folder (atomically, after the new one is complete).
         model: an already loaded reference model (skips loading `source`).
         by_component: load a checkpoint folder one component at a time (`load_reference_parts`: only the
@@ -110,8 +111,15 @@ def export(
     for name in wanted:
         if name not in contract.COMPONENT_GRAPHS:
             raise ValueError(f"unknown component {name!r}; known: {', '.join(contract.COMPONENT_GRAPHS)}")
+    if validate not in (True, False, "quick"):
+        raise ValueError(f"validate must be True, False or 'quick', got {validate!r}")
     settings = ExportSettings(
-        precision=precision, quantize=quantize, max_context=max_context, validate=validate, seed=seed
+        precision=precision,
+        quantize=quantize,
+        max_context=max_context,
+        validate=bool(validate),
+        seed=seed,
+        validation_shapes=1 if validate == "quick" else None,
     )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -298,7 +306,7 @@ def _export_component(
                 continue
             result = _validate_graph(
                 partial / graphs_meta[graph_name]["file"],
-                graph_cases,
+                graph_cases[: settings.validation_shapes],
                 exporter,
                 settings,
                 graphs_meta[graph_name]["precision"],

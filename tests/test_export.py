@@ -104,3 +104,14 @@ def test_killing_an_export_midway_leaves_no_artifact(tmp_path):
     for leftover in tmp_path.iterdir():
         assert leftover.name.startswith("."), leftover
         assert not (leftover / contract.MANIFEST_FILE).exists(), "a partial folder must never hold a manifest"
+
+
+def test_quick_validation_checks_each_graph_at_its_first_shape(tmp_path):
+    report = export(
+        "tiny-random", tmp_path / "a", components=["vision", "region"], validate="quick", progress=False
+    )
+    graphs = report.validation["graphs"]
+    assert set(graphs) == {"vision", "region"}
+    assert all(len(g["shapes"]) == 1 and g["passed"] for g in graphs.values())
+    with pytest.raises(ValueError, match="validate must be True, False or 'quick'"):
+        export("tiny-random", tmp_path / "b", components=["vision"], validate="fast")

@@ -35,6 +35,8 @@ class ExportSettings:
     opset: int = DEFAULT_OPSET
     validate: bool = True
     seed: int = 0
+    #: Validate each graph at its first shape only (the demo's first-run export); None: every shape.
+    validation_shapes: int | None = None
 
 
 @dataclass
