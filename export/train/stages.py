@@ -307,13 +307,20 @@ def diffusion_step(model, cfg: ModelConfig, batch: int):
                 source = dec.sd_vae.encode(_to_unit([s.scene.image for s in samples])).latent_dist.mode()
         links = torch.stack([_link_rows([s.instruction], kind, rows, width, gen)[0] for s in samples])
         cond = dec.map_queries(links)
-        drop = torch.rand(batch, generator=gen) < CFG_DROP
-        cond = torch.where(drop[:, None, None], uncond[kind].expand_as(cond), cond)
+        # Condition dropout for classifier-free guidance. Editing follows InstructPix2Pix: 5 % without the
+        # text, 5 % without the image, 5 % without both (its guidance formula reads all three).
+        r = torch.rand(batch, generator=gen)
+        if kind == "gen":
+            drop_text, drop_image = r < CFG_DROP, torch.zeros(batch, dtype=torch.bool)
+        else:
+            drop_text, drop_image = r < 0.05, (r >= 0.05) & (r < 0.10)
+            both = (r >= 0.10) & (r < 0.15)
+            drop_text, drop_image = drop_text | both, drop_image | both
+        cond = torch.where(drop_text[:, None, None], uncond[kind].expand_as(cond), cond)
         noisy, t, noise = _noised(latents, gen)
         unet_in = noisy
         if source is not None:
-            keep = (torch.rand(batch, generator=gen) >= 0.05).float().view(-1, 1, 1, 1)
-            unet_in = torch.cat([noisy, source * keep], 1)
+            unet_in = torch.cat([noisy, source * (~drop_image).float().view(-1, 1, 1, 1)], 1)
         eps = dec.sd_unet(unet_in, t, encoder_hidden_states=cond).sample
         mse = F.mse_loss(eps, noise)
         return {"loss": mse, f"{kind}_mse": mse.detach()}
