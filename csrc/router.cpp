@@ -270,7 +270,7 @@ const std::vector<std::pair<std::string, std::string>>& routing_token_kinds() {
 }
 
 const std::vector<std::string>& label_delimiters() {
-  static const std::vector<std::string> delimiters = {", ", ". ", ": ", " for ", " and "};
+  static const std::vector<std::string> delimiters = {", ", ". ", ": ", " for ", " and ", " of "};
   return delimiters;
 }
 

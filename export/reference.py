@@ -127,9 +127,9 @@ def answer_labels(answer: str, question: str, instruction: str | None = None) ->
     """(kind, label) of every routing token in `answer`, by the label rule of DESIGN.md §9.
 
     `[DET]`/`[SEG]`/`[POSE]`: the text between the nearest preceding delimiter (the answer's start, the end
-    of the previous group, ", ", ". ", ": ", " for ", " and ") and the token, stripped; `<det>x</det>` gives
-    `x`. `[GRD]`: the phrase the question asks for, else the answer's own phrase. `[GEN]`/`[EDIT]`: the
-    user's instruction.
+    of the previous group, ", ", ". ", ": ", " for ", " and ", " of ") and the token, stripped;
+    `<det>x</det>` gives `x`. `[GRD]`: the phrase the question asks for, else the answer's own phrase.
+    `[GEN]`/`[EDIT]`: the user's instruction.
     """
     answer = _PLACEHOLDER.sub("", answer)
     question_text = question.replace(contract.IMAGE_TOKEN, " ").strip()

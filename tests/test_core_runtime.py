@@ -749,3 +749,13 @@ def test_sampler_argument_errors():
     # A row of a [R, V] engine output is a contiguous view and goes in without a copy.
     batch = np.array([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]], np.float32)
     assert sampler.sample(batch[1], _core.SamplingParams(), []) == 0
+
+
+def test_official_pose_template_labels_are_the_keypoint_names():
+    from visionllm_edge import templates
+    from visionllm_edge.export.reference import answer_labels
+
+    _history, question, answer = templates.pose(["head", "left hand", "right foot"])
+    want = [("pose", "head"), ("pose", "left hand"), ("pose", "right foot")]
+    assert [tuple(p) for p in _core.label_groups(answer, question, None)] == want
+    assert answer_labels(answer, question) == want

@@ -116,7 +116,7 @@ SEP2 = "</s>"
 
 #: Label delimiters of DESIGN.md §9: a `[DET]`/`[SEG]`/`[POSE]` label is the text between the nearest of
 #: these (or the answer's start, or the end of the previous group) and the routing token.
-LABEL_DELIMITERS: tuple[str, ...] = (", ", ". ", ": ", " for ", " and ")
+LABEL_DELIMITERS: tuple[str, ...] = (", ", ". ", ": ", " for ", " and ", " of ")
 
 # --- anyres tiling ------------------------------------------------------------------------------------
 
