@@ -1,0 +1,60 @@
+"""The bundled, trained shapes-tiny: exported with every graph validated, then scored through the runtime.
+
+A fixed subset of the held-out evaluation (the first `SCENES` samples per task of seed 2024) must stay above
+floors set from the full 200-scene run recorded in `benchmarks/results/shapes_tiny_eval.json`: each floor is
+the full run's value minus a margin for the subset's sampling noise (a few dozen scenes), so a change that
+breaks a task — the export, the runtime loop, the super link, a decoder, post-processing — fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from visionllm_edge.shapes.evaluate import METRICS, RuntimeRunner, evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_RUN = ROOT / "benchmarks" / "results" / "shapes_tiny_eval.json"
+SCENES = 24
+#: Allowed drop below the full run on the subset, per metric (binomial noise of 24 samples is ~0.1).
+MARGIN = 0.15
+
+
+@pytest.fixture(scope="module")
+def shapes_artifact(tmp_path_factory) -> Path:
+    """The bundled model exported with full validation (or `$VLE_SHAPES_ARTIFACT`, an existing export)."""
+    given = os.environ.get("VLE_SHAPES_ARTIFACT")
+    if given:
+        return Path(given)
+    from visionllm_edge.export.exporter import export
+
+    out = tmp_path_factory.mktemp("shapes") / "artifact"
+    report = export("shapes-tiny", out, progress=False)
+    assert report.validation["passed"]
+    return out
+
+
+def test_every_graph_of_the_bundled_model_is_validated_at_several_shapes(shapes_artifact):
+    validation = json.loads((shapes_artifact / "validation.json").read_text())
+    graphs = validation["graphs"]
+    from visionllm_edge import contract
+
+    assert set(graphs) == {g for names in contract.COMPONENT_GRAPHS.values() for g in names}
+    for name, g in graphs.items():
+        assert g["passed"] and len(g["shapes"]) >= 3, (name, g["shapes"])
+
+
+def test_the_evaluation_subset_stays_above_the_floors(shapes_artifact):
+    full = json.loads(FULL_RUN.read_text())
+    report = evaluate(RuntimeRunner.load(shapes_artifact), seed=full["seed"], scenes=SCENES)
+    low = {}
+    for keys in METRICS.values():
+        for key in keys:
+            if full.get(key) is None:
+                continue
+            floor = max(0.0, full[key] - MARGIN)
+            if report[key] < floor:
+                low[key] = (round(report[key], 3), round(floor, 3))
+    assert not low, f"metrics below their floors (got, floor): {low}"
