@@ -128,6 +128,12 @@ def test_component_by_component_export(full_model, checkpoint, tmp_path):
     token_table = full_model.llm.model.embed_tokens.weight.numpy()
     np.testing.assert_array_equal(tables["token_embeddings"], token_table)
     np.testing.assert_array_equal(tables["queries.det"], full_model.emb_embeddings_det.weight.numpy())
+    # A request that routes to a decoder the artifact lacks names the missing graph.
+    from visionllm_edge import Pipeline
+
+    pipe = Pipeline.load(out)
+    with pytest.raises(ValueError, match="this artifact has no 'det' graph"):
+        pipe.detect(np.zeros((64, 64, 3), np.uint8), ["circle"])
 
 
 def test_export_without_llm_still_writes_the_embeddings(full_model, checkpoint, tmp_path):

@@ -183,13 +183,18 @@ class Pipeline:
                 raise ValueError(f"{folder}: component {name!r} was not exported (missing graphs {missing})")
         return cls(folder, manifest, backend, providers, threads, max_context, components)
 
+    def _graph_spec(self, graph: str):
+        """The manifest entry of a graph; a clear error when the artifact was exported without it."""
+        if graph not in self.manifest.graphs:
+            raise ValueError(
+                f"{self.folder}: this artifact has no {graph!r} graph (export it with its component)"
+            )
+        return self.manifest.graphs[graph]
+
     def engine(self, graph: str) -> Engine:
         """The engine of a graph, created on first use."""
         if graph not in self._engines:
-            if graph not in self.manifest.graphs:
-                raise ValueError(
-                    f"{self.folder}: this artifact has no {graph!r} graph (export it with its component)"
-                )
+            self._graph_spec(graph)
             self._engines[graph] = make_engine(
                 self.manifest.graphs[graph].path, self.backend, self.providers, self.threads, graph
             )
@@ -551,7 +556,7 @@ class Pipeline:
 
     def _object_decoder(self, groups, det) -> dict:
         pixels, mask, _ = det
-        facts = self.manifest.graphs["det"].facts
+        facts = self._graph_spec("det").facts
         max_groups = int(facts.get("max_groups", facts.get("max_text_len", 256)))
         parts = []
         for start in range(0, len(groups), max_groups):
@@ -572,7 +577,7 @@ class Pipeline:
 
     def _pose_decoder(self, objects, keypoints, det) -> dict:
         pixels, mask, _ = det
-        facts = self.manifest.graphs["pose"].facts
+        facts = self._graph_spec("pose").facts
         max_keypoints = int(facts.get("max_keypoints", 68))
         if len(objects) > 100 or len(keypoints) > max_keypoints:
             raise ValueError(
@@ -608,7 +613,7 @@ class Pipeline:
         cond = self.engine(f"{kind}_mapper").run({"link_states": states})["conditioning"]
         if not decode:
             return {"conditioning": cond}
-        facts = self.manifest.graphs[f"{kind}_unet"].facts
+        facts = self._graph_spec(f"{kind}_unet").facts
         uncond_file = self.manifest.data["extra_files"][f"{kind}_uncond"]["file"]
         uncond = load_file(str(self.folder / uncond_file))[facts.get("uncond_tensor", "uncond")]
         latent = int(facts["latent_size"])
@@ -665,7 +670,7 @@ class Pipeline:
         obj = raw.get("object")
         if obj is not None:
             groups = self.router.groups_for("object")["groups"]
-            facts = self.manifest.graphs["det"].facts
+            facts = self._graph_spec("det").facts
             max_groups = int(facts.get("max_groups", facts.get("max_text_len", 256)))
             _, _, resized = obj["_det"]
             det_cols, det_groups, seg = [], [], []
