@@ -120,6 +120,13 @@ LLM_MIXTURE = {
     "ground": 0.12, "pose": 0.08, "generate": 0.08, "edit": 0.07,
 }  # fmt: skip
 #: Which decoder's targets a routing kind's group regresses onto.
+#: From `LLM_LATE_STEP` on, the mixture leans on the tasks that need the picture understood (the link
+#: regression of the templated answers has converged by then): a second phase of the same stage.
+LLM_LATE_STEP = 2200
+LLM_MIXTURE_LATE = {
+    "vqa": 0.4, "caption": 0.1, "region_caption": 0.25, "detect": 0.05, "segment": 0.04,
+    "ground": 0.05, "pose": 0.05, "generate": 0.03, "edit": 0.03,
+}  # fmt: skip
 LINK_DECODER = {
     "det": "object",
     "grd": "object",
@@ -174,7 +181,8 @@ def llm_step(model, cfg: ModelConfig, batch: int):
     size = cfg.image_size
 
     def step(i: int) -> dict:
-        samples = _samples(LLM_MIXTURE, i, batch, seed=TRAIN_SEED + 100)
+        mixture = LLM_MIXTURE if i < LLM_LATE_STEP else LLM_MIXTURE_LATE
+        samples = _samples(mixture, i, batch, seed=TRAIN_SEED + 100)
         coded = [enc.encode(s) for s in samples]
         seq = max(len(c["ids"]) for c in coded)
         ids = torch.zeros(batch, seq, dtype=torch.long)
