@@ -288,8 +288,15 @@ def diffusion_step(model, cfg: ModelConfig, batch: int):
     rows = cfg.num_embs_gen
     uncond = {"gen": sd.unconditional_embedding().detach(), "edit": ip2p.unconditional_embedding().detach()}
 
+    synced = [False]
+
     def step(i: int) -> dict:
         gen.manual_seed(20_000 + i)
+        if i >= VAE_STEPS and not synced[0]:
+            # Both decoders use the autoencoder trained in the first steps, frozen from then on. (Copied on
+            # the first step past them in every run, so a run resumed after that step cannot miss it.)
+            ip2p.sd_vae.load_state_dict(sd.sd_vae.state_dict())
+            synced[0] = True
         if i < VAE_STEPS:
             mixture = {"generate": 0.5, "edit": 0.5}
             samples = _samples(mixture, i, batch, seed=TRAIN_SEED + 200)
@@ -301,8 +308,6 @@ def diffusion_step(model, cfg: ModelConfig, batch: int):
             kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
             return {"loss": rec + VAE_KL * kl, "rec": rec.detach(), "kl": kl.detach(),
                     "latent_std": posterior.mean.detach().std()}  # fmt: skip
-        if i == VAE_STEPS:  # both decoders use the same (now frozen) autoencoder
-            ip2p.sd_vae.load_state_dict(sd.sd_vae.state_dict())
         kind = "gen" if i % 2 == 0 else "edit"
         task = "generate" if kind == "gen" else "edit"
         samples = _samples({task: 1.0}, i, batch, seed=TRAIN_SEED + 200)
