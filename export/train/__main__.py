@@ -21,7 +21,7 @@ from torch import nn
 DEFAULTS = {
     "object": {"steps": 3400, "batch": 8, "lr": 2e-4, "warmup": 300},
     "pose": {"steps": 2000, "batch": 8, "lr": 2e-4, "warmup": 150},
-    "diffusion": {"steps": 5200, "batch": 8, "lr": 5e-4, "warmup": 100},
+    "diffusion": {"steps": 6400, "batch": 8, "lr": 5e-4, "warmup": 100},
     "llm": {"steps": 3500, "batch": 12, "lr": 5e-4, "warmup": 200},
 }
 INIT_SEED = 0
