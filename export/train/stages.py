@@ -21,7 +21,6 @@ from visionllm_edge.export import preprocess as pp
 from visionllm_edge.export.config import ModelConfig
 from visionllm_edge.export.train import losses as L
 from visionllm_edge.export.train.targets import phrase_rows
-from visionllm_edge.shapes import world
 from visionllm_edge.shapes.instructions import Sample, make_sample, task_mixture
 
 TRAIN_SEED = 1
@@ -119,7 +118,6 @@ LLM_MIXTURE = {
     "vqa": 0.25, "caption": 0.07, "region_caption": 0.13, "detect": 0.12, "segment": 0.08,
     "ground": 0.12, "pose": 0.08, "generate": 0.08, "edit": 0.07,
 }  # fmt: skip
-#: Which decoder's targets a routing kind's group regresses onto.
 #: From `LLM_LATE_STEP` on, the mixture leans on the tasks that need the picture understood (the link
 #: regression of the templated answers has converged by then): a second phase of the same stage.
 LLM_LATE_STEP = 2200
@@ -127,14 +125,6 @@ LLM_MIXTURE_LATE = {
     "vqa": 0.4, "caption": 0.1, "region_caption": 0.25, "detect": 0.05, "segment": 0.04,
     "ground": 0.05, "pose": 0.05, "generate": 0.03, "edit": 0.03,
 }  # fmt: skip
-LINK_DECODER = {
-    "det": "object",
-    "grd": "object",
-    "seg": "object",
-    "pose": "pose",
-    "gen": "gen",
-    "edit": "edit",
-}
 LINK_WEIGHT = 2.0
 
 
@@ -223,7 +213,8 @@ def llm_step(model, cfg: ModelConfig, batch: int):
                 link_b.append(torch.full((n,), b))
                 link_p.append(torch.arange(pos, pos + n))
                 link_rows.append(model.query_table(kind))
-                link_targets.append(torch.from_numpy(phrase_rows(phrase, LINK_DECODER[kind], n, width)))
+                target = phrase_rows(phrase, contract.DECODER_OF_KIND[kind], n, width)
+                link_targets.append(torch.from_numpy(target))
         if link_b:
             lb, lp = torch.cat(link_b), torch.cat(link_p)
             embeds[lb, lp] = torch.cat(link_rows)
@@ -418,12 +409,3 @@ STAGES = {
     "diffusion": (diffusion_modules, diffusion_step),
     "pose": (pose_modules, pose_step),
 }
-
-
-def check_batch_shapes(cfg: ModelConfig) -> None:  # pragma: no cover - a debugging aid
-    gen = torch.Generator().manual_seed(0)
-    pixels, pmask, text, mask, targets = object_batch(cfg, 0, 2, gen)
-    print(pixels.shape, pmask.shape, text.shape, mask.shape, [len(t.labels) for t in targets])
-
-
-__all__ = ["STAGES", "contract", "world"]
