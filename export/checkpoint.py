@@ -205,6 +205,12 @@ def merge_lora(
     return out
 
 
+def _uncovered(own: dict[str, torch.Tensor], present) -> list[str]:
+    """Model keys with no value among `present`: neither the key nor another name of its tensor (an alias)."""
+    covered = {_same_tensor_key(p) for k, p in own.items() if k in present}
+    return [k for k, p in own.items() if k not in present and _same_tensor_key(p) not in covered]
+
+
 def load_state_into(
     model: VisionLLMv2,
     tensors: dict[str, torch.Tensor],
@@ -222,8 +228,7 @@ def load_state_into(
     """
     own = model.state_dict(keep_vars=True)
     ident = _same_tensor_key
-    group_has_key = {ident(p) for k, p in own.items() if k in tensors}
-    missing = [k for k, p in own.items() if k not in tensors and ident(p) not in group_has_key]
+    missing = _uncovered(own, tensors)
     unexpected = [k for k in tensors if k not in own]
     if missing or unexpected:
         parts = []
@@ -808,10 +813,7 @@ def _read_needed(
     if weight_map is not None:
         needed_raw = {k: v for k, v in weight_map.items() if _under(_plain_key(k), parts)}
         # Every needed model key (or another name of its tensor) must be listed before any shard is opened.
-        listed = {_plain_key(k) for k in needed_raw}
-        ident = _same_tensor_key
-        group_listed = {ident(p) for k, p in own.items() if k in listed}
-        unlisted = [k for k, p in own.items() if k not in listed and ident(p) not in group_listed]
+        unlisted = _uncovered(own, {_plain_key(k) for k in needed_raw})
         if unlisted:
             raise CheckpointError(
                 f"{index_path}: needed key '{unlisted[0]}' is not listed (in no shard; {len(unlisted)} "
@@ -846,10 +848,7 @@ def _read_needed(
                     )
         del get
     if weight_map is None:
-        got = {_plain_key(k) for k in tensors}
-        ident = _same_tensor_key
-        group_got = {ident(p) for k, p in own.items() if k in got}
-        missing = [k for k, p in own.items() if k not in got and ident(p) not in group_got]
+        missing = _uncovered(own, {_plain_key(k) for k in tensors})
         if missing:
             raise CheckpointError(
                 f"{files[0]}: needed key '{missing[0]}' is not in the file ({len(missing)} key(s) of "
