@@ -44,33 +44,80 @@ def shapes_model():
     return cfg, build_model(cfg, seed=0)
 
 
-@pytest.mark.parametrize("stage", ["object", "pose", "llm", "diffusion"])
+@pytest.mark.parametrize("stage", ["object", "pose", "llm", "diffusion", "llm2", "diffusion2"])
 def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     cfg, model = shapes_model
     modules_fn, step_fn = stages.STAGES[stage]
     module = torch.nn.ModuleList(modules_fn(model)).train()
     module.zero_grad()
-    step = step_fn(model, cfg, 2)
+    # The second phases read their data from where the first stopped (diffusion2: past the VAE steps).
+    offset = {"llm2": {"offset": 5000}, "diffusion2": {"offset": stages.VAE_STEPS}}.get(stage, {})
+    step = step_fn(model, cfg, 2, **offset)
     out = step(stages.VAE_STEPS if stage == "diffusion" else 0)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    if stage == "llm2":  # the patch probe trains the vision tower
+        assert out["probe"] > 0
+        assert stages.patch_probe(model).weight.grad.abs().sum() > 0
+        assert model.vis_encoder.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     module.eval()
 
 
-def test_the_llm_stage_regresses_every_routing_group(shapes_model):
-    cfg, model = shapes_model
-    enc = stages.ConversationEncoder(model, cfg)
-    from visionllm_edge.shapes.instructions import make_sample
+def test_patch_targets_mark_each_object_where_it_is():
+    from visionllm_edge.shapes import world
 
-    s = make_sample("pose", 1, 0)
-    coded = enc.encode(s)
-    assert len(coded["links"]) == len(s.phrases) == 1 + 7
-    assert [k for _p, k in coded["links"]] == ["det"] + ["pose"] * 7
-    ids = coded["ids"]
-    for pos, kind in coded["links"]:
-        assert all(t in enc.ref.placeholder_ids for t in ids[pos : pos + model.num_queries(kind)])
+    scene = world.make_scene(5, 3, 128, 2, 4, people=(1, 1))
+    grid = 8
+    t = stages.patch_targets(scene, grid).reshape(grid, grid, -1)
+    colors, kinds = list(world.COLORS), world.KINDS
+    n_cover = len(colors) * len(kinds) + 1
+    assert t.shape[-1] == n_cover + 2 * (n_cover - 1) + 1
+    centres = t[..., n_cover:].sum()
+    assert centres == len({(o.name, int(o.center[0] // 16), int(o.center[1] // 16)) for o in scene.objects})
+    for o in scene.objects:
+        cx, cy = o.center
+        row, col = int(cy // 16), int(cx // 16)
+        if o.color is None:
+            assert t[row, col, -1] == 1
+            continue
+        joint = colors.index(o.color) * len(kinds) + kinds.index(o.category)
+        assert t[row, col, n_cover + world.SIZES.index(o.size) * (n_cover - 1) + joint] == 1
+        # Covered patches: every patch holding a tenth of the shape's pixels, and only patches it touches.
+        covered = o.mask.reshape(grid, 16, grid, 16).mean((1, 3))
+        assert (t[..., joint][covered >= 0.1] == 1).all()
+        others = [p for p in scene.objects if p is not o and p.short_name == o.short_name]
+        if not others:
+            assert (t[..., joint][covered == 0] == 0).all()
+    blank = world.Scene(scene.image.copy())
+    assert stages.patch_targets(blank, grid).sum() == 0
+
+
+def test_a_second_phase_starts_from_the_finished_first(tmp_path, monkeypatch):
+    from visionllm_edge.export.train import __main__ as train
+
+    monkeypatch.setattr(train, "DEFAULTS", {
+        "llm": {"steps": 2, "batch": 1, "lr": 1e-4, "warmup": 1},
+        "llm2": {"steps": 3, "batch": 1, "lr": 1e-4, "warmup": 1, "after": "llm"},
+    })  # fmt: skip
+    train.DEFAULTS["llm"]["steps"] = 1
+    train.run_stage("llm", tmp_path, minutes=5, threads=1)
+    train.DEFAULTS["llm"]["steps"] = 2  # the first stage now stops short of its plan
+    with pytest.raises(RuntimeError, match=r"stage 'llm' stopped at step 1 of 2; run it to the end first"):
+        train.run_stage("llm2", tmp_path, minutes=5, threads=1)
+    train.run_stage("llm", tmp_path, minutes=5, threads=1)
+    train.run_stage("llm2", tmp_path, minutes=0, threads=1)  # no step: saves its starting point
+    first = torch.load(tmp_path / "llm" / "checkpoint.pt", weights_only=True)["module"]
+    second = torch.load(tmp_path / "llm2" / "checkpoint.pt", weights_only=True)["module"]
+    probe = len(stages.llm_modules(build_model(named_config("shapes-tiny"))))  # its index in the module list
+    assert set(second) - set(first) == {f"{probe}.weight", f"{probe}.bias"}
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    start = [json.loads(line) for line in (tmp_path / "llm2" / "log.jsonl").read_text().splitlines()][0]
+    assert start["event"] == "start" and start["offset"] == 2
+    with pytest.raises(RuntimeError, match=r"stage 'llm2' stopped at step 0 of 3"):
+        train.assemble(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_stage_resumes_where_it_stopped(tmp_path):

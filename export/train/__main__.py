@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-#: Per stage: planned steps, batch, peak learning rate, warm-up steps.
+#: Per stage: planned steps, batch, peak learning rate, warm-up steps; `after`: the stage whose finished
+#: weights it starts from (its data continue from that stage's last step). In assembly order.
 DEFAULTS = {
     "object": {"steps": 3400, "batch": 8, "lr": 2e-4, "warmup": 300},
     "pose": {"steps": 2000, "batch": 8, "lr": 2e-4, "warmup": 150},
     "diffusion": {"steps": 6400, "batch": 8, "lr": 5e-4, "warmup": 100},
     "llm": {"steps": 3500, "batch": 12, "lr": 5e-4, "warmup": 200},
+    "llm2": {"steps": 8500, "batch": 12, "lr": 3e-4, "warmup": 100, "after": "llm"},
+    "diffusion2": {"steps": 18000, "batch": 8, "lr": 3e-4, "warmup": 100, "after": "diffusion"},
 }
 INIT_SEED = 0
 DEFAULT_OUT = Path("training-runs/shapes-tiny")
@@ -46,6 +49,12 @@ def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
     cfg, model = build()
     settings = DEFAULTS[name]
     modules_fn, step_fn = stages.STAGES[name]
+    step_args = {}
+    if "after" in settings:
+        before = settings["after"]
+        state = _finished(out, before)
+        nn.ModuleList(stages.STAGES[before][0](model)).load_state_dict(state["module"])
+        step_args["offset"] = int(state["step"])
     trained = nn.ModuleList(modules_fn(model))
     runner = StageRunner(
         name, trained, out, steps=settings["steps"], minutes=minutes, lr=settings["lr"],
@@ -54,8 +63,23 @@ def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
     if runner.done:
         print(f"stage {name} is complete ({runner.step} steps); nothing to do")
         return
-    runner.log({"event": "start", "argv": sys.argv[1:], **settings})
-    runner.run(step_fn(model, cfg, settings["batch"]))
+    runner.log({"event": "start", "argv": sys.argv[1:], **settings, **step_args})
+    runner.run(step_fn(model, cfg, settings["batch"], **step_args))
+
+
+def _finished(out: Path, name: str) -> dict:
+    """The checkpoint of a stage that ran all its planned steps."""
+    ckpt = out / name / "checkpoint.pt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: stage {name!r} has not been run")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    planned = DEFAULTS[name]["steps"]
+    if int(state["step"]) < planned:
+        step = int(state["step"])
+        raise RuntimeError(
+            f"{ckpt}: stage {name!r} stopped at step {step} of {planned}; run it to the end first"
+        )
+    return state
 
 
 def assemble(out: Path, dest: Path) -> None:
@@ -64,11 +88,8 @@ def assemble(out: Path, dest: Path) -> None:
 
     cfg, model = build()
     report = {}
-    for name in DEFAULTS:
-        ckpt = out / name / "checkpoint.pt"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: stage {name!r} has not been run")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    for name in DEFAULTS:  # a second phase loads after (over) the stage it continues
+        state = _finished(out, name)
         nn.ModuleList(stages.STAGES[name][0](model)).load_state_dict(state["module"])
         report[name] = {"steps": int(state["step"]), "minutes": round(float(state["elapsed"]) / 60, 1)}
     from visionllm_edge.export.train.ship import save_shipped

@@ -13,9 +13,12 @@ Every batch is a pure function of `(seed, step)`, so a resumed stage sees the da
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from visionllm_edge import contract
 from visionllm_edge.export import preprocess as pp
 from visionllm_edge.export.config import ModelConfig
@@ -163,7 +166,8 @@ class ConversationEncoder:
         return insert_placeholders(answer, self.cfg.num_embs, self.cfg.num_embs_gen)
 
 
-def llm_step(model, cfg: ModelConfig, batch: int):
+def llm_step(model, cfg: ModelConfig, batch: int, offset: int = 0, probe: nn.Module | None = None):
+    """The `llm` stage's step; `llm2` reads the data from `offset` on and adds the patch-probe loss."""
     enc = ConversationEncoder(model, cfg)
     width = cfg.llm.hidden_size
     placeholder_ids = enc.ref.placeholder_ids
@@ -171,6 +175,7 @@ def llm_step(model, cfg: ModelConfig, batch: int):
     size = cfg.image_size
 
     def step(i: int) -> dict:
+        i += offset
         mixture = LLM_MIXTURE if i < LLM_LATE_STEP else LLM_MIXTURE_LATE
         samples = _samples(mixture, i, batch, seed=TRAIN_SEED + 100)
         coded = [enc.encode(s) for s in samples]
@@ -186,6 +191,12 @@ def llm_step(model, cfg: ModelConfig, batch: int):
                 [pp.anyres_tiles(samples[b].scene.image, size, cfg.max_tiles)[0] for b in with_image]
             )
             vision = model.encode_image(tiles)
+            if probe is not None:
+                grid = int(round(vision.projected.shape[1] ** 0.5))
+                wanted = torch.from_numpy(
+                    np.stack([patch_targets(samples[b].scene, grid) for b in with_image])
+                )
+                probe_loss = F.binary_cross_entropy_with_logits(probe(vision.projected), wanted)
             rows = (ids[with_image] == patch_id).nonzero()
             embeds[torch.tensor(with_image)[rows[:, 0]], rows[:, 1]] = vision.projected.reshape(-1, width)
             region_items = [(j, b) for j, b in enumerate(with_image) if samples[b].regions]
@@ -235,6 +246,9 @@ def llm_step(model, cfg: ModelConfig, batch: int):
             link = F.mse_loss(hidden[lb, lp], torch.cat(link_targets))
             out["link"] = link
             loss = loss + LINK_WEIGHT * link
+        if probe is not None and with_image:
+            out["probe"] = probe_loss
+            loss = loss + PROBE_WEIGHT * probe_loss
         acc = (logits.argmax(-1) == torch.tensor(tt)).float().mean()
         return {"loss": loss, **{k: v.detach() for k, v in out.items()}, "token_acc": acc}
 
@@ -272,7 +286,8 @@ def _noised(latents: torch.Tensor, gen: torch.Generator):
     return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
 
 
-def diffusion_step(model, cfg: ModelConfig, batch: int):
+def diffusion_step(model, cfg: ModelConfig, batch: int, offset: int = 0):
+    """The `diffusion` stage's step; `diffusion2` reads the data from `offset` on (past the VAE phase)."""
     width = cfg.llm.hidden_size
     gen = torch.Generator()
     sd, ip2p = model.sd, model.ip2p
@@ -282,6 +297,7 @@ def diffusion_step(model, cfg: ModelConfig, batch: int):
     synced = [False]
 
     def step(i: int) -> dict:
+        i += offset
         gen.manual_seed(20_000 + i)
         if i >= VAE_STEPS and not synced[0]:
             # Both decoders use the autoencoder trained in the first steps, frozen from then on. (Copied on
@@ -403,9 +419,80 @@ def pose_modules(model) -> list:
     return [model.unipose]
 
 
+# --- second phases: a finished stage continued on fresh data ----------------------------------------------
+
+#: `llm2`'s weight on the patch probe's loss.
+PROBE_WEIGHT = 4.0
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def patch_targets(scene, grid: int) -> np.ndarray:
+    """What each of the `grid x grid` patches of a scene's tile shows, as `[grid * grid, C]` 0/1 targets.
+
+    Channels: which (colour, kind) shapes — or a person — cover at least a tenth of the patch
+    (`5 * 4 + 1`), then which (size, colour, kind) shape — or person — has its centre in the patch
+    (`2 * 5 * 4 + 1`). The joint labels make the vision tower bind a shape's colour to its kind, which the
+    answer tokens alone taught it slowly (it named colours right and kinds often wrong).
+    """
+    from visionllm_edge.shapes import world
+
+    colors, kinds, sizes = list(world.COLORS), world.KINDS, world.SIZES
+    n_cover = len(colors) * len(kinds) + 1
+    out = np.zeros((grid, grid, n_cover + len(sizes) * (n_cover - 1) + 1), np.float32)
+    h, w = scene.image.height, scene.image.width
+    cell_y, cell_x = np.arange(h) * grid // h, np.arange(w) * grid // w
+    area = np.zeros((grid, grid), np.float32)
+    np.add.at(area, (cell_y[:, None], cell_x[None, :]), 1.0)
+    for o in scene.objects:
+        if o.color is None:
+            cover, centre = n_cover - 1, out.shape[-1] - 1
+        else:
+            joint = colors.index(o.color) * len(kinds) + kinds.index(o.category)
+            cover, centre = joint, n_cover + sizes.index(o.size) * (n_cover - 1) + joint
+        covered = np.zeros((grid, grid), np.float32)
+        ys, xs = np.nonzero(o.mask)
+        np.add.at(covered, (cell_y[ys], cell_x[xs]), 1.0)
+        out[..., cover] = np.maximum(out[..., cover], (covered / area >= 0.1).astype(np.float32))
+        cx, cy = o.center
+        out[min(int(cy * grid / h), grid - 1), min(int(cx * grid / w), grid - 1), centre] = 1.0
+    return out.reshape(grid * grid, -1)
+
+
+def patch_probe(model) -> nn.Module:
+    """`llm2`'s linear probe from the projected patch rows to `patch_targets` (trained, never shipped)."""
+    if model not in _PROBES:
+        cfg = model.config
+        grid = int(round(cfg.patches_per_tile**0.5))
+        channels = patch_targets(_blank_scene(cfg.image_size), grid).shape[-1]
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(7)
+        _PROBES[model] = nn.Linear(cfg.llm.hidden_size, channels)
+        torch.random.set_rng_state(gen_state)
+    return _PROBES[model]
+
+
+def _blank_scene(size: int):
+    from PIL import Image
+    from visionllm_edge.shapes.world import Scene
+
+    return Scene(Image.new("RGB", (size, size)))
+
+
+def llm2_modules(model) -> list:
+    return [*llm_modules(model), patch_probe(model)]
+
+
+def llm2_step(model, cfg: ModelConfig, batch: int, offset: int):
+    return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model))
+
+
+#: name -> (the modules it trains, its step function). A stage with an `after` entry in the defaults
+#: (`__main__.DEFAULTS`) starts from that stage's weights and reads its data from where that one stopped.
 STAGES = {
     "object": (object_modules, object_step),
     "llm": (llm_modules, llm_step),
     "diffusion": (diffusion_modules, diffusion_step),
     "pose": (pose_modules, pose_step),
+    "llm2": (llm2_modules, llm2_step),
+    "diffusion2": (diffusion_modules, diffusion_step),
 }

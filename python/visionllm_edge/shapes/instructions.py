@@ -166,7 +166,7 @@ def make_sample(task: str, seed: int, index: int, canonical: bool = False) -> Sa
         kind, color, size = str(rng.choice(KINDS)), str(rng.choice(list(COLORS))), str(rng.choice(SIZES))
         cap = f"a {size} {color} {kind}"
         q, a = templates.generation(cap)
-        image = world.single_shape_image(kind, color, size, GEN_SIZE, rng)
+        image = world.single_shape_image(kind, color, size, GEN_SIZE, rng, center=True)
         return Sample(task, None, q, a, phrases=[cap], targets=[[]], instruction=cap, image_out=image,
                       meta={"kind": kind, "color": color, "size": size})  # fmt: skip
     scene = _scene_for(task, seed, index)
