@@ -154,7 +154,9 @@ def export(
                 continue
             done = _progress(name, progress)
             part = (
-                _load_part(source, name, progress, exporter.load_dtype(settings)) if by_component else model
+                _load_part(source, name, exporter.load_parts(), progress, exporter.load_dtype(settings))
+                if by_component
+                else model
             )
             _export_component(
                 exporter,
@@ -176,7 +178,7 @@ def export(
             seconds[name] = done()
         if not embeddings_written:
             if by_component:
-                part = _load_part(source, "embeddings", progress)
+                part = _load_part(source, "embeddings", progress=progress)
                 _write_embeddings(part, partial, precision)
                 del part
                 _release_memory()
@@ -230,14 +232,15 @@ def resolve_source(source: str | Path) -> str | Path:
     return source
 
 
-def _load_part(source, name: str, progress: bool, dtype=None) -> VisionLLMv2:
-    """The weights one component needs (`checkpoint.COMPONENT_PARTS`), the rest of the model on meta.
+def _load_part(source, name: str, parts=None, progress: bool = False, dtype=None) -> VisionLLMv2:
+    """The weights component `name` needs up front (`parts`, default `checkpoint.COMPONENT_PARTS[name]`;
+    an exporter's `load_parts`), the rest of the model on meta.
 
     `dtype` is the exporter's `load_dtype` (float32 unless its graph uses the weights as they are).
     """
     import torch
 
-    part = load_reference_parts(source, [name], dtype=dtype or torch.float32)
+    part = load_reference_parts(source, list(parts or [name]), dtype=dtype or torch.float32)
     if progress:
         modes = ", ".join(f"{shard} ({mode})" for shard, mode in part.shard_modes.items())
         print(

@@ -256,3 +256,9 @@ def test_bad_settings_are_named(model):
         build_graph(model.llm, ExportSettings(precision="bf16"))
     with pytest.raises(ValueError, match="attention"):
         build_graph(model.llm, ExportSettings(), attention="flash")
+    n = model.llm.settings.num_hidden_layers
+    for layers in (range(1, n + 1), range(2, 2), range(0, n, 2)):
+        with pytest.raises(
+            ValueError, match=rf"layers: expected a non-empty range of consecutive layers of \[0, {n}\)"
+        ):
+            build_graph(model.llm, ExportSettings(), layers=layers)

@@ -270,3 +270,120 @@ def test_llm_from_a_checkpoint_validates_against_the_streamed_reference(
     for name, entry in want["outputs"].items():
         assert got["outputs"][name]["max_abs"] == pytest.approx(entry["max_abs"], rel=1e-6, abs=1e-9), name
     assert sorted(os.listdir(tmp_path / "parts")) == sorted(os.listdir(tmp_path / "whole"))
+
+
+# --- the LLM traced in pieces ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_llm_traced_in_pieces_is_the_whole_graph(model, precision, tmp_path, monkeypatch):
+    """One layer per piece, joined: the same contract graph, computing bit-identical outputs."""
+    from visionllm_edge.export.onnx import llm as llm_module
+    from visionllm_edge.export.onnx.base import exporter_for
+    from visionllm_edge.export.onnx.llm import io_names
+
+    settings = ExportSettings(precision=precision)
+    (whole,) = exporter_for("llm").graphs(model, settings)
+    assert whole.pieces is None  # a small model is traced whole
+    export_graph(whole, tmp_path / "whole" / "llm.onnx")
+    monkeypatch.setattr(llm_module, "PIECE_BYTES", 1)
+    (pieced,) = exporter_for("llm").graphs(model, settings)
+    n = model.llm.settings.num_hidden_layers
+    assert len(pieced.pieces) == n
+    path = tmp_path / "pieces" / "llm.onnx"
+    export_graph(pieced, path)
+    assert sorted(os.listdir(path.parent)) == ["llm.onnx", "llm.onnx.data"]  # no scratch left
+    onnx.checker.check_model(str(path))
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs, outputs = io_names(n)
+    assert [v.name for v in graph.input] == inputs and [v.name for v in graph.output] == outputs
+    assert {node.name.split("/")[0] for node in graph.node} == {f"piece{j}" for j in range(n)}
+    rng = np.random.default_rng(11)
+    for s, p, rows in ((5, 0, [4]), (1, 6, [0]), (3, 9, [2, 0, 1])):
+        case = random_inputs(model.llm, s, p, rows, rng, np.float16 if precision == "fp16" else np.float32)
+        want, got = run_onnx(tmp_path / "whole" / "llm.onnx", case), run_onnx(path, case)
+        assert want.keys() == got.keys()
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"S={s},P={p} {name}")
+
+
+def test_llm_pieces_from_a_checkpoint_hold_one_piece_at_a_time(model, checkpoint, tmp_path, monkeypatch):
+    """Component by component, the LLM's layers are read from the checkpoint for their piece's trace only."""
+    from visionllm_edge.export.exporter import export
+    from visionllm_edge.export.onnx import llm as llm_module
+
+    monkeypatch.setattr(llm_module, "PIECE_BYTES", 1)
+    seen = []
+    build = llm_module.build_graph
+
+    def spy(llm, settings, attention="two_block", layers=None):
+        loaded = [
+            i for i, layer in enumerate(llm.model.layers) if layer.mlp.up_proj.weight.device.type != "meta"
+        ]
+        seen.append((layers, loaded, llm.lm_head.weight.device.type))
+        return build(llm, settings, attention, layers)
+
+    monkeypatch.setattr(llm_module, "build_graph", spy)
+    result = export(checkpoint, tmp_path / "out", components=["llm"], precision="fp16", progress=False)
+    n = model.llm.settings.num_hidden_layers
+    assert seen == [(range(i, i + 1), [i], "cpu" if i == n - 1 else "meta") for i in range(n)]
+    assert result.validation["passed"], json.dumps(result.validation, indent=1)
+
+
+def test_piece_spans_are_greedy_consecutive_and_bounded(model):
+    from visionllm_edge.export.onnx.llm import piece_spans
+
+    llm = model.llm
+    n = llm.settings.num_hidden_layers
+    layer = sum(p.numel() for p in llm.model.layers[0].parameters()) * 4
+    head = sum(p.numel() for m in (llm.model.norm, llm.lm_head) for p in m.parameters()) * 4
+    assert piece_spans(llm, torch.float32, 1) == [range(i, i + 1) for i in range(n)]
+    assert piece_spans(llm, torch.float32, n * layer + head) == [range(n)]
+    assert piece_spans(llm, torch.float16, (n * layer + head) // 2) == [range(n)]  # half the bytes
+    for limit in (2 * layer, 2 * layer + head, 3 * layer - 1):
+        spans = piece_spans(llm, torch.float32, limit)
+        assert [i for s in spans for i in s] == list(range(n))
+
+        def cost(span):
+            return len(span) * layer + (head if span.stop == n else 0)
+
+        assert all(cost(s) <= limit or len(s) == 1 for s in spans), (limit, spans)
+        assert all(cost(range(a.start, b.start + 1)) > limit for a, b in zip(spans, spans[1:])), (
+            limit,
+            spans,
+        )
+
+
+def _piece_graph(inputs, outputs, op, folder, name, constant=2.0):
+    """A one-node piece `outputs[0] = op(inputs[0], c)` over `[2]` floats, with its constant in an external
+    file beside it (as a traced piece keeps its weights)."""
+    c = numpy_helper.from_array(np.full(2, constant, np.float32), "c")
+    graph = helper.make_graph(
+        [helper.make_node(op, [inputs[0], "c"], [outputs[0]], name="n")],
+        "piece",
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, [2]) for i in inputs],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2]) for o in outputs],
+        [c],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    external_data_helper.convert_model_to_external_data(m, location=f"{name}.data", size_threshold=0)
+    onnx.save_model(m, str(folder / f"{name}.onnx"))
+    return folder / f"{name}.onnx"
+
+
+def test_join_pieces_links_them_and_names_what_is_missing(tmp_path):
+    from visionllm_edge.export.onnx.base import PIECE_IN, PIECE_OUT, join_pieces
+
+    a = _piece_graph(["x"], [PIECE_OUT], "Mul", tmp_path, "a", 3.0)
+    b = _piece_graph([PIECE_IN], ["y"], "Add", tmp_path, "b", 1.0)
+    join_pieces([a, b], tmp_path / "joined.onnx", ["x"], ["y"])
+    merge_external_data(tmp_path / "joined.onnx", tmp_path / "final.onnx", threshold=0)
+    got = run_onnx(tmp_path / "final.onnx", {"x": np.array([1.0, -2.0], np.float32)})
+    np.testing.assert_array_equal(got["y"], [4.0, -5.0])  # (x * 3) + 1: piece a, then piece b
+    c = _piece_graph(["x"], ["y"], "Add", tmp_path, "c")
+    with pytest.raises(ValueError, match=r"c\.onnx: piece 1 of 2 must take 'piece_in'"):
+        join_pieces([a, c], tmp_path / "bad.onnx", ["x"], ["y"])
+    b = _piece_graph([PIECE_IN], ["y"], "Add", tmp_path, "b")
+    with pytest.raises(ValueError, match=r"no piece has the graph output\(s\) \['z'\]"):
+        join_pieces([a, b], tmp_path / "bad.onnx", ["x"], ["y", "z"])
+    assert not (tmp_path / "bad.onnx").exists()

@@ -14,7 +14,8 @@ import shutil
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,15 +51,27 @@ class GraphExport:
         input_names / output_names: expanded names (per-layer templates already expanded).
         dynamic_axes: `{name: {axis: symbol}}` as `torch.onnx.export` takes it.
         facts: extra manifest facts for this graph (static sizes, buckets, ...).
+        pieces: instead of `module`, a graph traced in consecutive pieces and joined (`export_graph`): each
+            item is called for a context manager that gives the piece's own `GraphExport` (its weights need
+            live only inside it). A piece hands its running state to the next through an output named
+            `PIECE_OUT` and an input named `PIECE_IN`; every other name a piece shares with the graph's
+            `input_names` / `output_names` is that input or output. `module` and `example_inputs` are then
+            unused.
     """
 
     name: str
-    module: torch.nn.Module
+    module: torch.nn.Module | None
     example_inputs: tuple[torch.Tensor, ...]
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     facts: dict = field(default_factory=dict)
+    pieces: list[Callable[[], AbstractContextManager[GraphExport]]] | None = None
+
+
+#: The names of the link between two consecutive pieces of a graph traced in pieces (`GraphExport.pieces`).
+PIECE_OUT = "piece_out"
+PIECE_IN = "piece_in"
 
 
 @dataclass
@@ -101,6 +114,11 @@ class ComponentExporter(ABC):
     def extra_files(self, model, out_dir: Path) -> dict[str, Path]:
         """Files besides the graphs (e.g. a precomputed unconditional embedding), by logical name."""
         return {}
+
+    def load_parts(self) -> tuple[str, ...]:
+        """What a component-by-component export loads for this component before `graphs` (parts or module
+        paths as `checkpoint.load_reference_parts` takes them): by default the component's own part."""
+        return (self.name,)
 
     def load_dtype(self, settings: ExportSettings) -> torch.dtype:
         """The dtype this component's weights are loaded in when it is exported from a checkpoint folder part
@@ -175,7 +193,14 @@ def export_graph(
     per weight, named after the initializer: the export runs in a private scratch folder beside `path`, so
     those files can never overwrite other files of the folder, and `merge_external_data` streams them into
     the one data file (the weights never enter a `ModelProto`). Nothing of the scratch folder is left.
+
+    A graph given in pieces (`GraphExport.pieces`) is traced one piece at a time into the scratch folder,
+    each with its weights in its own data file, the pieces are joined (`join_pieces`) and their weights
+    streamed into the one data file; a single piece is written as the whole graph would be.
     """
+    if graph.pieces is not None:
+        _export_pieces(graph, path, opset, external_data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.export-", dir=path.parent))
     try:
@@ -211,6 +236,103 @@ def export_graph(
             os.replace(traced, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _export_pieces(graph: GraphExport, path: Path, opset: int, external_data: bool | None) -> None:
+    if len(graph.pieces) == 1:
+        with graph.pieces[0]() as piece:
+            export_graph(piece, path, opset=opset, external_data=external_data)
+        return
+    if external_data is False:
+        raise ValueError(f"{path.name}: graph {graph.name!r} is traced in pieces and keeps external data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.pieces-", dir=path.parent))
+    try:
+        files = []
+        for j, make in enumerate(graph.pieces):
+            files.append(scratch / f"piece{j}.onnx")
+            with make() as piece:
+                export_graph(piece, files[-1], opset=opset, external_data=True)
+            del piece
+        joined = scratch / path.name
+        join_pieces(files, joined, graph.input_names, graph.output_names)
+        merge_external_data(joined, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def join_pieces(pieces: list[Path], out: Path, input_names: list[str], output_names: list[str]) -> None:
+    """Joins graphs traced in pieces into one graph (`GraphExport.pieces`), without loading their weights.
+
+    Piece j's nodes, initializers and intermediate values are renamed under `piece{j}/`, except the graph's
+    inputs and outputs (`input_names` / `output_names`, shared by the pieces that use them) and the link:
+    piece j's `PIECE_OUT` becomes piece j+1's `PIECE_IN`. External tensors keep pointing at the pieces' data
+    files (all beside `out`); `merge_external_data` gathers them next.
+
+    Raises:
+        ValueError: a piece with a subgraph, a link without both ends, or a graph input / output that no
+            piece has (the message names it).
+    """
+    import onnx
+
+    public = set(input_names) | set(output_names)
+    models = [onnx.load(str(p), load_external_data=False) for p in pieces]
+    joined = onnx.GraphProto(name=models[0].graph.name)
+    ends: dict[str, object] = {}
+    last = len(models) - 1
+    for j, model in enumerate(models):
+        g = model.graph
+        names = {v.name for v in (*g.input, *g.output)}
+        if (PIECE_IN in names) != (j > 0) or (PIECE_OUT in names) != (j < last):
+            raise ValueError(
+                f"{pieces[j].name}: piece {j} of {last + 1} must take {PIECE_IN!r} exactly when it is not "
+                f"the first and give {PIECE_OUT!r} exactly when it is not the last (it has: {sorted(names)})"
+            )
+
+        def rename(name: str, j: int = j) -> str:
+            if not name or name in public:
+                return name
+            if name == PIECE_IN:
+                return f"piece{j - 1}/{PIECE_OUT}"
+            return f"piece{j}/{name}"
+
+        for node in g.node:
+            if any(a.HasField("g") or len(a.graphs) for a in node.attribute):
+                raise ValueError(
+                    f"{pieces[j].name}: node '{node.name}' has a subgraph, which join_pieces does not rename"
+                )
+            node.input[:] = [rename(n) for n in node.input]
+            node.output[:] = [rename(n) for n in node.output]
+            node.name = f"piece{j}/{node.name}"
+        for tensor in g.initializer:
+            tensor.name = rename(tensor.name)
+        for value in (*g.value_info, *g.input, *g.output):
+            value.name = rename(value.name)
+            if value.name in public:
+                ends.setdefault(value.name, value)
+        joined.node.extend(g.node)
+        joined.initializer.extend(g.initializer)
+        joined.value_info.extend(v for v in g.value_info)
+        joined.value_info.extend(v for v in g.output if v.name not in public)
+    for kind, wanted, field_ in (
+        ("input", input_names, joined.input),
+        ("output", output_names, joined.output),
+    ):
+        missing = [name for name in wanted if name not in ends]
+        if missing:
+            raise ValueError(f"{out.name}: no piece has the graph {kind}(s) {missing}")
+        field_.extend(ends[name] for name in wanted)
+    first = models[0]
+    merged = onnx.helper.make_model(
+        joined,
+        opset_imports=first.opset_import,
+        producer_name=first.producer_name,
+        ir_version=first.ir_version,
+    )
+    merged.producer_version = first.producer_version
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(merged.SerializeToString())
+    os.replace(tmp, out)
 
 
 def _graph_tensors(graph) -> Iterator[tuple[object, bool]]:

@@ -14,18 +14,22 @@ sequence-major past is read through a Transpose that ONNX Runtime folds into its
 The export module wraps the reference model's own weights; validation computes the expected outputs with the
 reference `LlamaForCausalLM.forward` (concat-based), so parity proves the rewrite.
 
-Memory (component-by-component export of a checkpoint folder): the LLM is loaded in the graph's precision
-(`load_dtype`), so an fp16 export traces the loaded weights themselves, with no float32 copy beside them;
-once `llm.onnx` is written its layers are released (`release_weights`), and the float32 reference is
-computed layer by layer with each layer's weights read again from the checkpoint
-(`streamed_reference_outputs`), so validation holds the graph's mapped weights plus one float32 layer.
+Memory: the graph is traced in pieces of at most `PIECE_BYTES` of weights (one layer at the 7B's widths)
+and joined into the one `llm.onnx` (`base.join_pieces`), because the TorchScript exporter holds about 3.5x
+the weights it traces. Exported from a checkpoint folder, the LLM's layers are not loaded up front: each
+piece reads its layers from the checkpoint in the graph's precision for its trace and releases them after
+(`_piece`), so tracing holds one layer; the float32 reference is then computed layer by layer with each
+layer's weights read again (`streamed_reference_outputs`), so validation holds the graph's mapped weights
+plus one float32 layer. A small model (one piece) is traced whole, as before.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,6 +38,8 @@ from visionllm_edge import contract
 from visionllm_edge.export.checkpoint import read_parts, release_parts
 from visionllm_edge.export.models.llama import LlamaForCausalLM, rotary_cos_sin
 from visionllm_edge.export.onnx.base import (
+    PIECE_IN,
+    PIECE_OUT,
     ComponentExporter,
     ExportSettings,
     GraphExport,
@@ -46,6 +52,11 @@ from visionllm_edge.export.onnx.base import (
 ATTENTION_MODES = ("two_block", "concat")
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+#: Weight bytes of one traced piece of `llm.onnx` (at least one layer): the TorchScript exporter holds
+#: several copies of what it traces (about 3.5x its weights at real widths), so a 7B model is traced a layer
+#: at a time and the pieces are joined (`base.export_graph`), instead of the whole 13.5 GB at once.
+PIECE_BYTES = 512 << 20
 
 #: The LLM's modules (paths under `llm`) whose weights only the step graph and its reference use; the token
 #: table is not among them (it goes to the artifact's embeddings file, written after the graph).
@@ -87,11 +98,17 @@ def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class LlmStep(nn.Module):
-    """One LLM step with a sequence-major past, as `llm.onnx` computes it.
+    """One LLM step with a sequence-major past, as `llm.onnx` computes it, or a piece of it.
 
     `forward(inputs_embeds, position_ids, output_rows, *past_keys, *past_values)` returns
     `(logits [R,V], hidden [R,H], *present_keys, *present_values)`; the presents are only the step's new rows
     `[S, kv_heads, head_dim]`.
+
+    With `layers` a sub-range of the layers, the module is one piece of that graph (traced alone, then
+    joined, so that a large model is traced a few layers at a time): a piece that does not start at layer 0
+    takes the running hidden states `[S, H]` instead of `inputs_embeds`, one that does not end at the last
+    layer returns them first instead of the logits and hidden (and takes no `output_rows`), and each takes
+    and returns only its own layers' K/V.
 
     Args:
         llm: the reference model whose layers, final norm and lm_head are used as they are (converted copies
@@ -99,10 +116,15 @@ class LlmStep(nn.Module):
         dtype: weight and activation dtype. RMSNorm (the reference's own module) and the softmax run in
             float32 whatever it is; logits and hidden are returned in float32.
         attention: `two_block` or `concat` (see `ATTENTION_MODES`).
+        layers: the layers this module runs (default: all).
     """
 
     def __init__(
-        self, llm: LlamaForCausalLM, dtype: torch.dtype = torch.float32, attention: str = "two_block"
+        self,
+        llm: LlamaForCausalLM,
+        dtype: torch.dtype = torch.float32,
+        attention: str = "two_block",
+        layers: range | None = None,
     ):
         super().__init__()
         if attention not in ATTENTION_MODES:
@@ -113,22 +135,36 @@ class LlmStep(nn.Module):
                 f"num_attention_heads ({s.num_attention_heads}) is not a multiple of num_key_value_heads "
                 f"({s.num_key_value_heads})"
             )
+        n = s.num_hidden_layers
+        span = range(n) if layers is None else layers
+        if span.step != 1 or not 0 <= span.start < span.stop <= n:
+            raise ValueError(
+                f"layers: expected a non-empty range of consecutive layers of [0, {n}), got {span}"
+            )
         self.settings = s
         self.dtype = dtype
         self.attention = attention
-        self.layers = _in_dtype(llm.model.layers, dtype)
-        self.norm = _in_dtype(llm.model.norm, dtype)
-        self.lm_head = _in_dtype(llm.lm_head, dtype)
+        self.span = span
+        self.first, self.last = span.start == 0, span.stop == n
+        if len(span) == n:
+            self.layers = _in_dtype(llm.model.layers, dtype)
+        else:
+            self.layers = nn.ModuleList(_in_dtype(llm.model.layers[i], dtype) for i in span)
+        if self.last:
+            self.norm = _in_dtype(llm.model.norm, dtype)
+            self.lm_head = _in_dtype(llm.lm_head, dtype)
         d = s.head_dim
         # The reference's inverse frequencies, bit for bit (float32 whatever `dtype` is).
         inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, inputs_embeds, position_ids, output_rows, *past):
+    def forward(self, x, position_ids, *rest):
+        output_rows, past = (rest[0], rest[1:]) if self.last else (None, rest)
         n = len(self.layers)
         if len(past) != 2 * n:
             raise ValueError(f"expected {2 * n} past tensors (keys then values), got {len(past)}")
-        x = inputs_embeds[0]  # [S, H]: batch is always 1, and 2-D rows keep every Reshape simple
+        if self.first:
+            x = x[0]  # [S, H]: batch is always 1, and 2-D rows keep every Reshape simple
         freqs = position_ids.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         # [S, 1, D]: broadcasts over heads of the sequence-major [S, heads, D] projections.
@@ -149,6 +185,8 @@ class LlmStep(nn.Module):
             values.append(v)
             x = x + attn
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if not self.last:
+            return (x, *keys, *values)
         # Only the asked rows go through the final norm and lm_head: [S, V] logits at prefill would be
         # S x 32026 floats for nothing.
         hidden = self.norm(x.index_select(0, output_rows))
@@ -224,7 +262,28 @@ class LlmExporter(ComponentExporter):
 
     def graphs(self, model, settings: ExportSettings) -> list[GraphExport]:
         llm = llm_of(model)
-        return [build_graph(llm, settings)]
+        if _resident(llm, None) and len(piece_spans(llm, self.load_dtype(settings))) == 1:
+            return [build_graph(llm, settings)]
+        # Traced piece by piece (each piece's weights alive only during its trace), then joined.
+        inputs, outputs = io_names(llm.settings.num_hidden_layers)
+        spans = piece_spans(llm, self.load_dtype(settings))
+        return [
+            GraphExport(
+                name="llm",
+                module=None,
+                example_inputs=(),
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes={},
+                facts=_graph_facts(settings, "two_block", llm.settings.num_hidden_layers),
+                pieces=[functools.partial(_piece, model, settings, "two_block", span) for span in spans],
+            )
+        ]
+
+    def load_parts(self) -> tuple[str, ...]:
+        # The token and query tables only (the artifact's embeddings file): the graph's weights are read
+        # from the checkpoint piece by piece while it is traced (`_piece`).
+        return ("embeddings",)
 
     def load_dtype(self, settings: ExportSettings) -> torch.dtype:
         # `LlmStep` uses weights already in the graph's dtype as they are: an fp16 export loaded in fp16 holds
@@ -282,45 +341,114 @@ class LlmExporter(ComponentExporter):
         }
 
 
-def build_graph(llm: LlamaForCausalLM, settings: ExportSettings, attention: str = "two_block") -> GraphExport:
-    """The `llm` graph to trace, with example inputs that make every axis dynamic (S=3, P=2, R=2)."""
+def build_graph(
+    llm: LlamaForCausalLM, settings: ExportSettings, attention: str = "two_block", layers: range | None = None
+) -> GraphExport:
+    """The `llm` graph to trace, with example inputs that make every axis dynamic (S=3, P=2, R=2); with
+    `layers`, the piece of it that runs those layers (`LlmStep`; `PIECE_IN` / `PIECE_OUT` carry the hidden
+    states between pieces)."""
     if settings.precision not in _DTYPES:
         raise ValueError(f"precision: expected one of {tuple(_DTYPES)}, got {settings.precision!r}")
     dtype = _DTYPES[settings.precision]
     s = llm.settings
     n = s.num_hidden_layers
-    inputs, outputs = io_names(n)
+    module = LlmStep(llm, dtype=dtype, attention=attention, layers=layers).eval()
+    span, first, last = module.span, module.first, module.last
+    g = contract.GRAPHS["llm"]
+    per_layer_in = [name for t in g.inputs if "{i}" in t for name in (t.format(i=i) for i in span)]
+    per_layer_out = [name for t in g.outputs if "{i}" in t for name in (t.format(i=i) for i in span)]
+    inputs = ["inputs_embeds" if first else PIECE_IN, "position_ids", *(["output_rows"] if last else [])]
+    outputs = ["logits", "hidden"] if last else [PIECE_OUT]
     # Distinct sizes for S, P and R so that the tracer cannot confuse one axis with another.
-    g = torch.Generator().manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    rows = torch.randn(1, 3, s.hidden_size, generator=gen).to(dtype)
     example = (
-        torch.randn(1, 3, s.hidden_size, generator=g).to(dtype),
+        rows if first else rows[0],
         torch.arange(2, 5, dtype=torch.int64),
-        torch.tensor([2, 0], dtype=torch.int64),
-        *(torch.randn(2, s.num_key_value_heads, s.head_dim, generator=g).to(dtype) for _ in range(2 * n)),
+        *([torch.tensor([2, 0], dtype=torch.int64)] if last else []),
+        *(torch.randn(2, s.num_key_value_heads, s.head_dim, generator=gen).to(dtype) for _ in per_layer_in),
     )
-    dynamic = {"inputs_embeds": {1: "S"}, "position_ids": {0: "S"}, "output_rows": {0: "R"}}
-    dynamic.update({"logits": {0: "R"}, "hidden": {0: "R"}})
-    for name in inputs[3:]:
-        dynamic[name] = {0: "P"}
-    for name in outputs[2:]:
-        dynamic[name] = {0: "S"}
+    dynamic = {"inputs_embeds": {1: "S"}, PIECE_IN: {0: "S"}, PIECE_OUT: {0: "S"}, "position_ids": {0: "S"}}
+    dynamic.update({"output_rows": {0: "R"}, "logits": {0: "R"}, "hidden": {0: "R"}})
+    dynamic.update({name: {0: "P"} for name in per_layer_in})
+    dynamic.update({name: {0: "S"} for name in per_layer_out})
+    inputs, outputs = inputs + per_layer_in, outputs + per_layer_out
+    return GraphExport(
+        name="llm",
+        module=module,
+        example_inputs=example,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes={k: v for k, v in dynamic.items() if k in inputs or k in outputs},
+        facts=_graph_facts(settings, attention, n),
+    )
+
+
+def _graph_facts(settings: ExportSettings, attention: str, num_layers: int) -> dict:
     facts = {
         "precision": settings.precision,
         "attention": attention,
         "kv_layout": "sequence-major [P, kv_heads, head_dim]; presents are the step's new rows [S, ...]",
         "kv_dtype": settings.precision,
     }
-    if dtype == torch.float16:
-        facts["fp32_nodes"] = fp32_node_descriptions(n)
-    return GraphExport(
-        name="llm",
-        module=LlmStep(llm, dtype=dtype, attention=attention).eval(),
-        example_inputs=example,
-        input_names=inputs,
-        output_names=outputs,
-        dynamic_axes=dynamic,
-        facts=facts,
-    )
+    if settings.precision == "fp16":
+        facts["fp32_nodes"] = fp32_node_descriptions(num_layers)
+    return facts
+
+
+def piece_spans(llm: LlamaForCausalLM, dtype: torch.dtype, piece_bytes: int | None = None) -> list[range]:
+    """The layer ranges `llm.onnx` is traced in: consecutive layers whose weights (in `dtype`) add up to at
+    most `piece_bytes` (default `PIECE_BYTES`), at least one layer each; the last also holds the final norm
+    and lm_head. One range when the whole graph fits."""
+    limit = PIECE_BYTES if piece_bytes is None else piece_bytes
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def weight_bytes(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters()) * size
+
+    layers = llm.model.layers
+    cost = [weight_bytes(layer) for layer in layers]
+    cost[-1] += weight_bytes(llm.model.norm) + weight_bytes(llm.lm_head)
+    spans, start, held = [], 0, 0
+    for i, c in enumerate(cost):
+        if i > start and held + c > limit:
+            spans.append(range(start, i))
+            start, held = i, 0
+        held += c
+    spans.append(range(start, len(cost)))
+    return spans
+
+
+@contextmanager
+def _piece(model, settings: ExportSettings, attention: str, span: range) -> Iterator[GraphExport]:
+    """`build_graph` of one piece, with its weights read from the checkpoint for the time of the trace when
+    they are not in memory (a component-by-component export loads none of them up front)."""
+    llm = llm_of(model)
+    paths = [f"model.layers.{i}" for i in span]
+    if span.stop == llm.settings.num_hidden_layers:
+        paths += ["model.norm", "lm_head"]
+    dtype = _DTYPES[settings.precision]
+    loaded = []
+    try:
+        for path in paths:
+            module = llm.get_submodule(path)
+            if all(p.device.type != "meta" for p in module.parameters()):
+                continue
+            if not _checkpoint_backed(model):
+                raise ValueError(
+                    f"llm.{path}: its weights are not loaded and the model has no checkpoint folder to read "
+                    "them from"
+                )
+            state = read_parts(model, [f"llm.{path}"], dtype)
+            module.load_state_dict(
+                {k[len(path) + 5 :]: v for k, v in state.items()}, strict=True, assign=True
+            )
+            loaded.append(f"llm.{path}")
+            del state
+        yield build_graph(llm, settings, attention, layers=span)
+    finally:
+        if loaded:
+            release_parts(model, loaded)
 
 
 def random_inputs(
@@ -431,10 +559,14 @@ def _checkpoint_backed(model) -> bool:
     return getattr(model, "checkpoint_dir", None) is not None
 
 
-def _resident(llm: LlamaForCausalLM, dtype: torch.dtype) -> bool:
-    """Whether every weight the step graph uses is in memory in `dtype`."""
+def _resident(llm: LlamaForCausalLM, dtype: torch.dtype | None) -> bool:
+    """Whether every weight the step graph uses is in memory (in `dtype`, unless it is None)."""
     modules = (llm.get_submodule(path) for path in GRAPH_MODULES)
-    return all(p.device.type != "meta" and p.dtype == dtype for m in modules for p in m.parameters())
+    return all(
+        p.device.type != "meta" and (dtype is None or p.dtype == dtype)
+        for m in modules
+        for p in m.parameters()
+    )
 
 
 def _checkpoint_weights(model) -> Callable[[str], dict[str, torch.Tensor]]:
