@@ -9,17 +9,17 @@ the graph's external data). Inside the process the high-water mark is also read 
 (`VmHWM`): the load of the component's weights, tracing and writing each graph, the reference outputs, and
 each graph's ONNX Runtime validation, so the phase that sets the peak can be seen.
 
-Extrapolation to the 7B's 32 LLM layers (`--target-layers`): peak(32) = peak(L) + (32 - L) x layer bytes,
-where layer bytes = (the parameters of one decoder layer + the validation's past K and V of one layer,
-2 x max_context x kv_heads x head_dim, held by the long-context case) x the bytes of one value in the export
-precision (4 in fp32, 2 in fp16). It assumes what the exporter is built for: at any moment at most one copy
-of each layer's weights (the loaded weights while loading and tracing; after the export, released, and the
-graph's external data mapped by ONNX Runtime while validating, with the reference reading one float32 layer
-at a time). Counting the validation inputs in every phase makes it an upper bound. One caveat is printed with
-the results: torch serialises a graph under 2 GB in memory (about three more copies of the graph while it
-writes it) and writes a larger one straight to per-weight files, so when the measured graph is under 2 GB and
-its writing sets the peak, the extrapolation over-states the 32-layer peak further. The vision tower is
-measured at its real size and not extrapolated.
+Each phase's own peak is read (the high-water mark is reset when a phase starts, Linux `clear_refs`), so
+the extrapolation to the 7B's 32 LLM layers (`--target-layers`) goes phase by phase. Loading (only the token
+tables: the LLM's layers are read from the checkpoint by the trace) and tracing (`llm.onnx` is traced in
+pieces of one layer at these widths, `export/onnx/llm.py` `PIECE_BYTES`, and joined without its weights
+loaded) do not grow with the layers; the reference outputs and the ONNX Runtime validation do: peak(32) =
+peak(L) + (32 - L) x layer bytes for them, where layer bytes = (the parameters of one decoder layer + the
+validation's past K and V of one layer, 2 x max_context x kv_heads x head_dim, held by the long-context case)
+x the bytes of one value in the export precision (4 in fp32, 2 in fp16). It assumes what the exporter is
+built for: validation maps the graph's external data once, with the reference reading one float32 layer at
+a time; counting the validation inputs in both phases makes it an upper bound. The vision tower is measured
+at its real size and not extrapolated.
 
     python3 benchmarks/export_memory.py                            # 7B widths, 2 layers: ~10 GB RAM, ~30 min
     python3 benchmarks/export_memory.py --config tiny-random       # smoke test: a minute or two
@@ -42,6 +42,17 @@ GB = 1e9
 
 
 # --- the measured processes --------------------------------------------------------------------------------
+
+
+def _reset_peak() -> bool:
+    """Resets this process's `VmHWM` to its current RSS (Linux `clear_refs` 5), so that the next reading is
+    the peak of what ran in between; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _status(field: str) -> int | None:
@@ -75,6 +86,7 @@ def _child_export(checkpoint: str, out: str, component: str, precision: str, val
     def phase(label, fn):
         def run(*args, **kwargs):
             start = _status("VmRSS")
+            own = _reset_peak()
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -84,6 +96,7 @@ def _child_export(checkpoint: str, out: str, component: str, precision: str, val
                         "rss_start": start,
                         "rss_end": _status("VmRSS"),
                         "hwm": _status("VmHWM"),
+                        "own_peak": own,
                     }
                 )
 
@@ -175,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 validate = "0" if args.no_validate else "1"
                 result, peak = _run(["export", str(checkpoint), str(out), component, precision, validate])
+                # Resetting the high-water mark per phase also resets what the kernel reports as the
+                # process's peak, so the peak is the highest of the phases' (and of that report).
+                peak = max([peak] + [p["hwm"] for p in result["phases"] if p["hwm"] is not None])
                 rows.append((component, precision, result, peak))
                 _print_run(component, precision, result, peak)
                 if not args.keep:
@@ -195,37 +211,49 @@ def _print_run(component: str, precision: str, result: dict, peak: int) -> None:
     print(f"\n{component} {precision}: peak RSS {peak / GB:.2f} GB, {verdict}, {result['seconds']:.0f} s")
     graphs = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in sorted(result["sizes"].items()))
     print(f"  files: {graphs}")
-    print(f"  {'phase':<28} {'RSS start':>9} {'RSS end':>9} {'peak so far':>11}  (GB)")
+    own = all(p.get("own_peak") for p in result["phases"])
+    print(
+        f"  {'phase':<28} {'RSS start':>9} {'RSS end':>9} {'phase peak' if own else 'peak so far':>11}  (GB)"
+    )
     for p in result["phases"]:
         print(f"  {p['phase']:<28} {_gb(p['rss_start']):>9} {_gb(p['rss_end']):>9} {_gb(p['hwm']):>11}")
+
+
+#: What grows with the LLM's layers, per phase: the reference holds the cases' past K/V of every layer (and
+#: one float32 layer's weights at a time); validation maps the whole graph's weights and holds that past too.
+#: Loading (the token tables) and tracing (one piece, one layer at the 7B's widths, at a time; `PIECE_BYTES`)
+#: do not grow.
+_GROWING = {"reference outputs": ("past",), "validate": ("weights", "past")}
 
 
 def _print_extrapolation(rows, layers: int, layer_params: int, layer_past: int, target: int) -> None:
     llm_rows = [r for r in rows if r[0] == "llm"]
     if not llm_rows:
         return
-    print(f"\nextrapolation to {target} LLM layers: peak({target}) = peak({layers}) + ({target} - {layers})")
     print(
-        f"x layer bytes; one layer = {layer_params:,} parameters + {layer_past:,} past K/V values of the "
-        "long-context validation case (one copy of each layer at a time; an upper bound)"
+        f"\nextrapolation to {target} LLM layers, phase by phase, per added layer: the reference holds its "
+        f"{layer_past:,} past K/V values of the long-context validation case more, validation its "
+        f"{layer_params:,} parameters (mapped) and those values; loading and tracing stay flat"
     )
     for _, precision, result, peak in llm_rows:
-        per_layer = (layer_params + layer_past) * (2 if precision == "fp16" else 4)
-        estimate = peak + (target - layers) * per_layer
-        print(
-            f"  llm {precision}: {peak / GB:.2f} GB measured at {layers} layers + {target - layers} x "
-            f"{per_layer / GB:.3f} GB = {estimate / GB:.2f} GB"
-        )
-        graph_bytes = result["sizes"].get("llm.onnx", 0) + result["sizes"].get("llm.onnx.data", 0)
-        # The high-water mark only grows: the first phase that reached its last value set the peak.
-        marks = [p for p in result["phases"] if p["hwm"] is not None]
-        setter = next((p for p in marks if p["hwm"] == marks[-1]["hwm"]), None) if marks else None
-        if "llm.onnx.data" not in result["sizes"] and setter and "trace+write" in setter["phase"]:
-            print(
-                f"    caveat: this {graph_bytes / GB:.2f} GB graph is under 2 GB, which torch serialises in "
-                f"memory, and its writing set the peak; a {target}-layer graph is written straight to "
-                "external files, so this over-states it"
-            )
+        value_bytes = 2 if precision == "fp16" else 4
+        per_layer = {"past": layer_past * value_bytes, "weights": layer_params * value_bytes}
+        phases = [p for p in result["phases"] if p["hwm"] is not None]
+        if not phases or not all(p["own_peak"] for p in phases):
+            print(f"  llm {precision}: no per-phase peaks on this system; not extrapolated")
+            continue
+        estimates = []
+        for p in phases:
+            grows = next((what for name, what in _GROWING.items() if p["phase"].startswith(name)), ())
+            added = sum(per_layer[what] for what in grows)
+            estimate = p["hwm"] + (target - layers) * added
+            estimates.append(estimate)
+            how = f"+ {target - layers} x {added / GB:.3f} GB" if grows else "(flat)"
+            line = f"{p['phase']:<24} {p['hwm'] / GB:6.2f} GB {how:>22} -> {estimate / GB:6.2f} GB"
+            print(f"  llm {precision} {line}")
+        at_target = max(estimates) / GB
+        measured = f"measured peak {peak / GB:.2f} GB at {layers} layers"
+        print(f"  llm {precision}: {measured}; at {target}: {at_target:.2f} GB")
 
 
 if __name__ == "__main__":
