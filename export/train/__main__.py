@@ -24,8 +24,8 @@ DEFAULTS = {
     "pose": {"steps": 2000, "batch": 8, "lr": 2e-4, "warmup": 150},
     "diffusion": {"steps": 6400, "batch": 8, "lr": 5e-4, "warmup": 100},
     "llm": {"steps": 3500, "batch": 12, "lr": 5e-4, "warmup": 200},
-    "llm2": {"steps": 8500, "batch": 12, "lr": 3e-4, "warmup": 100, "after": "llm"},
-    "diffusion2": {"steps": 18000, "batch": 8, "lr": 3e-4, "warmup": 100, "after": "diffusion"},
+    "llm2": {"steps": 8000, "batch": 12, "lr": 3e-4, "warmup": 100, "after": "llm"},
+    "diffusion2": {"steps": 15500, "batch": 8, "lr": 3e-4, "warmup": 100, "after": "diffusion"},
 }
 INIT_SEED = 0
 DEFAULT_OUT = Path("training-runs/shapes-tiny")
