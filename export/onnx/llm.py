@@ -262,11 +262,11 @@ class LlmExporter(ComponentExporter):
 
     def graphs(self, model, settings: ExportSettings) -> list[GraphExport]:
         llm = llm_of(model)
-        if _resident(llm, None) and len(piece_spans(llm, self.load_dtype(settings))) == 1:
+        spans = piece_spans(llm, self.load_dtype(settings))
+        if len(spans) == 1 and _resident(llm, None):
             return [build_graph(llm, settings)]
         # Traced piece by piece (each piece's weights alive only during its trace), then joined.
         inputs, outputs = io_names(llm.settings.num_hidden_layers)
-        spans = piece_spans(llm, self.load_dtype(settings))
         return [
             GraphExport(
                 name="llm",
