@@ -34,6 +34,7 @@ EXTENSION_FIELDS = {
     "gen_image_size",  # generation output size in pixels (512 for SD-1.5)
     "edit_image_size",  # editing working size in pixels
     "tokenizer",  # name of a bundled tokenizer folder for named configs
+    "guidance_scale",  # the [GEN]/[EDIT] text guidance scale the model was tuned for (default 7.5)
 }
 
 
@@ -419,6 +420,9 @@ def config_shapes_tiny() -> ModelConfig:
         "gen_image_size": 64,
         "edit_image_size": 64,
         "tokenizer": "shapes_tokenizer",
+        # Chosen on a tuning split (seed 555, 40 scenes, through the runtime), not the held-out one: editing
+        # accuracy 0.35 at 7.5, 0.50 at 10, 0.55 at 12; generation 0.65 / 0.625 / 0.60.
+        "guidance_scale": 10.0,
     }
     return ModelConfig.from_dict(raw, "shapes-tiny")
 

@@ -490,7 +490,7 @@ def build_manifest_dict(
             "queries": model.num_queries(kind),
             "table": contract.QUERY_TABLE[kind],
         }
-    post = PostProcessSettings()
+    post = PostProcessSettings.for_model(model.config)
     for name, facts in component_facts.items():
         for graph_name in contract.COMPONENT_GRAPHS[name]:
             if graph_name in graphs:

@@ -48,6 +48,14 @@ class PostProcessSettings:
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
 
+    @classmethod
+    def for_model(cls, config) -> PostProcessSettings:
+        """The defaults, with the text guidance scale a configuration names (its extension's
+        `guidance_scale`: a model trained here may want another than Stable Diffusion's 7.5)."""
+        if "guidance_scale" in config.extension:
+            return cls(guidance_scale=float(config.extension["guidance_scale"]))
+        return cls()
+
 
 @dataclass
 class ForwardOutput:
@@ -185,7 +193,7 @@ class ReferencePipeline:
                 f"tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocabulary is "
                 f"{self.config.llm.vocab_size}"
             )
-        self.post = post or PostProcessSettings()
+        self.post = post or PostProcessSettings.for_model(self.config)
         self.routing_ids = {self.tokenizer.token_id(t): k for t, k in contract.ROUTING_TOKENS.items()}
         self.patch_id = self.tokenizer.token_id(contract.IMAGE_PATCH_TOKEN)
         self.region_id = self.tokenizer.token_id(contract.REGION_TOKEN)

@@ -293,7 +293,7 @@ class _DiffusionExporter(ComponentExporter):
 
     def manifest_facts(self, model, settings: ExportSettings) -> dict:
         decoder = self.decoder(model)
-        post = PostProcessSettings()
+        post = PostProcessSettings.for_model(model.config)
         schedule = DDIMConfig(
             train_timesteps=reference.TRAIN_STEPS,
             beta_start=reference.BETA_START,
