@@ -59,3 +59,15 @@ def test_the_evaluation_subset_stays_above_the_floors(shapes_artifact):
             if report[key] < floor:
                 low[key] = (round(report[key], 3), round(floor, 3))
     assert not low, f"metrics below their floors (got, floor): {low}"
+
+
+def test_the_artifact_carries_the_guidance_scale_the_model_was_tuned_for(shapes_artifact):
+    from visionllm_edge.export.config import named_config
+    from visionllm_edge.export.reference import PostProcessSettings
+
+    tuned = named_config("shapes-tiny").extension["guidance_scale"]
+    assert tuned != PostProcessSettings().guidance_scale  # else this test would prove nothing
+    manifest = json.loads((shapes_artifact / "manifest.json").read_text())
+    assert manifest["generation"]["guidance_scale"] == tuned
+    assert PostProcessSettings.for_model(named_config("shapes-tiny")).guidance_scale == tuned
+    assert PostProcessSettings.for_model(named_config("tiny-random")) == PostProcessSettings()
