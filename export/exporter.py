@@ -167,7 +167,6 @@ def export(
                 extra_files,
                 component_facts,
                 validation,
-                owned=by_component,
             )
             if by_component:
                 if name == "llm":  # the LLM's weights hold the token table: write the embeddings now
@@ -277,13 +276,8 @@ def _export_component(
     extra_files: dict,
     component_facts: dict,
     validation: dict,
-    owned: bool = False,
 ) -> None:
-    """Writes, records and (when asked) validates one component's graphs and extra files.
-
-    `owned`: the model was loaded for this component alone, and the exporter may release the weights that
-    only its graphs needed before validation (`ComponentExporter.release_weights`).
-    """
+    """Writes, records and (when asked) validates one component's graphs and extra files."""
     graphs = list(exporter.graphs(model, settings))
     while graphs:
         # One traced module alive at a time (an fp16 export holds a converted copy of the weights in it).
@@ -298,9 +292,6 @@ def _export_component(
     for logical, file in exporter.extra_files(model, partial).items():
         extra_files[logical] = {"file": Path(file).name, "sha256": _sha256(Path(file))}
     component_facts[exporter.name] = exporter.manifest_facts(model, settings)
-    if owned:
-        exporter.release_weights(model)
-        _release_memory()
     if settings.validate:
         rng = np.random.default_rng(settings.seed)
         cases = exporter.validation_cases(model, settings, rng)

@@ -283,9 +283,9 @@ def test_llm_traced_in_pieces_is_the_whole_graph(model, precision, tmp_path, mon
     from visionllm_edge.export.onnx.llm import io_names
 
     settings = ExportSettings(precision=precision)
-    (whole,) = exporter_for("llm").graphs(model, settings)
-    assert whole.pieces is None  # a small model is traced whole
-    export_graph(whole, tmp_path / "whole" / "llm.onnx")
+    (single,) = exporter_for("llm").graphs(model, settings)
+    assert len(single.pieces) == 1  # a small model is one piece: the whole graph
+    export_graph(build_graph(model.llm, settings), tmp_path / "whole" / "llm.onnx")
     monkeypatch.setattr(llm_module, "PIECE_BYTES", 1)
     (pieced,) = exporter_for("llm").graphs(model, settings)
     n = model.llm.settings.num_hidden_layers
@@ -387,3 +387,16 @@ def test_join_pieces_links_them_and_names_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match=r"no piece has the graph output\(s\) \['z'\]"):
         join_pieces([a, b], tmp_path / "bad.onnx", ["x"], ["y", "z"])
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_piece_names_weights_it_cannot_read(checkpoint):
+    from visionllm_edge.export.onnx.base import exporter_for
+
+    part = load_reference_parts(checkpoint, ["embeddings"])  # the LLM's layers stay on meta
+    part.checkpoint_dir = None
+    (graph,) = exporter_for("llm").graphs(part, ExportSettings())
+    with pytest.raises(
+        ValueError, match=r"llm\.model\.layers\.0: its weights are not loaded, and the model has no"
+    ):
+        with graph.pieces[0]():
+            pass

@@ -126,15 +126,6 @@ class ComponentExporter(ABC):
         in its own precision can ask for that, so that no converted copy sits beside them."""
         return torch.float32
 
-    def release_weights(self, model) -> None:
-        """Drops what only the traced graphs needed, once they are written and before validation.
-
-        Called only when `model` was loaded for this component alone (component-by-component export), so
-        that validation's ONNX Runtime session, which maps the graph's weights, does not come on top of the
-        model's copy. `validation_cases` must still work after it. The default keeps everything.
-        """
-        return None
-
 
 _REGISTRY: dict[str, type[ComponentExporter]] = {}
 
@@ -312,7 +303,7 @@ def join_pieces(pieces: list[Path], out: Path, input_names: list[str], output_na
                 ends.setdefault(value.name, value)
         joined.node.extend(g.node)
         joined.initializer.extend(g.initializer)
-        joined.value_info.extend(v for v in g.value_info)
+        joined.value_info.extend(g.value_info)
         joined.value_info.extend(v for v in g.output if v.name not in public)
     for kind, wanted, field_ in (
         ("input", input_names, joined.input),

@@ -16,11 +16,11 @@ reference `LlamaForCausalLM.forward` (concat-based), so parity proves the rewrit
 
 Memory: the graph is traced in pieces of at most `PIECE_BYTES` of weights (one layer at the 7B's widths)
 and joined into the one `llm.onnx` (`base.join_pieces`), because the TorchScript exporter holds about 3.5x
-the weights it traces. Exported from a checkpoint folder, the LLM's layers are not loaded up front: each
-piece reads its layers from the checkpoint in the graph's precision for its trace and releases them after
-(`_piece`), so tracing holds one layer; the float32 reference is then computed layer by layer with each
-layer's weights read again (`streamed_reference_outputs`), so validation holds the graph's mapped weights
-plus one float32 layer. A small model (one piece) is traced whole, as before.
+the weights it traces. Exported from a checkpoint folder, the LLM's layers are not loaded up front
+(`load_parts`): each piece reads its layers from the checkpoint in the graph's precision for its trace and
+releases them after (`_piece`), so tracing holds one layer; the float32 reference is then computed layer
+by layer with each layer's weights read again (`streamed_reference_outputs`), so validation holds the
+graph's mapped weights plus one float32 layer. A small model (one piece) is traced whole, as before.
 """
 
 from __future__ import annotations
@@ -261,11 +261,10 @@ class LlmExporter(ComponentExporter):
     name = "llm"
 
     def graphs(self, model, settings: ExportSettings) -> list[GraphExport]:
+        # Traced piece by piece (each piece's weights alive only during its trace), then joined; a small model
+        # is one piece, traced as the whole graph.
         llm = llm_of(model)
         spans = piece_spans(llm, self.load_dtype(settings))
-        if len(spans) == 1 and _resident(llm, None):
-            return [build_graph(llm, settings)]
-        # Traced piece by piece (each piece's weights alive only during its trace), then joined.
         inputs, outputs = io_names(llm.settings.num_hidden_layers)
         return [
             GraphExport(
@@ -290,20 +289,15 @@ class LlmExporter(ComponentExporter):
         # one copy of the weights, not a float32 one plus a converted one.
         return _DTYPES.get(settings.precision, torch.float32)
 
-    def release_weights(self, model) -> None:
-        # Only a checkpoint-backed model can give the weights back for the reference (`read_parts`).
-        if _checkpoint_backed(model):
-            release_parts(model, [f"llm.{path}" for path in GRAPH_MODULES])
-
     def validation_cases(
         self, model, settings: ExportSettings, rng: np.random.Generator
     ) -> dict[str, list[ValidationCase]]:
         """Five step kinds at fresh random inputs, with the float32 reference's outputs.
 
         The reference runs on the model's own LLM when its weights are there in float32 (or the model has no
-        checkpoint to read them from: then in whatever dtype they are); otherwise (loaded in float16, or
-        released after the export) layer by layer on float32 weights read again from the checkpoint folder
-        (`streamed_reference_outputs`), with the same values.
+        checkpoint to read them from: then in whatever dtype they are); otherwise (loaded in float16, or not
+        loaded: a component-by-component export reads them per piece) layer by layer on float32 weights read
+        again from the checkpoint folder (`streamed_reference_outputs`), with the same values.
         """
         llm = llm_of(model)
         cap = max_context_of(llm, settings)
@@ -427,28 +421,25 @@ def _piece(model, settings: ExportSettings, attention: str, span: range) -> Iter
     paths = [f"model.layers.{i}" for i in span]
     if span.stop == llm.settings.num_hidden_layers:
         paths += ["model.norm", "lm_head"]
-    dtype = _DTYPES[settings.precision]
-    loaded = []
+    absent = [
+        f"llm.{path}"
+        for path in paths
+        if any(p.device.type == "meta" for p in llm.get_submodule(path).parameters())
+    ]
+    if absent and not _checkpoint_backed(model):
+        raise ValueError(
+            f"{absent[0]}: its weights are not loaded, and the model has no checkpoint folder to read them "
+            "from"
+        )
+    if absent:
+        state = read_parts(model, absent, _DTYPES[settings.precision])
+        model.load_state_dict(state, strict=False, assign=True)  # read_parts checked every key
+        del state
     try:
-        for path in paths:
-            module = llm.get_submodule(path)
-            if all(p.device.type != "meta" for p in module.parameters()):
-                continue
-            if not _checkpoint_backed(model):
-                raise ValueError(
-                    f"llm.{path}: its weights are not loaded and the model has no checkpoint folder to read "
-                    "them from"
-                )
-            state = read_parts(model, [f"llm.{path}"], dtype)
-            module.load_state_dict(
-                {k[len(path) + 5 :]: v for k, v in state.items()}, strict=True, assign=True
-            )
-            loaded.append(f"llm.{path}")
-            del state
         yield build_graph(llm, settings, attention, layers=span)
     finally:
-        if loaded:
-            release_parts(model, loaded)
+        if absent:
+            release_parts(model, absent)
 
 
 def random_inputs(
@@ -559,14 +550,10 @@ def _checkpoint_backed(model) -> bool:
     return getattr(model, "checkpoint_dir", None) is not None
 
 
-def _resident(llm: LlamaForCausalLM, dtype: torch.dtype | None) -> bool:
-    """Whether every weight the step graph uses is in memory (in `dtype`, unless it is None)."""
+def _resident(llm: LlamaForCausalLM, dtype: torch.dtype) -> bool:
+    """Whether every weight the step graph uses is in memory in `dtype`."""
     modules = (llm.get_submodule(path) for path in GRAPH_MODULES)
-    return all(
-        p.device.type != "meta" and (dtype is None or p.dtype == dtype)
-        for m in modules
-        for p in m.parameters()
-    )
+    return all(p.device.type != "meta" and p.dtype == dtype for m in modules for p in m.parameters())
 
 
 def _checkpoint_weights(model) -> Callable[[str], dict[str, torch.Tensor]]:

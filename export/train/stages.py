@@ -24,6 +24,7 @@ from visionllm_edge.export import preprocess as pp
 from visionllm_edge.export.config import ModelConfig
 from visionllm_edge.export.train import losses as L
 from visionllm_edge.export.train.targets import phrase_rows
+from visionllm_edge.shapes import world
 from visionllm_edge.shapes.instructions import Sample, make_sample, task_mixture
 
 TRAIN_SEED = 1
@@ -424,21 +425,23 @@ def pose_modules(model) -> list:
 #: `llm2`'s weight on the patch probe's loss.
 PROBE_WEIGHT = 1.0
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: `patch_targets` channels: (colour, kind) cover plus a person's, then (size, colour, kind) centres plus a
+#: person's.
+PATCH_COVER = len(world.COLORS) * len(world.KINDS) + 1
+PATCH_CHANNELS = PATCH_COVER + len(world.SIZES) * (PATCH_COVER - 1) + 1
 
 
 def patch_targets(scene, grid: int) -> np.ndarray:
     """What each of the `grid x grid` patches of a scene's tile shows, as `[grid * grid, C]` 0/1 targets.
 
-    Channels: which (colour, kind) shapes — or a person — cover at least a tenth of the patch
-    (`5 * 4 + 1`), then which (size, colour, kind) shape — or person — has its centre in the patch
-    (`2 * 5 * 4 + 1`). The joint labels make the vision tower bind a shape's colour to its kind, which the
-    answer tokens alone taught it slowly (it named colours right and kinds often wrong).
+    Channels (`PATCH_CHANNELS`): which (colour, kind) shapes — or a person — cover at least a tenth of the
+    patch (the first `PATCH_COVER`), then which (size, colour, kind) shape — or person — has its centre in
+    the patch. The joint labels make the vision tower bind a shape's colour to its kind, which the answer
+    tokens alone taught it slowly (it named colours right and kinds often wrong).
     """
-    from visionllm_edge.shapes import world
-
     colors, kinds, sizes = list(world.COLORS), world.KINDS, world.SIZES
-    n_cover = len(colors) * len(kinds) + 1
-    out = np.zeros((grid, grid, n_cover + len(sizes) * (n_cover - 1) + 1), np.float32)
+    n_cover = PATCH_COVER
+    out = np.zeros((grid, grid, PATCH_CHANNELS), np.float32)
     h, w = scene.image.height, scene.image.width
     cell_y, cell_x = np.arange(h) * grid // h, np.arange(w) * grid // w
     area = np.zeros((grid, grid), np.float32)
@@ -462,8 +465,8 @@ def probe_losses(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """The patch probe's loss: binary cross-entropy on the cover channels, plus a softmax cross-entropy over
     the (size, colour, kind) classes at each patch that holds an object's centre — which names the kind with
     a full-strength gradient (averaged over every patch and channel, as the cover loss is, it hardly moved:
-    after 2900 steps the probe told kinds apart no better than chance while colours were perfect)."""
-    n_cover = (wanted.shape[-1] - 1) // 3 + 1
+    after 3111 steps the probe told kinds apart no better than chance while colours were perfect)."""
+    n_cover = PATCH_COVER
     cover = F.binary_cross_entropy_with_logits(logits[..., :n_cover], wanted[..., :n_cover])
     centres = wanted[..., n_cover:]
     at = centres.sum(-1) > 0
@@ -475,21 +478,10 @@ def probe_losses(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
 def patch_probe(model) -> nn.Module:
     """`llm2`'s linear probe from the projected patch rows to `patch_targets` (trained, never shipped)."""
     if model not in _PROBES:
-        cfg = model.config
-        grid = int(round(cfg.patches_per_tile**0.5))
-        channels = patch_targets(_blank_scene(cfg.image_size), grid).shape[-1]
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(7)
-        _PROBES[model] = nn.Linear(cfg.llm.hidden_size, channels)
-        torch.random.set_rng_state(gen_state)
+        with torch.random.fork_rng():  # its own seed, the caller's random state untouched
+            torch.manual_seed(7)
+            _PROBES[model] = nn.Linear(model.config.llm.hidden_size, PATCH_CHANNELS)
     return _PROBES[model]
-
-
-def _blank_scene(size: int):
-    from PIL import Image
-    from visionllm_edge.shapes.world import Scene
-
-    return Scene(Image.new("RGB", (size, size)))
 
 
 def llm2_modules(model) -> list:

@@ -194,9 +194,8 @@ class Pipeline:
     def engine(self, graph: str) -> Engine:
         """The engine of a graph, created on first use."""
         if graph not in self._engines:
-            self._graph_spec(graph)
             self._engines[graph] = make_engine(
-                self.manifest.graphs[graph].path, self.backend, self.providers, self.threads, graph
+                self._graph_spec(graph).path, self.backend, self.providers, self.threads, graph
             )
         return self._engines[graph]
 
