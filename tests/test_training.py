@@ -44,24 +44,32 @@ def shapes_model():
     return cfg, build_model(cfg, seed=0)
 
 
-@pytest.mark.parametrize("stage", ["object", "pose", "llm", "diffusion", "llm2", "diffusion2"])
+@pytest.mark.parametrize(
+    "stage", ["object", "pose", "llm", "diffusion", "llm2", "diffusion2", "llm3", "diffusion3"]
+)
 def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     cfg, model = shapes_model
     modules_fn, step_fn = stages.STAGES[stage]
     module = torch.nn.ModuleList(modules_fn(model)).train()
     module.zero_grad()
     # The second phases read their data from where the first stopped (diffusion2: past the VAE steps).
-    offset = {"llm2": {"offset": 5000}, "diffusion2": {"offset": stages.VAE_STEPS}}.get(stage, {})
+    offset = {
+        "llm2": {"offset": 5000}, "llm3": {"offset": 11500},
+        "diffusion2": {"offset": stages.VAE_STEPS}, "diffusion3": {"offset": stages.VAE_STEPS + 1},
+    }.get(stage, {})  # fmt: skip
     step = step_fn(model, cfg, 2, **offset)
     out = step(stages.VAE_STEPS if stage == "diffusion" else 0)
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    if stage == "llm2":  # the patch probe trains the vision tower
+    if stage in ("llm2", "llm3"):  # the patch probe trains the vision tower
         assert out["probe"] > 0
         assert stages.patch_probe(model).weight.grad.abs().sum() > 0
         assert model.vis_encoder.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    if stage == "diffusion3":  # generation only, on every step (an odd step was editing's in diffusion2)
+        assert set(out) >= {"gen_mse"} and "edit_mse" not in out
+        assert model.sd.sd_unet.conv_in.weight.grad.abs().sum() > 0
     module.eval()
 
 
@@ -94,6 +102,57 @@ def test_patch_targets_mark_each_object_where_it_is():
     assert stages.patch_targets(blank, grid).sum() == 0
 
 
+def test_probe_accuracy_scores_the_reading_at_each_centre_patch():
+    from types import SimpleNamespace
+
+    from visionllm_edge.shapes import world
+
+    scenes = [world.make_scene(9, i, 128, 2, 4, people=(1, 1)) for i in range(3)]
+    truth = [torch.from_numpy(stages.patch_targets(s, 8))[None] for s in scenes]
+
+    class Tower:  # "projects" each scene onto its own targets, so an identity probe reads them exactly
+        def __init__(self, rows):
+            self.rows = list(rows)
+
+        def encode_image(self, tiles):
+            assert tiles.shape[-2:] == (128, 128)
+            return SimpleNamespace(projected=self.rows.pop(0))
+
+    exact = stages.probe_accuracy(Tower(truth), torch.nn.Identity(), scenes, 128, 1)
+    shapes = sum(len(s.shapes) for s in scenes)
+    assert [exact[k] for k in ("size", "color", "kind", "joint")] == [1.0] * 4
+    assert 0 < exact["centres"] <= shapes
+    # A probe that reads every shape as a person is wrong on every count.
+    person = torch.zeros(1, 64, stages.PATCH_CHANNELS)
+    person[..., -1] = 1.0
+    wrong = stages.probe_accuracy(Tower([person] * 3), torch.nn.Identity(), scenes, 128, 1)
+    assert wrong["joint"] == wrong["kind"] == wrong["color"] == wrong["size"] == 0.0
+    # One that swaps each shape's kind for the next keeps size and colour and loses kind.
+    kinds = len(world.KINDS)
+    swapped = []
+    for t in truth:
+        centres = t[..., stages.PATCH_COVER : -1].reshape(1, 64, -1, kinds).roll(1, dims=-1)
+        swapped.append(torch.cat([t[..., : stages.PATCH_COVER], centres.flatten(-2), t[..., -1:]], -1))
+    moved = stages.probe_accuracy(Tower(swapped), torch.nn.Identity(), scenes, 128, 1)
+    assert moved["size"] == moved["color"] == 1.0 and moved["kind"] == moved["joint"] == 0.0
+
+
+def test_probe_command_names_what_it_cannot_score(tmp_path, capsys):
+    from visionllm_edge.export.train import __main__ as train
+
+    for argv, message in [
+        (["probe", "object"], "stage 'object' trains no patch probe"),
+        (["probe", "nonsense"], "probe needs a stage, one of object, pose"),
+        (
+            ["probe", "llm3", "--out", str(tmp_path)],
+            f"{tmp_path}/llm3/checkpoint.pt: stage 'llm3' has not been run",
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_a_second_phase_starts_from_the_finished_first(tmp_path, monkeypatch):
     from visionllm_edge.export.train import __main__ as train
 
@@ -118,6 +177,17 @@ def test_a_second_phase_starts_from_the_finished_first(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"stage 'llm2' stopped at step 0 of 3"):
         train.assemble(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_third_phase_reads_its_data_from_where_the_whole_chain_stopped(monkeypatch):
+    from visionllm_edge.export.train import __main__ as train
+
+    monkeypatch.setattr(train, "DEFAULTS", {
+        "llm": {"steps": 5, "batch": 1, "lr": 1e-4, "warmup": 1},
+        "llm2": {"steps": 7, "batch": 1, "lr": 1e-4, "warmup": 1, "after": "llm"},
+        "llm3": {"steps": 2, "batch": 1, "lr": 1e-4, "warmup": 1, "after": "llm2"},
+    })  # fmt: skip
+    assert [train._data_end(n) for n in ("llm", "llm2", "llm3")] == [5, 12, 14]
 
 
 def test_a_stage_resumes_where_it_stopped(tmp_path):

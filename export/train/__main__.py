@@ -2,6 +2,7 @@
 
     python -m visionllm_edge.export.train STAGE [--out training-runs/shapes-tiny] [--minutes M] [--threads T]
     python -m visionllm_edge.export.train assemble [--out ...] DEST
+    python -m visionllm_edge.export.train probe STAGE [--out ...]   # what a probed stage's tower tells apart
 
 A stage's data, initial weights and schedule are fixed by its defaults below; `--minutes` only bounds one
 invocation (run the command again to continue where it stopped).
@@ -26,6 +27,8 @@ DEFAULTS = {
     "llm": {"steps": 3500, "batch": 12, "lr": 5e-4, "warmup": 200},
     "llm2": {"steps": 8000, "batch": 12, "lr": 3e-4, "warmup": 100, "after": "llm"},
     "diffusion2": {"steps": 15500, "batch": 8, "lr": 3e-4, "warmup": 100, "after": "diffusion"},
+    "llm3": {"steps": 3500, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm2"},
+    "diffusion3": {"steps": 7000, "batch": 8, "lr": 2e-4, "warmup": 100, "after": "diffusion2"},
 }
 INIT_SEED = 0
 DEFAULT_OUT = Path("training-runs/shapes-tiny")
@@ -54,7 +57,7 @@ def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
         before = settings["after"]
         state = _finished(out, before)
         nn.ModuleList(stages.STAGES[before][0](model)).load_state_dict(state["module"])
-        step_args["offset"] = int(state["step"])
+        step_args["offset"] = _data_end(before)
     trained = nn.ModuleList(modules_fn(model))
     runner = StageRunner(
         name, trained, out, steps=settings["steps"], minutes=minutes, lr=settings["lr"],
@@ -65,6 +68,12 @@ def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
         return
     runner.log({"event": "start", "argv": sys.argv[1:], **settings, **step_args})
     runner.run(step_fn(model, cfg, settings["batch"], **step_args))
+
+
+def _data_end(name: str) -> int:
+    """The data step a finished stage stopped at: its steps, plus those of the chain it continues."""
+    settings = DEFAULTS[name]
+    return settings["steps"] + (_data_end(settings["after"]) if "after" in settings else 0)
 
 
 def _finished(out: Path, name: str) -> dict:
@@ -98,12 +107,32 @@ def assemble(out: Path, dest: Path) -> None:
     print(json.dumps(report))
 
 
+PROBE_SEED, PROBE_SCENES = 555, 150  # the tuning split's seed (not the held-out one)
+
+
+def probe(out: Path, name: str) -> dict:
+    """Scores a finished stage's patch probe (`stages.probe_accuracy`) on VQA scenes of the tuning split."""
+    from visionllm_edge.export.train import stages
+    from visionllm_edge.shapes.instructions import make_sample
+
+    if stages.STAGES[name][0] is not stages.llm2_modules:
+        raise ValueError(f"stage {name!r} trains no patch probe")
+    state = _finished(out, name)
+    cfg, model = build()
+    nn.ModuleList(stages.STAGES[name][0](model)).load_state_dict(state["module"])
+    model.eval()
+    scenes = [make_sample("vqa", PROBE_SEED, i).scene for i in range(PROBE_SCENES)]
+    report = stages.probe_accuracy(model, stages.patch_probe(model), scenes, cfg.image_size, cfg.max_tiles)
+    print(json.dumps({"stage": name, **{k: round(v, 3) for k, v in report.items()}}))
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m visionllm_edge.export.train", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("stage", choices=[*DEFAULTS, "assemble"])
-    parser.add_argument("dest", nargs="?", type=Path, help="assemble: the folder to write")
+    parser.add_argument("stage", choices=[*DEFAULTS, "assemble", "probe"])
+    parser.add_argument("dest", nargs="?", help="assemble: the folder to write; probe: the stage to score")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="training folder (checkpoints, logs)")
     parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock budget of this invocation")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -111,7 +140,14 @@ def main(argv=None) -> None:
     if args.stage == "assemble":
         if args.dest is None:
             parser.error("assemble needs DEST")
-        assemble(args.out, args.dest)
+        assemble(args.out, Path(args.dest))
+    elif args.stage == "probe":
+        if args.dest not in DEFAULTS:
+            parser.error(f"probe needs a stage, one of {', '.join(DEFAULTS)}")
+        try:
+            probe(args.out, args.dest)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            parser.error(str(e))
     else:
         run_stage(args.stage, args.out, args.minutes, args.threads)
 

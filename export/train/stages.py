@@ -167,8 +167,11 @@ class ConversationEncoder:
         return insert_placeholders(answer, self.cfg.num_embs, self.cfg.num_embs_gen)
 
 
-def llm_step(model, cfg: ModelConfig, batch: int, offset: int = 0, probe: nn.Module | None = None):
-    """The `llm` stage's step; `llm2` reads the data from `offset` on and adds the patch-probe loss."""
+def llm_step(
+    model, cfg: ModelConfig, batch: int, offset: int = 0, probe: nn.Module | None = None, mixture=None
+):
+    """The `llm` stage's step; `llm2` and `llm3` read the data from `offset` on and add the patch-probe
+    loss, `llm3` with a `mixture` of its own."""
     enc = ConversationEncoder(model, cfg)
     width = cfg.llm.hidden_size
     placeholder_ids = enc.ref.placeholder_ids
@@ -177,8 +180,8 @@ def llm_step(model, cfg: ModelConfig, batch: int, offset: int = 0, probe: nn.Mod
 
     def step(i: int) -> dict:
         i += offset
-        mixture = LLM_MIXTURE if i < LLM_LATE_STEP else LLM_MIXTURE_LATE
-        samples = _samples(mixture, i, batch, seed=TRAIN_SEED + 100)
+        mix = mixture or (LLM_MIXTURE if i < LLM_LATE_STEP else LLM_MIXTURE_LATE)
+        samples = _samples(mix, i, batch, seed=TRAIN_SEED + 100)
         coded = [enc.encode(s) for s in samples]
         seq = max(len(c["ids"]) for c in coded)
         ids = torch.zeros(batch, seq, dtype=torch.long)
@@ -287,8 +290,9 @@ def _noised(latents: torch.Tensor, gen: torch.Generator):
     return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
 
 
-def diffusion_step(model, cfg: ModelConfig, batch: int, offset: int = 0):
-    """The `diffusion` stage's step; `diffusion2` reads the data from `offset` on (past the VAE phase)."""
+def diffusion_step(model, cfg: ModelConfig, batch: int, offset: int = 0, kinds=("gen", "edit")):
+    """The `diffusion` stage's step; `diffusion2` and `diffusion3` read the data from `offset` on (past the
+    VAE phase); `kinds` are the decoders trained, in turn."""
     width = cfg.llm.hidden_size
     gen = torch.Generator()
     sd, ip2p = model.sd, model.ip2p
@@ -316,7 +320,7 @@ def diffusion_step(model, cfg: ModelConfig, batch: int, offset: int = 0):
             kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
             return {"loss": rec + VAE_KL * kl, "rec": rec.detach(), "kl": kl.detach(),
                     "latent_std": posterior.mean.detach().std()}  # fmt: skip
-        kind = "gen" if i % 2 == 0 else "edit"
+        kind = kinds[i % len(kinds)]
         task = "generate" if kind == "gen" else "edit"
         samples = _samples({task: 1.0}, i, batch, seed=TRAIN_SEED + 200)
         dec = sd if kind == "gen" else ip2p
@@ -475,6 +479,41 @@ def probe_losses(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     return cover + F.cross_entropy(logits[..., n_cover:][at], centres[at].argmax(-1))
 
 
+def probe_accuracy(model, probe: nn.Module, scenes, image_size: int, max_tiles: int) -> dict[str, float]:
+    """How often `probe` names an object's size, colour, kind (and all three) right at the patch holding its
+    centre, over `scenes` (people left out): what the vision tower tells apart, read linearly.
+
+    Returns:
+        `{"size", "color", "kind", "joint"}` accuracies, plus `"centres"`, the number of patches scored.
+    """
+    per_size = PATCH_COVER - 1  # (colour, kind) classes
+    right = {"size": [], "color": [], "kind": [], "joint": []}
+    for scene in scenes:
+        tiles = pp.anyres_tiles(scene.image, image_size, max_tiles)[0]
+        with torch.no_grad():
+            projected = model.encode_image(tiles).projected
+            logits = probe(projected)[0, :, PATCH_COVER:].numpy()
+        grid = int(round(projected.shape[1] ** 0.5))
+        centres = patch_targets(scene, grid)[:, PATCH_COVER:]
+        for p in np.nonzero(centres.sum(-1) > 0)[0]:
+            want, got = int(centres[p].argmax()), int(logits[p].argmax())
+            if want == 2 * per_size:  # a person's centre
+                continue
+            ws, wj = divmod(want, per_size)
+            wanted = (ws, *divmod(wj, len(world.KINDS)))
+            # A shape read as a person is wrong on every count.
+            read = (
+                (-1, -1, -1)
+                if got == 2 * per_size
+                else (got // per_size, *divmod(got % per_size, len(world.KINDS)))
+            )
+            for key, w, g in zip(("size", "color", "kind"), wanted, read):
+                right[key].append(w == g)
+            right["joint"].append(want == got)
+    report = {k: float(np.mean(v)) if v else float("nan") for k, v in right.items()}
+    return {**report, "centres": len(right["joint"])}
+
+
 def patch_probe(model) -> nn.Module:
     """`llm2`'s linear probe from the projected patch rows to `patch_targets` (trained, never shipped)."""
     if model not in _PROBES:
@@ -492,6 +531,28 @@ def llm2_step(model, cfg: ModelConfig, batch: int, offset: int):
     return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model))
 
 
+#: `llm3`'s mixture: mostly the questions the LLM must answer from the picture itself (after `llm2`, VQA
+#: was its weakest task), with enough of the others that their answers and links are kept.
+LLM_MIXTURE_3 = {
+    "vqa": 0.55, "caption": 0.08, "region_caption": 0.15, "detect": 0.05, "segment": 0.04,
+    "ground": 0.05, "pose": 0.04, "generate": 0.02, "edit": 0.02,
+}  # fmt: skip
+
+
+def llm3_step(model, cfg: ModelConfig, batch: int, offset: int):
+    return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=LLM_MIXTURE_3)
+
+
+def diffusion3_modules(model) -> list:
+    return [model.sd]
+
+
+def diffusion3_step(model, cfg: ModelConfig, batch: int, offset: int):
+    """Generation only: after `diffusion2` its samples had the right colour and often the wrong kind,
+    while editing had reached its floor."""
+    return diffusion_step(model, cfg, batch, offset=offset, kinds=("gen",))
+
+
 #: name -> (the modules it trains, its step function). A stage with an `after` entry in the defaults
 #: (`__main__.DEFAULTS`) starts from that stage's weights and reads its data from where that one stopped.
 STAGES = {
@@ -501,4 +562,6 @@ STAGES = {
     "pose": (pose_modules, pose_step),
     "llm2": (llm2_modules, llm2_step),
     "diffusion2": (diffusion_modules, diffusion_step),
+    "llm3": (llm2_modules, llm3_step),
+    "diffusion3": (diffusion3_modules, diffusion3_step),
 }
