@@ -29,6 +29,7 @@ DEFAULTS = {
     "diffusion2": {"steps": 15500, "batch": 8, "lr": 3e-4, "warmup": 100, "after": "diffusion"},
     "llm3": {"steps": 3500, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm2"},
     "diffusion3": {"steps": 7000, "batch": 8, "lr": 2e-4, "warmup": 100, "after": "diffusion2"},
+    "llm4": {"steps": 1200, "batch": 12, "lr": 1e-4, "warmup": 50, "after": "llm3"},
 }
 INIT_SEED = 0
 DEFAULT_OUT = Path("training-runs/shapes-tiny")

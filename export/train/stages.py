@@ -563,5 +563,6 @@ STAGES = {
     "llm2": (llm2_modules, llm2_step),
     "diffusion2": (diffusion_modules, diffusion_step),
     "llm3": (llm2_modules, llm3_step),
+    "llm4": (llm2_modules, llm3_step),  # llm3 continued with a schedule of its own (the rest of the 4 h)
     "diffusion3": (diffusion3_modules, diffusion3_step),
 }
