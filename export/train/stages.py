@@ -170,8 +170,8 @@ class ConversationEncoder:
 def llm_step(
     model, cfg: ModelConfig, batch: int, offset: int = 0, probe: nn.Module | None = None, mixture=None
 ):
-    """The `llm` stage's step; `llm2` and `llm3` read the data from `offset` on and add the patch-probe
-    loss, `llm3` with a `mixture` of its own."""
+    """The `llm` stage's step; the later phases read the data from `offset` on and add the patch-probe
+    loss (`llm3` and `llm4` with a `mixture` of their own)."""
     enc = ConversationEncoder(model, cfg)
     width = cfg.llm.hidden_size
     placeholder_ids = enc.ref.placeholder_ids
@@ -479,14 +479,22 @@ def probe_losses(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     return cover + F.cross_entropy(logits[..., n_cover:][at], centres[at].argmax(-1))
 
 
+def centre_class(channel: int) -> tuple[int, int, int] | None:
+    """`(size, colour, kind)` indices of a centre channel of `patch_targets` (counted from the first centre
+    channel); None for the person's."""
+    if channel == len(world.SIZES) * (PATCH_COVER - 1):
+        return None
+    size, joint = divmod(channel, PATCH_COVER - 1)
+    return (size, *divmod(joint, len(world.KINDS)))
+
+
 def probe_accuracy(model, probe: nn.Module, scenes, image_size: int, max_tiles: int) -> dict[str, float]:
-    """How often `probe` names an object's size, colour, kind (and all three) right at the patch holding its
+    """How often `probe` names a shape's size, colour, kind (and all three) right at the patch holding its
     centre, over `scenes` (people left out): what the vision tower tells apart, read linearly.
 
     Returns:
         `{"size", "color", "kind", "joint"}` accuracies, plus `"centres"`, the number of patches scored.
     """
-    per_size = PATCH_COVER - 1  # (colour, kind) classes
     right = {"size": [], "color": [], "kind": [], "joint": []}
     for scene in scenes:
         tiles = pp.anyres_tiles(scene.image, image_size, max_tiles)[0]
@@ -496,20 +504,13 @@ def probe_accuracy(model, probe: nn.Module, scenes, image_size: int, max_tiles: 
         grid = int(round(projected.shape[1] ** 0.5))
         centres = patch_targets(scene, grid)[:, PATCH_COVER:]
         for p in np.nonzero(centres.sum(-1) > 0)[0]:
-            want, got = int(centres[p].argmax()), int(logits[p].argmax())
-            if want == 2 * per_size:  # a person's centre
+            wanted = centre_class(int(centres[p].argmax()))
+            if wanted is None:  # a person's centre
                 continue
-            ws, wj = divmod(want, per_size)
-            wanted = (ws, *divmod(wj, len(world.KINDS)))
-            # A shape read as a person is wrong on every count.
-            read = (
-                (-1, -1, -1)
-                if got == 2 * per_size
-                else (got // per_size, *divmod(got % per_size, len(world.KINDS)))
-            )
+            read = centre_class(int(logits[p].argmax())) or (None, None, None)  # a person: wrong on all
             for key, w, g in zip(("size", "color", "kind"), wanted, read):
                 right[key].append(w == g)
-            right["joint"].append(want == got)
+            right["joint"].append(wanted == read)
     report = {k: float(np.mean(v)) if v else float("nan") for k, v in right.items()}
     return {**report, "centres": len(right["joint"])}
 
@@ -554,7 +555,8 @@ def diffusion3_step(model, cfg: ModelConfig, batch: int, offset: int):
 
 
 #: name -> (the modules it trains, its step function). A stage with an `after` entry in the defaults
-#: (`__main__.DEFAULTS`) starts from that stage's weights and reads its data from where that one stopped.
+#: (`__main__.DEFAULTS`) starts from that stage's weights and reads its data from where the chain it
+#: continues stopped (`__main__._data_end`).
 STAGES = {
     "object": (object_modules, object_step),
     "llm": (llm_modules, llm_step),
