@@ -45,7 +45,7 @@ def shapes_model():
 
 
 @pytest.mark.parametrize(
-    "stage", ["object", "pose", "llm", "diffusion", "llm2", "diffusion2", "llm3", "diffusion3"]
+    "stage", ["object", "pose", "llm", "diffusion", "llm2", "diffusion2", "llm3", "diffusion3", "vae_decoder"]
 )
 def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     cfg, model = shapes_model
@@ -56,6 +56,7 @@ def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     offset = {
         "llm2": {"offset": 5000}, "llm3": {"offset": 11500},
         "diffusion2": {"offset": stages.VAE_STEPS}, "diffusion3": {"offset": stages.VAE_STEPS + 1},
+        "vae_decoder": {"offset": 28900},
     }.get(stage, {})  # fmt: skip
     step = step_fn(model, cfg, 2, **offset)
     out = step(stages.VAE_STEPS if stage == "diffusion" else 0)
@@ -70,7 +71,26 @@ def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     if stage == "diffusion3":  # generation only, on every step (an odd step was editing's in diffusion2)
         assert set(out) >= {"gen_mse"} and "edit_mse" not in out
         assert model.sd.sd_unet.conv_in.weight.grad.abs().sum() > 0
+    if stage == "vae_decoder":  # the decoder alone: the latents both UNets learned stay as they are
+        assert model.sd.sd_vae.decoder.conv_out.weight.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.sd.sd_vae.encoder.parameters())
     module.eval()
+
+
+def test_assembly_gives_the_editing_decoder_the_generation_autoencoder():
+    from visionllm_edge.export.train import __main__ as train
+
+    _, model = train.build()
+    model.ip2p.sd_vae.load_state_dict(model.sd.sd_vae.state_dict())  # as `diffusion` does after its VAE phase
+    with torch.no_grad():
+        model.sd.sd_vae.decoder.conv_out.weight.add_(1.0)  # as `vae_decoder` trains it
+    train._share_autoencoder(model)
+    gen, edit = model.sd.sd_vae.state_dict(), model.ip2p.sd_vae.state_dict()
+    assert all(torch.equal(gen[k], edit[k]) for k in gen)
+    with torch.no_grad():
+        model.ip2p.sd_vae.encoder.conv_in.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"VAE encoders differ at encoder\.conv_in\.bias"):
+        train._share_autoencoder(model)
 
 
 def test_patch_targets_mark_each_object_where_it_is():

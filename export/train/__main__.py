@@ -30,6 +30,7 @@ DEFAULTS = {
     "llm3": {"steps": 3500, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm2"},
     "diffusion3": {"steps": 7000, "batch": 8, "lr": 2e-4, "warmup": 100, "after": "diffusion2"},
     "llm4": {"steps": 1200, "batch": 12, "lr": 1e-4, "warmup": 50, "after": "llm3"},
+    "vae_decoder": {"steps": 580, "batch": 16, "lr": 2e-4, "warmup": 30, "after": "diffusion3"},
 }
 INIT_SEED = 0
 DEFAULT_OUT = Path("training-runs/shapes-tiny")
@@ -102,10 +103,22 @@ def assemble(out: Path, dest: Path) -> None:
         state = _finished(out, name)
         nn.ModuleList(stages.STAGES[name][0](model)).load_state_dict(state["module"])
         report[name] = {"steps": int(state["step"]), "minutes": round(float(state["elapsed"]) / 60, 1)}
+    _share_autoencoder(model)
     from visionllm_edge.export.train.ship import save_shipped
 
     save_shipped(model, dest, report)
     print(json.dumps(report))
+
+
+def _share_autoencoder(model) -> None:
+    """Gives the editing decoder the generation decoder's autoencoder. Both UNets learned the latents of one
+    encoder (`diffusion` copies it across when its VAE phase ends, and nothing trains it after), and the
+    stages after that train the generation copy's decoder alone (`vae_decoder`)."""
+    gen_vae, edit_vae = model.sd.sd_vae.state_dict(), model.ip2p.sd_vae.state_dict()
+    for key, value in gen_vae.items():
+        if key.startswith(("encoder.", "quant_conv.")) and not torch.equal(value, edit_vae[key]):
+            raise RuntimeError(f"the two decoders' VAE encoders differ at {key}; they must be one encoder")
+    model.ip2p.sd_vae.load_state_dict(gen_vae)
 
 
 PROBE_SEED, PROBE_SCENES = 555, 150  # the tuning split's seed (not the held-out one)
