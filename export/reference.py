@@ -50,11 +50,15 @@ class PostProcessSettings:
 
     @classmethod
     def for_model(cls, config) -> PostProcessSettings:
-        """The defaults, with the text guidance scale a configuration names (its extension's
-        `guidance_scale`: a model trained here may want another than Stable Diffusion's 7.5)."""
+        """The defaults, with what a configuration's extension says its diffusion decoders were tuned for:
+        the text guidance scale (`guidance_scale`) and the DDIM steps (`diffusion_steps`); a model trained
+        here may want others than Stable Diffusion's 7.5 and our 20 (the config checks both values)."""
+        settings = cls()
         if "guidance_scale" in config.extension:
-            return cls(guidance_scale=float(config.extension["guidance_scale"]))
-        return cls()
+            settings.guidance_scale = float(config.extension["guidance_scale"])
+        if "diffusion_steps" in config.extension:
+            settings.gen_steps = int(config.extension["diffusion_steps"])
+        return settings
 
 
 @dataclass

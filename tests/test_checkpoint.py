@@ -28,7 +28,7 @@ from visionllm_edge.export.checkpoint import (
     merge_lora,
     save_official,
 )
-from visionllm_edge.export.config import ConfigError, config_7b
+from visionllm_edge.export.config import EXTENSION_KEY, ConfigError, config_7b
 from visionllm_edge.export.model import build_model
 from visionllm_edge.export.tokenizer import ChatTokenizer
 
@@ -409,6 +409,24 @@ def test_an_unknown_config_field(ckpt):
     (ckpt / "config.json").write_text(json.dumps(config))
     msg = _load_error(ckpt, ConfigError)
     assert str(ckpt / "config.json") in msg and "frobnicate_level" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("guidance_scale", 0, "must be a number > 0, got 0"),
+        ("guidance_scale", "7.5", "must be a number > 0, got '7.5'"),
+        ("diffusion_steps", 0, "must be an int in [1, 1000], got 0"),
+        ("diffusion_steps", 20.0, "must be an int in [1, 1000], got 20.0"),
+        ("diffusion_steps", True, "must be an int in [1, 1000], got True"),
+    ],
+)
+def test_a_bad_diffusion_setting_in_the_extension(ckpt, key, value, expected):
+    config = json.loads((ckpt / "config.json").read_text())
+    config.setdefault(EXTENSION_KEY, {})[key] = value
+    (ckpt / "config.json").write_text(json.dumps(config))
+    msg = _load_error(ckpt, ConfigError)
+    assert str(ckpt / "config.json") in msg and f"'{EXTENSION_KEY}.{key}' {expected}" in msg, msg
 
 
 def test_config_json_that_is_not_json(ckpt):
