@@ -239,6 +239,19 @@ def test_generation_and_editing_shortcuts_produce_images(pipe):
     assert len(edit.images) == 1
 
 
+def test_a_repeated_forced_answer_reuses_the_cache_and_keeps_its_query_rows(pipe):
+    # The second request's ids equal the first's, so all but the rows it must recompute come from the cache;
+    # those rows start at the [GEN] token, whose query rows the embedding assembly writes only after it.
+    first = pipe.generate_image("a large red circle", seed=3)
+    again = pipe.generate_image("a large red circle", seed=3)
+    assert again.raw["stats"]["reused_rows"] > 0
+    gen = int(np.flatnonzero(again.raw["input_ids"] == pipe.manifest.routing["gen"].id)[0])
+    assert again.raw["stats"]["reused_rows"] <= gen
+    _ok(again.links[0].states, first.links[0].states, "repeated [GEN] link")
+    got, want = (r.raw["decoders"]["gen"]["images"] for r in (again, first))
+    _ok(got, want, "repeated generation", atol=1e-3)
+
+
 def test_seeded_sampling_frequencies_in_the_runtime(pipe):
     image = _scene(9, 100, 80)
     firsts = [

@@ -399,13 +399,16 @@ class Pipeline:
                     break
                 reuse += 1
         # Always recompute at least the last row (its logits) and every row whose hidden state is needed: the
-        # query rows of the answer's groups, and (for a pose answer without objects) those of history [DET]s.
+        # query rows of the answer's groups, and (for a pose answer without objects) those of history [DET]s,
+        # each group from its routing token on: the embedding assembly gives placeholder rows their query
+        # rows only after the token that opens them (a repeated forced answer once reused up to it, and its
+        # groups got plain token rows).
         id_array = np.asarray(ids, np.int64)
         answer_rows = list(self.router.prefill_query_rows(id_array, seq.answer_start))
         history_groups = self._history_object_groups(seq) if self._needs_history_objects(seq) else []
         history_rows = [r for _p, rows in history_groups for r in rows]
         needed = history_rows + answer_rows
-        first_needed = min([len(ids) - 1, *needed])
+        first_needed = min([len(ids) - 1, *(r - 1 for r in needed)])
         reuse = min(reuse, first_needed, self.arena.length())
         self.arena.rollback(reuse)
         stats["reused_rows"] = reuse
