@@ -61,13 +61,17 @@ def test_the_evaluation_subset_stays_above_the_floors(shapes_artifact):
     assert not low, f"metrics below their floors (got, floor): {low}"
 
 
-def test_the_artifact_carries_the_guidance_scale_the_model_was_tuned_for(shapes_artifact):
+def test_the_artifact_carries_the_diffusion_settings_the_model_was_tuned_for(shapes_artifact):
     from visionllm_edge.export.config import named_config
     from visionllm_edge.export.reference import PostProcessSettings
 
-    tuned = named_config("shapes-tiny").extension["guidance_scale"]
-    assert tuned != PostProcessSettings().guidance_scale  # else this test would prove nothing
+    extension = named_config("shapes-tiny").extension
+    scale, steps = extension["guidance_scale"], extension["diffusion_steps"]
+    default = PostProcessSettings()
+    assert (scale, steps) != (default.guidance_scale, default.gen_steps)  # else this test proves nothing
     manifest = json.loads((shapes_artifact / "manifest.json").read_text())
-    assert manifest["generation"]["guidance_scale"] == tuned
-    assert PostProcessSettings.for_model(named_config("shapes-tiny")).guidance_scale == tuned
-    assert PostProcessSettings.for_model(named_config("tiny-random")) == PostProcessSettings()
+    assert manifest["generation"]["guidance_scale"] == scale
+    assert manifest["generation"]["diffusion_steps"] == steps
+    tuned = PostProcessSettings.for_model(named_config("shapes-tiny"))
+    assert (tuned.guidance_scale, tuned.gen_steps) == (scale, steps)
+    assert PostProcessSettings.for_model(named_config("tiny-random")) == default
