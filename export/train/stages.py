@@ -290,6 +290,15 @@ def _noised(latents: torch.Tensor, gen: torch.Generator):
     return a.sqrt() * latents + (1 - a).sqrt() * noise, t, noise
 
 
+def _round_trip(vae, images: torch.Tensor, gen: torch.Generator, train_encoder: bool = True):
+    """The autoencoder's reconstruction loss (MSE + L1 / 2) on a sampled latent, and the posterior."""
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        posterior = vae.encode(images).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+    recon = vae.decode(z).sample
+    return F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images), posterior
+
+
 def diffusion_step(model, cfg: ModelConfig, batch: int, offset: int = 0, kinds=("gen", "edit")):
     """The `diffusion` stage's step; `diffusion2` and `diffusion3` read the data from `offset` on (past the
     VAE phase); `kinds` are the decoders trained, in turn."""
@@ -313,10 +322,7 @@ def diffusion_step(model, cfg: ModelConfig, batch: int, offset: int = 0, kinds=(
             mixture = {"generate": 0.5, "edit": 0.5}
             samples = _samples(mixture, i, batch, seed=TRAIN_SEED + 200)
             images = _to_unit([s.image_out if s.task == "generate" else s.scene.image for s in samples])
-            posterior = sd.sd_vae.encode(images).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-            recon = sd.sd_vae.decode(z).sample
-            rec = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images)
+            rec, posterior = _round_trip(sd.sd_vae, images, gen)
             kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
             return {"loss": rec + VAE_KL * kl, "rec": rec.detach(), "kl": kl.detach(),
                     "latent_std": posterior.mean.detach().std()}  # fmt: skip
@@ -570,12 +576,7 @@ def vae_decoder_step(model, cfg: ModelConfig, batch: int, offset: int):
         i += offset
         gen.manual_seed(30_000 + i)
         samples = _samples({"generate": 0.5, "edit": 0.5}, i, batch, seed=TRAIN_SEED + 200)
-        images = _to_unit([s.image_out for s in samples])
-        with torch.no_grad():
-            posterior = vae.encode(images).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        rec = F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images)
+        rec, _ = _round_trip(vae, _to_unit([s.image_out for s in samples]), gen, train_encoder=False)
         return {"loss": rec, "rec": rec.detach()}
 
     return step
