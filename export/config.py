@@ -39,6 +39,13 @@ EXTENSION_FIELDS = {
 }
 
 
+#: The extension's diffusion settings (absent: `PostProcessSettings`' defaults): key, check, what it must be.
+_DIFFUSION_SETTINGS = (
+    ("guidance_scale", lambda v: isinstance(v, (int, float)) and v > 0, "a number > 0"),
+    ("diffusion_steps", lambda v: isinstance(v, int) and 1 <= v <= 1000, "an int in [1, 1000]"),
+)
+
+
 def data_path(name: str) -> Path:
     """Path of a file shipped in `visionllm_edge/export/data`."""
     return Path(str(resources.files("visionllm_edge.export").joinpath("data", name)))
@@ -145,16 +152,10 @@ class ModelConfig:
         ):
             if self.official.get(flag) and not isinstance(self.official.get(sub), dict):
                 raise ConfigError(f"{self.source}: '{flag}' is true but '{sub}' is missing")
-        scale = self.extension.get("guidance_scale", 7.5)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ConfigError(
-                f"{self.source}: '{EXTENSION_KEY}.guidance_scale' must be a number > 0, got {scale!r}"
-            )
-        steps = self.extension.get("diffusion_steps", 20)
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise ConfigError(
-                f"{self.source}: '{EXTENSION_KEY}.diffusion_steps' must be an int in [1, 1000], got {steps!r}"
-            )
+        for key, ok, want in _DIFFUSION_SETTINGS:
+            value = self.extension.get(key)
+            if key in self.extension and (isinstance(value, bool) or not ok(value)):
+                raise ConfigError(f"{self.source}: '{EXTENSION_KEY}.{key}' must be {want}, got {value!r}")
         try:
             LlamaSettings.from_official(self.official["llm_config"])
         except KeyError as e:

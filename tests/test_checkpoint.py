@@ -419,6 +419,7 @@ def test_an_unknown_config_field(ckpt):
         ("diffusion_steps", 0, "must be an int in [1, 1000], got 0"),
         ("diffusion_steps", 20.0, "must be an int in [1, 1000], got 20.0"),
         ("diffusion_steps", True, "must be an int in [1, 1000], got True"),
+        ("diffusion_steps", None, "must be an int in [1, 1000], got None"),
     ],
 )
 def test_a_bad_diffusion_setting_in_the_extension(ckpt, key, value, expected):
