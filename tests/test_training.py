@@ -45,7 +45,8 @@ def shapes_model():
 
 
 @pytest.mark.parametrize(
-    "stage", ["object", "pose", "llm", "diffusion", "llm2", "diffusion2", "llm3", "diffusion3", "vae_decoder"]
+    "stage",
+    ["object", "pose", "llm", "diffusion", "llm2", "diffusion2", "llm3", "diffusion3", "llm5", "vae_decoder"],
 )
 def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     cfg, model = shapes_model
@@ -54,7 +55,7 @@ def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     module.zero_grad()
     # The second phases read their data from where the first stopped (diffusion2: past the VAE steps).
     offset = {
-        "llm2": {"offset": 5000}, "llm3": {"offset": 11500},
+        "llm2": {"offset": 5000}, "llm3": {"offset": 11500}, "llm5": {"offset": 16200},
         "diffusion2": {"offset": stages.VAE_STEPS}, "diffusion3": {"offset": stages.VAE_STEPS + 1},
         "vae_decoder": {"offset": 28900},
     }.get(stage, {})  # fmt: skip
@@ -64,7 +65,7 @@ def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     out["loss"].backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    if stage in ("llm2", "llm3"):  # the patch probe trains the vision tower
+    if stage in ("llm2", "llm3", "llm5"):  # the patch probe trains the vision tower
         assert out["probe"] > 0
         assert stages.patch_probe(model).weight.grad.abs().sum() > 0
         assert model.vis_encoder.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
@@ -167,6 +168,24 @@ def test_probe_command_names_what_it_cannot_score(tmp_path, capsys):
             ["probe", "llm3", "--out", str(tmp_path)],
             f"{tmp_path}/llm3/checkpoint.pt: stage 'llm3' has not been run",
         ),
+    ]:
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_rate_times_a_stage_in_its_own_loop_and_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    from visionllm_edge.export.train import __main__ as train
+
+    monkeypatch.chdir(tmp_path)
+    train.main(["rate", "pose", "--steps", "2", "--from", "3"])
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["stage"] == "pose" and report["steps"] == 2 and report["from"] == 3
+    assert 0 < report["s_per_step"] < 60
+    assert list(tmp_path.iterdir()) == []  # the checkpoint went to a scratch folder
+    for argv, message in [
+        (["rate", "nonsense"], "rate needs a stage, one of object, pose"),
+        (["rate", "pose", "--steps", "0"], "rate needs --steps >= 1 and --from >= 0, got 0 and 0"),
     ]:
         with pytest.raises(SystemExit):
             train.main(argv)

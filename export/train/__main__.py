@@ -3,6 +3,7 @@
     python -m visionllm_edge.export.train STAGE [--out training-runs/shapes-tiny] [--minutes M] [--threads T]
     python -m visionllm_edge.export.train assemble [--out ...] DEST
     python -m visionllm_edge.export.train probe STAGE [--out ...]   # what a probed stage's tower tells apart
+    python -m visionllm_edge.export.train rate STAGE [--steps N] [--from K] [--threads T]   # seconds per step
 
 A stage's data, initial weights and schedule are fixed by its defaults below; `--minutes` only bounds one
 invocation (run the command again to continue where it stopped).
@@ -30,6 +31,8 @@ DEFAULTS = {
     "llm3": {"steps": 3500, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm2"},
     "diffusion3": {"steps": 7000, "batch": 8, "lr": 2e-4, "warmup": 100, "after": "diffusion2"},
     "llm4": {"steps": 1200, "batch": 12, "lr": 1e-4, "warmup": 50, "after": "llm3"},
+    "llm5": {"steps": 4200, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm4"},
+    "diffusion4": {"steps": 3000, "batch": 8, "lr": 1.5e-4, "warmup": 50, "after": "diffusion3"},
     "vae_decoder": {"steps": 580, "batch": 16, "lr": 2e-4, "warmup": 30, "after": "diffusion3"},
 }
 INIT_SEED = 0
@@ -141,15 +144,47 @@ def probe(out: Path, name: str) -> dict:
     return report
 
 
+def rate(name: str, steps: int, start: int, threads: int) -> dict:
+    """Seconds per step of a stage from its step `start` on, timed over `steps` steps of its own training
+    loop (fresh weights, a scratch folder): what the stage costs on `threads` cores, whatever else shared
+    the machine when its log was written."""
+    import tempfile
+
+    from visionllm_edge.export.train import stages
+    from visionllm_edge.export.train.runner import StageRunner
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(INIT_SEED)
+    cfg, model = build()
+    settings = DEFAULTS[name]
+    modules_fn, step_fn = stages.STAGES[name]
+    offset = {"offset": _data_end(settings["after"])} if "after" in settings else {}
+    step = step_fn(model, cfg, settings["batch"], **offset)
+    with tempfile.TemporaryDirectory() as scratch:
+        runner = StageRunner(
+            name, nn.ModuleList(modules_fn(model)), Path(scratch), steps=steps, minutes=float("inf"),
+            lr=settings["lr"], warmup=1,
+        )  # fmt: skip
+        runner.run(lambda i: step(start + i), log_every=steps)
+    report = {"stage": name, "from": start, "steps": steps, "threads": threads}
+    report["s_per_step"] = round(runner.elapsed / steps, 4)
+    print(json.dumps(report))
+    return report
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m visionllm_edge.export.train", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("stage", choices=[*DEFAULTS, "assemble", "probe"])
-    parser.add_argument("dest", nargs="?", help="assemble: the folder to write; probe: the stage to score")
+    parser.add_argument("stage", choices=[*DEFAULTS, "assemble", "probe", "rate"])
+    parser.add_argument(
+        "dest", nargs="?", help="assemble: the folder to write; probe, rate: the stage to score or time"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="training folder (checkpoints, logs)")
     parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock budget of this invocation")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=60, help="rate: steps to time")
+    parser.add_argument("--from", dest="start", type=int, default=0, help="rate: the step to start at")
     args = parser.parse_args(argv)
     if args.stage == "assemble":
         if args.dest is None:
@@ -162,6 +197,12 @@ def main(argv=None) -> None:
             probe(args.out, args.dest)
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             parser.error(str(e))
+    elif args.stage == "rate":
+        if args.dest not in DEFAULTS:
+            parser.error(f"rate needs a stage, one of {', '.join(DEFAULTS)}")
+        if args.steps < 1 or args.start < 0:
+            parser.error(f"rate needs --steps >= 1 and --from >= 0, got {args.steps} and {args.start}")
+        rate(args.dest, args.steps, args.start, args.threads)
     else:
         run_stage(args.stage, args.out, args.minutes, args.threads)
 

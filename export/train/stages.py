@@ -550,6 +550,17 @@ def llm3_step(model, cfg: ModelConfig, batch: int, offset: int):
     return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=LLM_MIXTURE_3)
 
 
+#: `llm5`'s mixture: VQA further up (after `llm4` it was still the weakest task, counts most of all).
+LLM_MIXTURE_5 = {
+    "vqa": 0.65, "caption": 0.06, "region_caption": 0.1, "detect": 0.04, "segment": 0.03,
+    "ground": 0.05, "pose": 0.03, "generate": 0.02, "edit": 0.02,
+}  # fmt: skip
+
+
+def llm5_step(model, cfg: ModelConfig, batch: int, offset: int):
+    return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=LLM_MIXTURE_5)
+
+
 def diffusion3_modules(model) -> list:
     return [model.sd]
 
@@ -594,6 +605,8 @@ STAGES = {
     "diffusion2": (diffusion_modules, diffusion_step),
     "llm3": (llm2_modules, llm3_step),
     "llm4": (llm2_modules, llm3_step),  # llm3 continued with a schedule of its own
+    "llm5": (llm2_modules, llm5_step),  # llm4 continued, at llm3's peak rate, leaning further on VQA
     "diffusion3": (diffusion3_modules, diffusion3_step),
+    "diffusion4": (diffusion3_modules, diffusion3_step),  # diffusion3 continued with a schedule of its own
     "vae_decoder": (vae_decoder_modules, vae_decoder_step),
 }
