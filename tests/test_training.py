@@ -249,3 +249,33 @@ def test_a_stage_resumes_where_it_stopped(tmp_path):
     assert again.done and again.step == 30
     events = [json.loads(line) for line in (tmp_path / "toy" / "log.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resumed" and e["step"] == 10 for e in events)
+
+
+def _schedule_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "training_schedule.py"
+    spec = importlib.util.spec_from_file_location("training_schedule", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_two_core_schedule_prices_every_stage_after_the_one_it_continues():
+    from visionllm_edge.export.train.__main__ import DEFAULTS
+
+    sched = _schedule_script()
+    rates = json.loads(sched.RATES.read_text())["rates"]
+    rows = sched.schedule(rates)
+    ends = {stage: (start, end) for chain in rows.values() for stage, start, end, _how in chain}
+    assert set(ends) == set(DEFAULTS)
+    for stage, settings in DEFAULTS.items():
+        if "after" in settings:
+            assert ends[stage][0] >= ends[settings["after"]][1] - 1e-9, stage
+    # A priced stage costs its planned steps at the slowest measured rate of each phase.
+    llm = [r["s_per_step"] for r in rates if r["stage"] == "llm"]
+    start, end = ends["llm"]
+    assert min(llm) * DEFAULTS["llm"]["steps"] / 60 <= end - start <= max(llm) * DEFAULTS["llm"]["steps"] / 60
+    with pytest.raises(ValueError, match=r"no rate measured for pose steps 0\.\.2000"):
+        sched.schedule([r for r in rates if r["stage"] != "pose"])

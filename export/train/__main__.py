@@ -32,7 +32,6 @@ DEFAULTS = {
     "diffusion3": {"steps": 7000, "batch": 8, "lr": 2e-4, "warmup": 100, "after": "diffusion2"},
     "llm4": {"steps": 1200, "batch": 12, "lr": 1e-4, "warmup": 50, "after": "llm3"},
     "llm5": {"steps": 4200, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm4"},
-    "diffusion4": {"steps": 3000, "batch": 8, "lr": 1.5e-4, "warmup": 50, "after": "diffusion3"},
     "vae_decoder": {"steps": 580, "batch": 16, "lr": 2e-4, "warmup": 30, "after": "diffusion3"},
 }
 INIT_SEED = 0

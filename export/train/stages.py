@@ -607,6 +607,5 @@ STAGES = {
     "llm4": (llm2_modules, llm3_step),  # llm3 continued with a schedule of its own
     "llm5": (llm2_modules, llm5_step),  # llm4 continued, at llm3's peak rate, leaning further on VQA
     "diffusion3": (diffusion3_modules, diffusion3_step),
-    "diffusion4": (diffusion3_modules, diffusion3_step),  # diffusion3 continued with a schedule of its own
     "vae_decoder": (vae_decoder_modules, vae_decoder_step),
 }
