@@ -538,27 +538,31 @@ def llm2_step(model, cfg: ModelConfig, batch: int, offset: int):
     return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model))
 
 
-#: `llm3`'s mixture: mostly the questions the LLM must answer from the picture itself (after `llm2`, VQA
-#: was its weakest task), with enough of the others that their answers and links are kept.
+#: The mixtures of the phases after `llm2` (each with the patch probe): `llm3` (and `llm4`) mostly the
+#: questions the LLM must answer from the picture itself (after `llm2`, VQA was its weakest task), with enough
+#: of the others that their answers and links are kept; `llm5` VQA further up (after `llm4` it was still the
+#: weakest task, counts most of all).
 LLM_MIXTURE_3 = {
     "vqa": 0.55, "caption": 0.08, "region_caption": 0.15, "detect": 0.05, "segment": 0.04,
     "ground": 0.05, "pose": 0.04, "generate": 0.02, "edit": 0.02,
 }  # fmt: skip
-
-
-def llm3_step(model, cfg: ModelConfig, batch: int, offset: int):
-    return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=LLM_MIXTURE_3)
-
-
-#: `llm5`'s mixture: VQA further up (after `llm4` it was still the weakest task, counts most of all).
 LLM_MIXTURE_5 = {
     "vqa": 0.65, "caption": 0.06, "region_caption": 0.1, "detect": 0.04, "segment": 0.03,
     "ground": 0.05, "pose": 0.03, "generate": 0.02, "edit": 0.02,
 }  # fmt: skip
 
 
-def llm5_step(model, cfg: ModelConfig, batch: int, offset: int):
-    return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=LLM_MIXTURE_5)
+def _probed_phase(mixture: dict[str, float]):
+    """The step function of a phase after `llm2`: the probe, and a mixture of its own."""
+
+    def step_fn(model, cfg: ModelConfig, batch: int, offset: int):
+        return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=mixture)
+
+    return step_fn
+
+
+llm3_step = _probed_phase(LLM_MIXTURE_3)
+llm5_step = _probed_phase(LLM_MIXTURE_5)
 
 
 def diffusion3_modules(model) -> list:
