@@ -1,12 +1,12 @@
 """What training shapes-tiny from scratch costs on the 2-core machine: its stages as two single-thread
-chains side by side, one per core, each stage starting when the one before it in its chain (and the stage
-it continues) has finished.
+chains side by side, one per core, each stage starting when the one before it in its chain has finished (a
+stage that continues another must come after it in the same chain).
 
     python3 benchmarks/training_schedule.py [--rates benchmarks/results/shapes_tiny_stage_rates.json]
 
 A stage's minutes are its logged training time (`export/train/logs/STAGE.jsonl`), except for the stages whose
-logs were written with more processes than cores (`OVERSUBSCRIBED`) or on more threads than the schedule gives
-them: those are their planned steps times their seconds per step as measured by
+logs were written with more processes than cores or on more threads than the schedule gives them
+(`PRICED_FROM_RATES`): those are their planned steps times their seconds per step as measured by
 `python -m visionllm_edge.export.train rate` (the slowest measurement of each phase).
 """
 
@@ -26,7 +26,7 @@ CHAINS = {
 }
 #: Stage -> the steps where its step changes cost (a phase starts): priced from `rate`, not from its log.
 #: The first four ran as four processes on two cores; vae_decoder ran alone on two threads.
-OVERSUBSCRIBED = {
+PRICED_FROM_RATES = {
     "object": [0], "pose": [0], "diffusion": [0, stages.VAE_STEPS], "llm": [0, stages.LLM_LATE_STEP],
     "vae_decoder": [0],
 }  # fmt: skip
@@ -43,7 +43,7 @@ def logged_minutes(stage: str) -> float:
 
 
 def rated_minutes(stage: str, rates: list[dict]) -> float:
-    bounds = [*OVERSUBSCRIBED[stage], DEFAULTS[stage]["steps"]]
+    bounds = [*PRICED_FROM_RATES[stage], DEFAULTS[stage]["steps"]]
     total = 0.0
     for start, end in zip(bounds, bounds[1:]):
         phase = [r["s_per_step"] for r in rates if r["stage"] == stage and start <= r["from"] < end]
@@ -55,31 +55,20 @@ def rated_minutes(stage: str, rates: list[dict]) -> float:
 
 def schedule(rates: list[dict]) -> dict[str, list[tuple[str, float, float, str]]]:
     """Per core: (stage, start, end, how priced) in minutes."""
-    end_of: dict[str, float] = {}
-    rows: dict[str, list] = {core: [] for core in CHAINS}
-    pending = {core: list(chain) for core, chain in CHAINS.items()}
-    free = dict.fromkeys(CHAINS, 0.0)
-    while any(pending.values()):
-        progressed = False
-        for core, chain in pending.items():
-            if not chain:
-                continue
-            stage = chain[0]
+    rows: dict[str, list] = {}
+    for core, chain in CHAINS.items():
+        rows[core], clock = [], 0.0
+        for i, stage in enumerate(chain):
             after = DEFAULTS[stage].get("after")
-            if after is not None and after not in end_of:
-                continue
-            if stage in OVERSUBSCRIBED:
+            if after is not None and after not in chain[:i]:
+                raise ValueError(f"{stage} continues {after}, which is not before it on {core}")
+            if stage in PRICED_FROM_RATES:
                 minutes, how = rated_minutes(stage, rates), "rate"
             else:
                 minutes, how = logged_minutes(stage), "log"
-            start = max(free[core], end_of.get(after, 0.0))
-            end_of[stage] = free[core] = start + minutes
-            rows[core].append((stage, start, start + minutes, how))
-            chain.pop(0)
-            progressed = True
-        if not progressed:
-            raise ValueError(f"the chains wait on each other: {pending}")
-    missing = set(DEFAULTS) - set(end_of)
+            rows[core].append((stage, clock, clock + minutes, how))
+            clock += minutes
+    missing = set(DEFAULTS) - {stage for chain in CHAINS.values() for stage in chain}
     if missing:
         raise ValueError(f"stages in no chain: {sorted(missing)}")
     return rows

@@ -262,7 +262,7 @@ def _schedule_script():
     return module
 
 
-def test_the_two_core_schedule_prices_every_stage_after_the_one_it_continues():
+def test_the_two_core_schedule_prices_every_stage_after_the_one_it_continues(monkeypatch):
     from visionllm_edge.export.train.__main__ import DEFAULTS
 
     sched = _schedule_script()
@@ -273,9 +273,15 @@ def test_the_two_core_schedule_prices_every_stage_after_the_one_it_continues():
     for stage, settings in DEFAULTS.items():
         if "after" in settings:
             assert ends[stage][0] >= ends[settings["after"]][1] - 1e-9, stage
-    # A priced stage costs its planned steps at the slowest measured rate of each phase.
-    llm = [r["s_per_step"] for r in rates if r["stage"] == "llm"]
+    # A priced stage costs each phase's steps at the slowest rate measured in that phase.
+    late = stages.LLM_LATE_STEP
+    early = max(r["s_per_step"] for r in rates if r["stage"] == "llm" and r["from"] < late)
+    later = max(r["s_per_step"] for r in rates if r["stage"] == "llm" and r["from"] >= late)
     start, end = ends["llm"]
-    assert min(llm) * DEFAULTS["llm"]["steps"] / 60 <= end - start <= max(llm) * DEFAULTS["llm"]["steps"] / 60
+    assert end - start == pytest.approx((late * early + (DEFAULTS["llm"]["steps"] - late) * later) / 60)
     with pytest.raises(ValueError, match=r"no rate measured for pose steps 0\.\.2000"):
         sched.schedule([r for r in rates if r["stage"] != "pose"])
+    rest = [name for name in DEFAULTS if name not in ("llm", "llm2")]
+    monkeypatch.setattr(sched, "CHAINS", {"core 1": ["llm2", "llm"], "core 2": rest})
+    with pytest.raises(ValueError, match="llm2 continues llm, which is not before it on core 1"):
+        sched.schedule(rates)

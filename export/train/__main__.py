@@ -47,9 +47,11 @@ def build():
     return cfg, model
 
 
-def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
+def _stage(name: str, threads: int, load_from: Path | None):
+    """A stage on a fresh model: its trained modules, its step function and the step function's arguments.
+    Seeds the initial weights, sets `threads` torch threads, and with `load_from` loads the finished
+    weights of the stage it continues."""
     from visionllm_edge.export.train import stages
-    from visionllm_edge.export.train.runner import StageRunner
 
     torch.set_num_threads(threads)
     torch.manual_seed(INIT_SEED)
@@ -59,10 +61,18 @@ def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
     step_args = {}
     if "after" in settings:
         before = settings["after"]
-        state = _finished(out, before)
-        nn.ModuleList(stages.STAGES[before][0](model)).load_state_dict(state["module"])
+        if load_from is not None:
+            state = _finished(load_from, before)
+            nn.ModuleList(stages.STAGES[before][0](model)).load_state_dict(state["module"])
         step_args["offset"] = _data_end(before)
-    trained = nn.ModuleList(modules_fn(model))
+    return nn.ModuleList(modules_fn(model)), step_fn(model, cfg, settings["batch"], **step_args), step_args
+
+
+def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
+    from visionllm_edge.export.train.runner import StageRunner
+
+    settings = DEFAULTS[name]
+    trained, step, step_args = _stage(name, threads, load_from=out)
     runner = StageRunner(
         name, trained, out, steps=settings["steps"], minutes=minutes, lr=settings["lr"],
         warmup=settings["warmup"],
@@ -71,7 +81,7 @@ def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
         print(f"stage {name} is complete ({runner.step} steps); nothing to do")
         return
     runner.log({"event": "start", "argv": sys.argv[1:], **settings, **step_args})
-    runner.run(step_fn(model, cfg, settings["batch"], **step_args))
+    runner.run(step)
 
 
 def _data_end(name: str) -> int:
@@ -149,20 +159,13 @@ def rate(name: str, steps: int, start: int, threads: int) -> dict:
     the machine when its log was written."""
     import tempfile
 
-    from visionllm_edge.export.train import stages
     from visionllm_edge.export.train.runner import StageRunner
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(INIT_SEED)
-    cfg, model = build()
-    settings = DEFAULTS[name]
-    modules_fn, step_fn = stages.STAGES[name]
-    offset = {"offset": _data_end(settings["after"])} if "after" in settings else {}
-    step = step_fn(model, cfg, settings["batch"], **offset)
+    trained, step, _ = _stage(name, threads, load_from=None)
     with tempfile.TemporaryDirectory() as scratch:
         runner = StageRunner(
-            name, nn.ModuleList(modules_fn(model)), Path(scratch), steps=steps, minutes=float("inf"),
-            lr=settings["lr"], warmup=1,
+            name, trained, Path(scratch), steps=steps, minutes=float("inf"), lr=DEFAULTS[name]["lr"],
+            warmup=1,
         )  # fmt: skip
         runner.run(lambda i: step(start + i), log_every=steps)
     report = {"stage": name, "from": start, "steps": steps, "threads": threads}
