@@ -21,17 +21,14 @@ from visionllm_edge.export.train.__main__ import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAINS = {
-    "core 1": ["object", "pose", "diffusion", "diffusion2", "diffusion3", "vae_decoder", "diffusion4"],
-    "core 2": ["llm", "llm2", "llm3", "llm4", "llm5", "llm6"],
+    "core 1": ["object", "pose", "diffusion", "diffusion2", "diffusion3", "vae_decoder"],
+    "core 2": ["llm", "llm2", "llm3", "llm4", "llm5"],
 }
 #: Stage -> the steps where its step changes cost (a phase starts): priced from `rate`, not from its log.
-#: The first four ran as four processes on two cores; vae_decoder ran alone on two threads; llm2 and
-#: diffusion2 shared the machine with export benchmarks and tests, llm5 with two experiments and evaluations;
-#: llm6 and diffusion4 ran side by side with the editing and evaluations of the same session.
+#: The first four ran as four processes on two cores; vae_decoder ran alone on two threads.
 PRICED_FROM_RATES = {
     "object": [0], "pose": [0], "diffusion": [0, stages.VAE_STEPS], "llm": [0, stages.LLM_LATE_STEP],
-    "vae_decoder": [0], "llm2": [0], "diffusion2": [0], "llm5": [0], "llm6": [0],
-    "diffusion4": [0],
+    "vae_decoder": [0],
 }  # fmt: skip
 BUDGET_MIN = 240
 RATES = ROOT / "benchmarks" / "results" / "shapes_tiny_stage_rates.json"

@@ -100,25 +100,6 @@ def test_vqa_answers_are_true():
             assert (a == "yes") == any(o.color == color and o.category == kind for o in scene.shapes)
 
 
-def test_emphasis_draws_the_weighted_kinds_and_question_types_and_names_bad_weights():
-    from collections import Counter
-
-    only_crosses = {"generate": {"cross": 1.0}}
-    assert {make_sample("generate", 3, i, emphasis=only_crosses).meta["kind"] for i in range(30)} == {"cross"}
-    more_counts = {"vqa": {"count": 3.0, "color": 1.0}}
-    counts = Counter(make_sample("vqa", 3, i, emphasis=more_counts).meta["type"] for i in range(200))
-    assert set(counts) <= {"count", "color"} and counts["count"] > counts["color"] > 0
-    # Other tasks' samples are the ones drawn without emphasis.
-    plain, weighted = make_sample("caption", 3, 7), make_sample("caption", 3, 7, emphasis=only_crosses)
-    assert (plain.question, plain.answer) == (weighted.question, weighted.answer)
-    with pytest.raises(ValueError, match=r"unknown names \['hexagon'\] in weights; known: circle"):
-        make_sample("generate", 3, 0, emphasis={"generate": {"hexagon": 1.0}})
-    with pytest.raises(ValueError, match="weights must be >= 0 with a positive sum"):
-        make_sample("vqa", 3, 0, emphasis={"vqa": {"count": -1.0, "color": 0.5}})
-    with pytest.raises(ValueError, match="'caption' has nothing to weigh"):
-        make_sample("caption", 3, 0, emphasis={"caption": {"count": 1.0}})
-
-
 def test_the_checker_finds_every_generated_shape():
     rng = np.random.default_rng(0)
     for _ in range(40):

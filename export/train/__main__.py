@@ -33,8 +33,6 @@ DEFAULTS = {
     "llm4": {"steps": 1200, "batch": 12, "lr": 1e-4, "warmup": 50, "after": "llm3"},
     "llm5": {"steps": 4200, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm4"},
     "vae_decoder": {"steps": 580, "batch": 16, "lr": 2e-4, "warmup": 30, "after": "diffusion3"},
-    "llm6": {"steps": 1800, "batch": 12, "lr": 2e-4, "warmup": 50, "after": "llm5"},
-    "diffusion4": {"steps": 3000, "batch": 8, "lr": 1.5e-4, "warmup": 50, "after": "diffusion3"},
 }
 INIT_SEED = 0
 DEFAULT_OUT = Path("training-runs/shapes-tiny")

@@ -31,13 +31,11 @@ TRAIN_SEED = 1
 LINK_NOISE = 0.2
 
 
-def _samples(
-    mixture: dict[str, float], step: int, batch: int, seed: int = TRAIN_SEED, emphasis=None
-) -> list[Sample]:
+def _samples(mixture: dict[str, float], step: int, batch: int, seed: int = TRAIN_SEED) -> list[Sample]:
     out = []
     for i in range(batch):
         index = step * batch + i
-        out.append(make_sample(task_mixture(seed, index, mixture), seed, index, emphasis=emphasis))
+        out.append(make_sample(task_mixture(seed, index, mixture), seed, index))
     return out
 
 
@@ -170,17 +168,10 @@ class ConversationEncoder:
 
 
 def llm_step(
-    model,
-    cfg: ModelConfig,
-    batch: int,
-    offset: int = 0,
-    probe: nn.Module | None = None,
-    mixture=None,
-    emphasis=None,
+    model, cfg: ModelConfig, batch: int, offset: int = 0, probe: nn.Module | None = None, mixture=None
 ):
     """The `llm` stage's step; the later phases read the data from `offset` on and add the patch-probe
-    loss (from `llm3` on with a `mixture` of their own; `llm6` with VQA question types in proportion to
-    `emphasis`)."""
+    loss (`llm3` and `llm4` with a `mixture` of their own)."""
     enc = ConversationEncoder(model, cfg)
     width = cfg.llm.hidden_size
     placeholder_ids = enc.ref.placeholder_ids
@@ -190,7 +181,7 @@ def llm_step(
     def step(i: int) -> dict:
         i += offset
         mix = mixture or (LLM_MIXTURE if i < LLM_LATE_STEP else LLM_MIXTURE_LATE)
-        samples = _samples(mix, i, batch, seed=TRAIN_SEED + 100, emphasis=emphasis)
+        samples = _samples(mix, i, batch, seed=TRAIN_SEED + 100)
         coded = [enc.encode(s) for s in samples]
         seq = max(len(c["ids"]) for c in coded)
         ids = torch.zeros(batch, seq, dtype=torch.long)
@@ -308,12 +299,9 @@ def _round_trip(vae, images: torch.Tensor, gen: torch.Generator, train_encoder: 
     return F.mse_loss(recon, images) + 0.5 * F.l1_loss(recon, images), posterior
 
 
-def diffusion_step(
-    model, cfg: ModelConfig, batch: int, offset: int = 0, kinds=("gen", "edit"), emphasis=None
-):
-    """The `diffusion` stage's step; the later phases read the data from `offset` on (past the VAE phase);
-    `kinds` are the decoders trained, in turn; `emphasis` (see `make_sample`) weighs the shape kinds of
-    the generation prompts (`diffusion4`)."""
+def diffusion_step(model, cfg: ModelConfig, batch: int, offset: int = 0, kinds=("gen", "edit")):
+    """The `diffusion` stage's step; `diffusion2` and `diffusion3` read the data from `offset` on (past the
+    VAE phase); `kinds` are the decoders trained, in turn."""
     width = cfg.llm.hidden_size
     gen = torch.Generator()
     sd, ip2p = model.sd, model.ip2p
@@ -340,7 +328,7 @@ def diffusion_step(
                     "latent_std": posterior.mean.detach().std()}  # fmt: skip
         kind = kinds[i % len(kinds)]
         task = "generate" if kind == "gen" else "edit"
-        samples = _samples({task: 1.0}, i, batch, seed=TRAIN_SEED + 200, emphasis=emphasis)
+        samples = _samples({task: 1.0}, i, batch, seed=TRAIN_SEED + 200)
         dec = sd if kind == "gen" else ip2p
         with torch.no_grad():
             target = _to_unit([s.image_out for s in samples])
@@ -564,27 +552,17 @@ LLM_MIXTURE_5 = {
 }  # fmt: skip
 
 
-#: `llm6`: llm5's mixture, its VQA questions drawn towards the types it still got wrong (held-out after
-#: llm5: counts 0.48, position 0.64, colour 0.66, yes/no 0.84, shape 0.97; uniform before). A colour or
-#: position question that does not fit the scene is drawn again, so these weights give about 29 % counts,
-#: 28 % colour, 26 % position, 12 % yes/no and 5 % shape questions (uniform: 26 / 15 / 16 / 26 / 17).
-VQA_EMPHASIS_6 = {"vqa": {"count": 0.2, "color": 0.4, "position": 0.3, "yesno": 0.07, "shape": 0.03}}
-
-
-def _probed_phase(mixture: dict[str, float], emphasis: dict[str, float] | None = None):
+def _probed_phase(mixture: dict[str, float]):
     """The step function of a phase after `llm2`: the probe, and a mixture of its own."""
 
     def step_fn(model, cfg: ModelConfig, batch: int, offset: int):
-        return llm_step(
-            model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=mixture, emphasis=emphasis
-        )
+        return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=mixture)
 
     return step_fn
 
 
 llm3_step = _probed_phase(LLM_MIXTURE_3)
 llm5_step = _probed_phase(LLM_MIXTURE_5)
-llm6_step = _probed_phase(LLM_MIXTURE_5, VQA_EMPHASIS_6)
 
 
 def diffusion3_modules(model) -> list:
@@ -595,29 +573,6 @@ def diffusion3_step(model, cfg: ModelConfig, batch: int, offset: int):
     """Generation only: after `diffusion2` its samples had the right colour and often the wrong kind,
     while editing had reached its floor."""
     return diffusion_step(model, cfg, batch, offset=offset, kinds=("gen",))
-
-
-class _Held(nn.Module):
-    """Registers a bare parameter (the mapper's query rows) so a stage can train and save it."""
-
-    def __init__(self, parameter: nn.Parameter):
-        super().__init__()
-        self.parameter = parameter
-
-
-def diffusion4_modules(model) -> list:
-    """The generation UNet and its mapper, not the autoencoder (`vae_decoder` trained its decoder)."""
-    sd = model.sd
-    return [sd.sd_unet, sd.emb_proj, sd.llm2sd_mapper, _Held(sd.llm2sd_mapper_queries)]
-
-
-#: `diffusion4`: generation prompts drawn towards the kinds the UNet drew wrong (tuning prompts after
-#: `vae_decoder`: crosses 0.15, mostly drawn as triangles; triangles 0.65; squares 0.9; circles 0.95).
-GEN_EMPHASIS_4 = {"generate": {"cross": 0.4, "triangle": 0.3, "square": 0.15, "circle": 0.15}}
-
-
-def diffusion4_step(model, cfg: ModelConfig, batch: int, offset: int):
-    return diffusion_step(model, cfg, batch, offset=offset, kinds=("gen",), emphasis=GEN_EMPHASIS_4)
 
 
 def vae_decoder_modules(model) -> list:
@@ -657,6 +612,4 @@ STAGES = {
     "llm5": (llm2_modules, llm5_step),  # llm4 continued, at llm3's peak rate, leaning further on VQA
     "diffusion3": (diffusion3_modules, diffusion3_step),
     "vae_decoder": (vae_decoder_modules, vae_decoder_step),
-    "llm6": (llm2_modules, llm6_step),  # llm5 continued, VQA drawn towards its weakest question types
-    "diffusion4": (diffusion4_modules, diffusion4_step),  # diffusion3's UNet, towards crosses
 }

@@ -102,30 +102,11 @@ def _scene_for(task: str, seed: int, index: int) -> Scene:
     return world.make_scene(seed, index, SCENE_SIZE, 1, 5, people=with_people)
 
 
-VQA_TYPES = ("count", "color", "shape", "position", "yesno")
-
-
-def _weighted(rng: np.random.Generator, names, weights: dict[str, float] | None) -> str:
-    """One of `names`: uniform without `weights`, else in proportion to them (absent names weigh 0)."""
-    if weights is None:
-        return str(rng.choice(list(names)))
-    unknown = set(weights) - set(names)
-    if unknown:
-        raise ValueError(f"unknown names {sorted(unknown)} in weights; known: {', '.join(names)}")
-    p = np.array([weights.get(n, 0.0) for n in names], np.float64)
-    if (p < 0).any() or p.sum() <= 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
-    return str(rng.choice(list(names), p=p / p.sum()))
-
-
-def vqa(
-    scene: Scene, rng: np.random.Generator, types: dict[str, float] | None = None
-) -> tuple[str, str, str]:
-    """`(question, answer, type)`: count, colour, shape, position or yes/no; uniform over the types, or
-    in proportion to `types` (a type that does not fit the scene is drawn again)."""
+def vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """`(question, answer, type)`: count, colour, shape, position or yes/no."""
     shapes = scene.shapes
     for _ in range(20):
-        kind = _weighted(rng, VQA_TYPES, types)
+        kind = str(rng.choice(["count", "color", "shape", "position", "yesno"]))
         if kind == "count":
             k = str(rng.choice(KINDS))
             return f"How many {_plural(k)} are there?", str(scene.count(k)), kind
@@ -171,30 +152,18 @@ def region_point(obj: SceneObject, rng: np.random.Generator) -> tuple[float, flo
     return float(xs[pick]) + 0.5, float(ys[pick]) + 0.5
 
 
-def make_sample(
-    task: str,
-    seed: int,
-    index: int,
-    canonical: bool = False,
-    emphasis: dict[str, dict[str, float]] | None = None,
-) -> Sample:
+def make_sample(task: str, seed: int, index: int, canonical: bool = False) -> Sample:
     """One sample of `task`.
 
     Args:
         canonical: the evaluation form — all categories in their fixed order for detection and
             segmentation, every keypoint for pose (training varies order and subsets).
-        emphasis: training only, per task: relative weights of the question types of `vqa` (`VQA_TYPES`)
-            or of the shape kinds of `generate` (`KINDS`) instead of uniform ones.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    weights = (emphasis or {}).get(task)
-    if weights is not None and task not in ("vqa", "generate"):
-        raise ValueError(f"emphasis: {task!r} has nothing to weigh (only 'vqa' and 'generate' do)")
     rng = world.scene_rng(seed, index, "task:" + task)
     if task == "generate":
-        kind = _weighted(rng, KINDS, weights)
-        color, size = str(rng.choice(list(COLORS))), str(rng.choice(SIZES))
+        kind, color, size = str(rng.choice(KINDS)), str(rng.choice(list(COLORS))), str(rng.choice(SIZES))
         cap = f"a {size} {color} {kind}"
         q, a = templates.generation(cap)
         image = world.single_shape_image(kind, color, size, GEN_SIZE, rng, center=True)
@@ -203,7 +172,7 @@ def make_sample(
     scene = _scene_for(task, seed, index)
     objs = scene.objects
     if task == "vqa":
-        q, a, qtype = vqa(scene, rng, weights)
+        q, a, qtype = vqa(scene, rng)
         return Sample(task, scene, q, a, meta={"type": qtype})
     if task == "caption":
         return Sample(task, scene, CAPTION_QUESTION, caption(scene))
