@@ -21,14 +21,16 @@ from visionllm_edge.export.train.__main__ import DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAINS = {
-    "core 1": ["object", "pose", "diffusion", "diffusion2", "diffusion3", "vae_decoder"],
-    "core 2": ["llm", "llm2", "llm3", "llm4", "llm5"],
+    "core 1": ["object", "diffusion", "diffusion2", "diffusion3", "vae_decoder", "diffusion4", "diffusion5"],
+    "core 2": ["llm", "llm2", "llm3", "llm4", "llm5", "pose"],
 }
 #: Stage -> the steps where its step changes cost (a phase starts): priced from `rate`, not from its log.
-#: The first four ran as four processes on two cores; vae_decoder ran alone on two threads.
+#: The first four ran as four processes on two cores; vae_decoder ran alone on two threads; llm2 and
+#: diffusion2 shared the machine with export benchmarks and tests, llm5 with two experiments and evaluations,
+#: diffusion4 with an experiment (`llm6`, not kept) and diffusion5 with the checks of the same session.
 PRICED_FROM_RATES = {
     "object": [0], "pose": [0], "diffusion": [0, stages.VAE_STEPS], "llm": [0, stages.LLM_LATE_STEP],
-    "vae_decoder": [0],
+    "vae_decoder": [0], "llm2": [0], "diffusion2": [0], "llm5": [0], "diffusion4": [0], "diffusion5": [0],
 }  # fmt: skip
 BUDGET_MIN = 240
 RATES = ROOT / "benchmarks" / "results" / "shapes_tiny_stage_rates.json"

@@ -44,10 +44,7 @@ def shapes_model():
     return cfg, build_model(cfg, seed=0)
 
 
-@pytest.mark.parametrize(
-    "stage",
-    ["object", "pose", "llm", "diffusion", "llm2", "diffusion2", "llm3", "diffusion3", "llm5", "vae_decoder"],
-)
+@pytest.mark.parametrize("stage", list(stages.STAGES))
 def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     cfg, model = shapes_model
     modules_fn, step_fn = stages.STAGES[stage]
@@ -55,9 +52,10 @@ def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     module.zero_grad()
     # The second phases read their data from where the first stopped (diffusion2: past the VAE steps).
     offset = {
-        "llm2": {"offset": 5000}, "llm3": {"offset": 11500}, "llm5": {"offset": 16200},
-        "diffusion2": {"offset": stages.VAE_STEPS}, "diffusion3": {"offset": stages.VAE_STEPS + 1},
-        "vae_decoder": {"offset": 28900},
+        "llm2": {"offset": 5000}, "llm3": {"offset": 11500}, "llm4": {"offset": 15000},
+        "llm5": {"offset": 16200}, "diffusion2": {"offset": stages.VAE_STEPS},
+        "diffusion3": {"offset": stages.VAE_STEPS + 1}, "vae_decoder": {"offset": 28900},
+        "diffusion4": {"offset": 28901}, "diffusion5": {"offset": 31900},
     }.get(stage, {})  # fmt: skip
     step = step_fn(model, cfg, 2, **offset)
     out = step(stages.VAE_STEPS if stage == "diffusion" else 0)
@@ -65,17 +63,43 @@ def test_every_stage_takes_a_finite_step_with_gradients(shapes_model, stage):
     out["loss"].backward()
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    if stage in ("llm2", "llm3", "llm5"):  # the patch probe trains the vision tower
+    if stage in ("llm2", "llm3", "llm4", "llm5"):  # the patch probe trains the vision tower
         assert out["probe"] > 0
         assert stages.patch_probe(model).weight.grad.abs().sum() > 0
         assert model.vis_encoder.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     if stage == "diffusion3":  # generation only, on every step (an odd step was editing's in diffusion2)
         assert set(out) >= {"gen_mse"} and "edit_mse" not in out
         assert model.sd.sd_unet.conv_in.weight.grad.abs().sum() > 0
+    if stage in ("diffusion4", "diffusion5"):  # the generation UNet, its mapper (queries too), its probe
+        assert out["mapper_probe"] > 0
+        assert model.sd.llm2sd_mapper_queries.grad.abs().sum() > 0
+        assert stages.mapper_probe(model).weight.grad.abs().sum() > 0
+        assert not {id(p) for p in module.parameters()} & {id(p) for p in model.sd.sd_vae.parameters()}
     if stage == "vae_decoder":  # the decoder alone: the latents both UNets learned stay as they are
         assert model.sd.sd_vae.decoder.conv_out.weight.grad.abs().sum() > 0
         assert all(p.grad is None for p in model.sd.sd_vae.encoder.parameters())
     module.eval()
+
+
+def test_the_mapper_probe_reads_kind_colour_and_size():
+    from visionllm_edge.shapes import world
+    from visionllm_edge.shapes.instructions import make_sample
+
+    model = build_model(named_config("shapes-tiny"), seed=0)
+    probe = stages.mapper_probe(model)
+    samples = [make_sample("generate", 1, i) for i in range(4)]
+    cond = torch.randn(4, model.sd.num_queries, model.sd.sd_hidden_size)
+    with torch.no_grad():
+        probe.weight.zero_()
+        probe.bias.zero_()  # uniform readings: log 4 + log 5 + log 2
+    expected = float(np.log(4) + np.log(5) + np.log(2))
+    assert stages.mapper_probe_loss(probe, cond, samples).item() == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():  # a probe that reads every prompt right from its bias alone costs nothing
+        for s in samples[:1]:
+            for names, key, start in ((world.KINDS, "kind", 0), (tuple(world.COLORS), "color", 4),
+                                      (world.SIZES, "size", 9)):  # fmt: skip
+                probe.bias[start + names.index(s.meta[key])] = 50.0
+    assert stages.mapper_probe_loss(probe, cond[:1], samples[:1]).item() < 1e-6
 
 
 def test_assembly_gives_the_editing_decoder_the_generation_autoencoder():
@@ -227,6 +251,7 @@ def test_a_third_phase_reads_its_data_from_where_the_whole_chain_stopped(monkeyp
         "llm3": {"steps": 2, "batch": 1, "lr": 1e-4, "warmup": 1, "after": "llm2"},
     })  # fmt: skip
     assert [train._data_end(n) for n in ("llm", "llm2", "llm3")] == [5, 12, 14]
+    assert train._chain("llm3") == ["llm3", "llm2", "llm"]  # what llm3 loads before it trains, newest first
 
 
 def test_a_stage_resumes_where_it_stopped(tmp_path):

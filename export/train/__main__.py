@@ -33,6 +33,8 @@ DEFAULTS = {
     "llm4": {"steps": 1200, "batch": 12, "lr": 1e-4, "warmup": 50, "after": "llm3"},
     "llm5": {"steps": 4200, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm4"},
     "vae_decoder": {"steps": 580, "batch": 16, "lr": 2e-4, "warmup": 30, "after": "diffusion3"},
+    "diffusion4": {"steps": 3000, "batch": 8, "lr": 1.5e-4, "warmup": 50, "after": "diffusion3"},
+    "diffusion5": {"steps": 3300, "batch": 8, "lr": 1.5e-4, "warmup": 50, "after": "diffusion4"},
 }
 INIT_SEED = 0
 DEFAULT_OUT = Path("training-runs/shapes-tiny")
@@ -50,7 +52,8 @@ def build():
 def _stage(name: str, threads: int, load_from: Path | None):
     """A stage on a fresh model: its trained modules, its step function and the step function's arguments.
     Seeds the initial weights, sets `threads` torch threads, and with `load_from` loads the finished
-    weights of the stage it continues."""
+    weights of the chain it continues, oldest first (a phase that trains part of a decoder, such as
+    `diffusion4`, leaves the rest, such as the autoencoder, to the stages before it)."""
     from visionllm_edge.export.train import stages
 
     torch.set_num_threads(threads)
@@ -62,8 +65,9 @@ def _stage(name: str, threads: int, load_from: Path | None):
     if "after" in settings:
         before = settings["after"]
         if load_from is not None:
-            state = _finished(load_from, before)
-            nn.ModuleList(stages.STAGES[before][0](model)).load_state_dict(state["module"])
+            for earlier in reversed(_chain(before)):
+                state = _finished(load_from, earlier)
+                nn.ModuleList(stages.STAGES[earlier][0](model)).load_state_dict(state["module"])
         step_args["offset"] = _data_end(before)
     return nn.ModuleList(modules_fn(model)), step_fn(model, cfg, settings["batch"], **step_args), step_args
 
@@ -82,6 +86,11 @@ def run_stage(name: str, out: Path, minutes: float, threads: int) -> None:
         return
     runner.log({"event": "start", "argv": sys.argv[1:], **settings, **step_args})
     runner.run(step)
+
+
+def _chain(name: str) -> list[str]:
+    """`name` and the stages it continues, newest first."""
+    return [name, *(_chain(DEFAULTS[name]["after"]) if "after" in DEFAULTS[name] else [])]
 
 
 def _data_end(name: str) -> int:
