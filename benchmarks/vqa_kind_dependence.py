@@ -17,9 +17,8 @@ import json
 
 import torch
 from visionllm_edge.export.checkpoint import load_reference
-from visionllm_edge.export.config import data_path, named_config
+from visionllm_edge.export.config import data_path
 from visionllm_edge.export.reference import ReferencePipeline
-from visionllm_edge.export.tokenizer import ChatTokenizer
 from visionllm_edge.shapes import world
 from visionllm_edge.shapes.instructions import _plural, make_sample
 
@@ -28,9 +27,7 @@ SEED = 991
 
 
 def kind_dependence(checkpoint, scenes: int, seed: int = SEED) -> dict:
-    model = load_reference(checkpoint).eval()
-    tokenizer = ChatTokenizer.from_directory(data_path(named_config("shapes-tiny").extension["tokenizer"]))
-    pipe = ReferencePipeline(model, tokenizer)
+    pipe = ReferencePipeline(load_reference(checkpoint).eval())  # the tokenizer from the checkpoint folder
     varying, right, presence = 0, collections.Counter(), 0
     for index in range(scenes):
         scene = make_sample("vqa", seed, index).scene

@@ -95,8 +95,7 @@ def _chain(name: str) -> list[str]:
 
 def _data_end(name: str) -> int:
     """The data step a finished stage stopped at: its steps, plus those of the chain it continues."""
-    settings = DEFAULTS[name]
-    return settings["steps"] + (_data_end(settings["after"]) if "after" in settings else 0)
+    return sum(DEFAULTS[stage]["steps"] for stage in _chain(name))
 
 
 def _finished(out: Path, name: str) -> dict:

@@ -346,9 +346,6 @@ def diffusion_step(
                 source = dec.sd_vae.encode(_to_unit([s.scene.image for s in samples])).latent_dist.mode()
         links = torch.stack([_link_rows([s.instruction], kind, rows, width, gen)[0] for s in samples])
         cond = dec.map_queries(links)
-        extra = {}
-        if probe is not None:
-            extra["mapper_probe"] = mapper_probe_loss(probe, cond, samples)
         # Condition dropout for classifier-free guidance. Editing follows InstructPix2Pix: 5 % without the
         # text, 5 % without the image, 5 % without both (its guidance formula reads all three).
         r = torch.rand(batch, generator=gen)
@@ -365,8 +362,11 @@ def diffusion_step(
             unet_in = torch.cat([noisy, source * (~drop_image).float().view(-1, 1, 1, 1)], 1)
         eps = dec.sd_unet(unet_in, t, encoder_hidden_states=cond).sample
         mse = F.mse_loss(eps, noise)
-        loss = mse + sum(MAPPER_PROBE_WEIGHT * v for v in extra.values())
-        return {"loss": loss, f"{kind}_mse": mse.detach(), **{k: v.detach() for k, v in extra.items()}}
+        if probe is None:
+            return {"loss": mse, f"{kind}_mse": mse.detach()}
+        probe_loss = mapper_probe_loss(probe, cond, samples)
+        return {"loss": mse + MAPPER_PROBE_WEIGHT * probe_loss, f"{kind}_mse": mse.detach(),
+                "mapper_probe": probe_loss.detach()}  # fmt: skip
 
     return step
 
@@ -533,13 +533,19 @@ def probe_accuracy(model, probe: nn.Module, scenes, image_size: int, max_tiles: 
     return {**report, "centres": len(right["joint"])}
 
 
+def _probe(registry: weakref.WeakKeyDictionary, model, seed: int, width: int, outputs: int) -> nn.Linear:
+    """A stage's linear probe for `model`, made on first use from a seed of its own (the caller's random
+    state untouched) and the same object on every later call."""
+    if model not in registry:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            registry[model] = nn.Linear(width, outputs)
+    return registry[model]
+
+
 def patch_probe(model) -> nn.Module:
     """`llm2`'s linear probe from the projected patch rows to `patch_targets` (trained, never shipped)."""
-    if model not in _PROBES:
-        with torch.random.fork_rng():  # its own seed, the caller's random state untouched
-            torch.manual_seed(7)
-            _PROBES[model] = nn.Linear(model.config.llm.hidden_size, PATCH_CHANNELS)
-    return _PROBES[model]
+    return _probe(_PROBES, model, 7, model.config.llm.hidden_size, PATCH_CHANNELS)
 
 
 def llm2_modules(model) -> list:
@@ -600,12 +606,8 @@ _MAPPER_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def mapper_probe(model) -> nn.Module:
     """`diffusion4`'s linear probe from the generation mapper's flattened output to (kind, colour, size)
     logits (trained, never shipped)."""
-    if model not in _MAPPER_PROBES:
-        with torch.random.fork_rng():
-            torch.manual_seed(8)
-            width = model.sd.num_queries * model.sd.sd_hidden_size
-            _MAPPER_PROBES[model] = nn.Linear(width, len(world.KINDS) + len(world.COLORS) + len(world.SIZES))
-    return _MAPPER_PROBES[model]
+    width = model.sd.num_queries * model.sd.sd_hidden_size
+    return _probe(_MAPPER_PROBES, model, 8, width, len(world.KINDS) + len(world.COLORS) + len(world.SIZES))
 
 
 def mapper_probe_loss(probe: nn.Module, cond: torch.Tensor, samples: list[Sample]) -> torch.Tensor:
