@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -100,6 +101,67 @@ def test_the_mapper_probe_reads_kind_colour_and_size():
                                       (world.SIZES, "size", 9)):  # fmt: skip
                 probe.bias[start + names.index(s.meta[key])] = 50.0
     assert stages.mapper_probe_loss(probe, cond[:1], samples[:1]).item() < 1e-6
+
+
+def test_kind_contrast_asks_one_picture_what_only_the_kind_word_tells_apart():
+    from visionllm_edge.shapes import world
+    from visionllm_edge.shapes.instructions import _plural
+
+    answers = {"yes": 0, "no": 0}
+    types = set()
+    for index in range(40):
+        group = stages.kind_contrast(index)
+        scene = group[0].scene
+        assert all(s.scene is scene and s.task == "vqa" for s in group)
+        types |= {s.meta["type"] for s in group}
+        counts = [s for s in group if s.meta["type"] == "count"]
+        assert [(s.question, s.answer) for s in counts] == [
+            (f"How many {_plural(k)} are there?", str(scene.count(k))) for k in world.KINDS
+        ]
+        checks = [s for s in group if s.meta["type"] == "yesno"]
+        for s in checks:
+            color, kind = s.question.removesuffix("?").split()[-2:]
+            present = any(o.color == color and o.category == kind for o in scene.shapes)
+            assert s.answer == ("yes" if present else "no"), s.question
+            answers[s.answer] += 1
+        if len(checks) == 2:  # one colour, two kinds: only the kind word tells yes from no
+            assert [s.answer for s in checks] == ["yes", "no"]
+            assert checks[0].question.split()[-2] == checks[1].question.split()[-2]
+        for s in group:
+            if s.meta["type"] == "color":  # the kind named is held once, in the colour answered
+                kind = s.question.removesuffix("?").split()[-1]
+                assert [o.color for o in scene.shapes if o.category == kind] == [s.answer]
+            if s.meta["type"] == "shape":
+                color = s.question.split()[-2]
+                assert [o.category for o in scene.shapes if o.color == color] == [s.answer]
+            if s.meta["type"] == "position":
+                (o,) = [o for o in scene.shapes if f"the {o.short_name} on" in s.question]
+                assert s.answer == ("left" if o.center[0] < scene.image.width / 2 else "right")
+    assert types == {"count", "yesno", "color", "shape", "position"}
+    assert min(answers.values()) >= 35
+
+
+def test_an_llm_step_runs_the_vision_tower_once_per_picture(shapes_model, monkeypatch):
+    import copy
+
+    cfg, model = shapes_model
+    model.eval()  # no dropout: the two steps below must agree exactly
+    tiles = []
+    encode = model.encode_image
+    monkeypatch.setattr(model, "encode_image", lambda t: tiles.append(len(t)) or encode(t))
+    shared = stages.kind_contrast(3)
+    monkeypatch.setattr(stages, "kind_contrast", lambda index: shared)
+    step = stages.llm_step(model, cfg, 0, probe=stages.patch_probe(model), mixture={"vqa": 1.0}, contrast=1)
+    with torch.no_grad():
+        once = step(0)
+        # The same questions on copies of the picture: the tower runs for each, as it did before sharing.
+        monkeypatch.setattr(stages, "kind_contrast", lambda index: [
+            dataclasses.replace(s, scene=copy.copy(s.scene)) for s in shared
+        ])  # fmt: skip
+        each = step(0)
+    assert tiles == [1, len(shared)]
+    for key in ("ce", "probe", "token_acc"):
+        assert torch.allclose(once[key], each[key], atol=1e-6), key
 
 
 def test_assembly_gives_the_editing_decoder_the_generation_autoencoder():

@@ -31,7 +31,7 @@ DEFAULTS = {
     "llm3": {"steps": 3500, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm2"},
     "diffusion3": {"steps": 7000, "batch": 8, "lr": 2e-4, "warmup": 100, "after": "diffusion2"},
     "llm4": {"steps": 1200, "batch": 12, "lr": 1e-4, "warmup": 50, "after": "llm3"},
-    "llm5": {"steps": 4200, "batch": 12, "lr": 2e-4, "warmup": 100, "after": "llm4"},
+    "llm5": {"steps": 2800, "batch": 4, "lr": 5e-4, "warmup": 100, "after": "llm4"},
     "vae_decoder": {"steps": 580, "batch": 16, "lr": 2e-4, "warmup": 30, "after": "diffusion3"},
     "diffusion4": {"steps": 3000, "batch": 8, "lr": 1.5e-4, "warmup": 50, "after": "diffusion3"},
     "diffusion5": {"steps": 3300, "batch": 8, "lr": 1.5e-4, "warmup": 50, "after": "diffusion4"},

@@ -125,16 +125,21 @@ def vqa(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
             return f"What color is the {o.category}?", o.color, kind
         if kind == "shape" and sum(p.color == o.color for p in shapes) == 1:
             return f"What shape is the {o.color} object?", o.category, kind
-        if kind == "position" and sum(p.short_name == o.short_name for p in shapes) == 1:
-            cx = o.center[0] / scene.image.width
-            if abs(cx - 0.5) > 0.1:
-                return (
-                    f"Is the {o.short_name} on the left or the right?",
-                    "left" if cx < 0.5 else "right",
-                    kind,
-                )
+        if kind == "position" and (asked := position_question(scene, o)) is not None:
+            return (*asked, kind)
     k = str(rng.choice(KINDS))
     return f"How many {_plural(k)} are there?", str(scene.count(k)), "count"
+
+
+def position_question(scene: Scene, o: SceneObject) -> tuple[str, str] | None:
+    """`(question, answer)` asking which half holds `o`, or None when its short name is not its own or it
+    sits too near the middle to say."""
+    if sum(p.short_name == o.short_name for p in scene.shapes) != 1:
+        return None
+    cx = o.center[0] / scene.image.width
+    if abs(cx - 0.5) <= 0.1:
+        return None
+    return f"Is the {o.short_name} on the left or the right?", "left" if cx < 0.5 else "right"
 
 
 def caption(scene: Scene) -> str:
