@@ -26,11 +26,11 @@ CHAINS = {
 }
 #: Stage -> the steps where its step changes cost (a phase starts): priced from `rate`, not from its log.
 #: The first four ran as four processes on two cores; vae_decoder ran alone on two threads; llm2 and
-#: diffusion2 shared the machine with export benchmarks and tests, llm5 with two experiments and evaluations,
-#: diffusion4 with an experiment (`llm6`, not kept) and diffusion5 with the checks of the same session.
+#: diffusion2 shared the machine with export benchmarks and tests, diffusion4 with an experiment (`llm6`, not
+#: kept) and diffusion5 with the checks of the same session. llm5 ran beside one other single-thread run.
 PRICED_FROM_RATES = {
     "object": [0], "pose": [0], "diffusion": [0, stages.VAE_STEPS], "llm": [0, stages.LLM_LATE_STEP],
-    "vae_decoder": [0], "llm2": [0], "diffusion2": [0], "llm5": [0], "diffusion4": [0], "diffusion5": [0],
+    "vae_decoder": [0], "llm2": [0], "diffusion2": [0], "diffusion4": [0], "diffusion5": [0],
 }  # fmt: skip
 BUDGET_MIN = 240
 RATES = ROOT / "benchmarks" / "results" / "shapes_tiny_stage_rates.json"
