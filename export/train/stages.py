@@ -578,11 +578,14 @@ LLM_MIXTURE_5 = {
 }  # fmt: skip
 
 
-def _probed_phase(mixture: dict[str, float]):
-    """The step function of a phase after `llm2`: the probe, and a mixture of its own."""
+def _probed_phase(mixture: dict[str, float], contrast: int = 0):
+    """The step function of a phase after `llm2`: the probe, a mixture of its own, and `contrast`
+    kind-contrast pictures a step."""
 
     def step_fn(model, cfg: ModelConfig, batch: int, offset: int):
-        return llm_step(model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=mixture)
+        return llm_step(
+            model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=mixture, contrast=contrast
+        )
 
     return step_fn
 
@@ -631,11 +634,7 @@ def kind_contrast(index: int) -> list[Sample]:
     return out
 
 
-def llm5_step(model, cfg: ModelConfig, batch: int, offset: int):
-    return llm_step(
-        model, cfg, batch, offset=offset, probe=patch_probe(model), mixture=LLM_MIXTURE_5,
-        contrast=CONTRAST_PICTURES,
-    )  # fmt: skip
+llm5_step = _probed_phase(LLM_MIXTURE_5, CONTRAST_PICTURES)
 
 
 def diffusion3_modules(model) -> list:
