@@ -12,9 +12,9 @@
 #include <utility>
 #include <vector>
 
-#include "bind_registry.h"
-#include "image_ops.h"
-#include "postprocess.h"
+#include "bindings/bind_registry.h"
+#include "preprocess/image_ops.h"
+#include "postprocess/postprocess.h"
 
 namespace py = pybind11;
 

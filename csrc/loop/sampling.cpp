@@ -1,4 +1,4 @@
-#include "sampling.h"
+#include "loop/sampling.h"
 
 #include <algorithm>
 #include <cmath>

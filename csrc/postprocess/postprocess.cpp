@@ -1,4 +1,4 @@
-#include "postprocess.h"
+#include "postprocess/postprocess.h"
 
 #include <algorithm>
 #include <cmath>

@@ -14,11 +14,11 @@
 #include <utility>
 #include <vector>
 
-#include "assemble.h"
-#include "bind_registry.h"
-#include "kv_arena.h"
-#include "router.h"
-#include "sampling.h"
+#include "loop/assemble.h"
+#include "bindings/bind_registry.h"
+#include "memory/kv_arena.h"
+#include "loop/router.h"
+#include "loop/sampling.h"
 
 namespace py = pybind11;
 

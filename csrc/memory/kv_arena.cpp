@@ -1,4 +1,4 @@
-#include "kv_arena.h"
+#include "memory/kv_arena.h"
 
 #include <cstring>
 #include <new>

@@ -1,4 +1,4 @@
-#include "router.h"
+#include "loop/router.h"
 
 #include <algorithm>
 #include <cstring>

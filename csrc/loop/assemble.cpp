@@ -1,4 +1,4 @@
-#include "assemble.h"
+#include "loop/assemble.h"
 
 #include <cstring>
 #include <stdexcept>

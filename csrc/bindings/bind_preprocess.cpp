@@ -5,8 +5,8 @@
 #include <tuple>
 #include <vector>
 
-#include "bind_registry.h"
-#include "preprocess.h"
+#include "bindings/bind_registry.h"
+#include "preprocess/preprocess.h"
 
 namespace py = pybind11;
 

@@ -1,4 +1,4 @@
-#include "preprocess.h"
+#include "preprocess/preprocess.h"
 
 #include <cmath>
 #include <limits>

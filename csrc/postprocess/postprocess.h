@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "image_ops.h"
+#include "preprocess/image_ops.h"
 
 namespace vle {
 

@@ -10,7 +10,7 @@
 #include <utility>
 #include <vector>
 
-#include "assemble.h"
+#include "loop/assemble.h"
 
 namespace vle {
 

@@ -1,4 +1,4 @@
-#include "image_ops.h"
+#include "preprocess/image_ops.h"
 
 #include <algorithm>
 #include <cmath>
