@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SYSTEM_PACKAGES=(cmake g++ pkg-config libgtest-dev nlohmann-json3-dev libsentencepiece-dev libstb-dev)
+SYSTEM_PACKAGES=(cmake g++ pkg-config libgtest-dev nlohmann-json3-dev libsentencepiece-dev libssl-dev libstb-dev)
 missing=()
 for p in "${SYSTEM_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,61 @@
+// Engines: one object per exported graph that runs it. The loop talks to this interface only; the ONNX
+// Runtime implementation (engines/onnxruntime.cpp) is the one we have, with its execution providers (CPU by
+// default; CUDA and TensorRT where the loaded onnxruntime has them).
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "memory/tensor.h"
+
+namespace vle {
+
+// One graph input or output as the engine sees it; -1 for a dynamic axis.
+struct TensorInfo {
+  std::string name;
+  DType dtype;
+  std::vector<int64_t> shape;
+};
+
+struct EngineOptions {
+  // Execution providers in preference order, e.g. {"CUDAExecutionProvider", "CPUExecutionProvider"};
+  // empty means CPU. One the loaded onnxruntime lacks is a BackendUnavailableError naming what it has.
+  std::vector<std::string> providers;
+  // Options per provider ("CUDAExecutionProvider" -> {"device_id": "0"}), passed through as given.
+  std::map<std::string, std::map<std::string, std::string>> provider_options;
+  int threads = 0;      // intra-op threads; 0: ONNX Runtime's default
+  bool spin = false;    // let idle intra-op workers spin
+  // libonnxruntime to open; empty: $VLE_ONNXRUNTIME_LIBRARY, else the default CMake compiled in.
+  std::string onnxruntime_library;
+};
+
+using NamedView = std::pair<std::string, TensorView>;
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual const std::string& name() const = 0;
+  virtual const std::vector<TensorInfo>& inputs() const = 0;
+  virtual const std::vector<TensorInfo>& outputs() const = 0;
+
+  // Runs the graph once. Every input is bound by pointer (no copy); `bound` outputs are written straight
+  // into the caller's buffers (e.g. the KV arena's next rows); the outputs named in `fetch` come back as new
+  // tensors, in that order. Missing or unexpected inputs, wrong dtypes and unknown output names are errors
+  // naming the graph and the tensor, raised before anything runs.
+  virtual std::vector<Tensor> run(const std::vector<NamedView>& inputs, const std::vector<NamedView>& bound,
+                                  const std::vector<std::string>& fetch) = 0;
+};
+
+// The engine of one graph on a backend ("onnxruntime"; "tensorrt" is a BackendUnavailableError until it
+// exists). `name` is the graph's name in the manifest, used in every message.
+std::unique_ptr<Engine> make_engine(const std::string& backend, const std::filesystem::path& onnx_file,
+                                    const std::string& name, const EngineOptions& options);
+
+// Execution providers the onnxruntime library (opened as `make_engine` would) offers.
+std::vector<std::string> available_providers(const std::string& onnxruntime_library = "");
+
+}  // namespace vle
