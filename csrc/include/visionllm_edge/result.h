@@ -11,18 +11,23 @@
 
 namespace vle {
 
-// A float32 / int32 / uint8 / int64 / bool array returned by the loop (raw decoder tensors, masks, states).
+// A float32 / int32 / int64 / uint8 / bool array returned by the loop (raw decoder tensors, masks, link
+// states, images): C-contiguous, shared (copies share the buffer).
 struct Array {
   enum class Type { kFloat32, kInt32, kInt64, kUInt8, kBool };
   Type type = Type::kFloat32;
   std::vector<int64_t> shape;
-  std::shared_ptr<std::vector<uint8_t>> bytes;  // C-contiguous, shape's element count x element size
+  std::shared_ptr<void> data;
 
   int64_t numel() const;
-  template <typename T> const T* as() const { return reinterpret_cast<const T*>(bytes->data()); }
-  template <typename T> T* as() { return reinterpret_cast<T*>(bytes->data()); }
+  size_t bytes() const;
+  bool empty() const { return !data; }
+  template <typename T> const T* as() const { return static_cast<const T*>(data.get()); }
+  template <typename T> T* as() { return static_cast<T*>(data.get()); }
+  // A zero-filled array of that type and shape.
   static Array make(Type type, std::vector<int64_t> shape);
 };
+size_t element_size(Array::Type type);
 
 struct Link {
   std::string kind;    // det grd seg pose gen edit
