@@ -29,7 +29,9 @@ struct EngineOptions {
   std::map<std::string, std::map<std::string, std::string>> provider_options;
   int threads = 0;      // intra-op threads; 0: ONNX Runtime's default
   bool spin = false;    // let idle intra-op workers spin
-  // libonnxruntime to open; empty: $VLE_ONNXRUNTIME_LIBRARY, else the default CMake compiled in.
+  // libonnxruntime to open; empty: $VLE_ONNXRUNTIME_LIBRARY, else the default CMake compiled in. The library
+  // is opened once and kept for the life of the process, with one ONNX Runtime environment that every engine
+  // shares; a process uses one library, so asking for another one later is a BackendUnavailableError.
   std::string onnxruntime_library;
 };
 
@@ -57,5 +59,8 @@ std::unique_ptr<Engine> make_engine(const std::string& backend, const std::files
 
 // Execution providers the onnxruntime library (opened as `make_engine` would) offers.
 std::vector<std::string> available_providers(const std::string& onnxruntime_library = "");
+
+// "PATH (ONNX Runtime VERSION)": the onnxruntime library the engines use, opened if need be.
+std::string onnxruntime_library_in_use(const std::string& onnxruntime_library = "");
 
 }  // namespace vle

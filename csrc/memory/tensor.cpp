@@ -84,4 +84,14 @@ Tensor::Tensor(DType dtype, std::vector<int64_t> shape, Allocator& allocator)
   data_ = std::shared_ptr<void>(a->allocate(n), [a](void* p) { a->deallocate(p); });
 }
 
+Tensor Tensor::adopt(DType dtype, std::vector<int64_t> shape, std::shared_ptr<void> data, MemoryKind memory) {
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = std::move(shape);
+  element_count(t.shape_);  // refuses a negative or overflowing shape
+  t.memory_ = memory;
+  t.data_ = std::move(data);
+  return t;
+}
+
 }  // namespace vle

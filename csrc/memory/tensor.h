@@ -52,6 +52,10 @@ class Tensor {
  public:
   Tensor() = default;
   Tensor(DType dtype, std::vector<int64_t> shape, Allocator& allocator = host_allocator());
+  // A tensor over a buffer allocated elsewhere (an engine's output): `data`'s deleter frees it when the last
+  // copy goes, so a result can be handed on without copying it.
+  static Tensor adopt(DType dtype, std::vector<int64_t> shape, std::shared_ptr<void> data,
+                      MemoryKind memory = MemoryKind::kHost);
 
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }

@@ -1,0 +1,20 @@
+// The ONNX Runtime engine behind make_engine (engines/onnxruntime.cpp). Private to the core: the loop asks
+// make_engine for an Engine and never names this one.
+#pragma once
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engines/engine.h"
+
+namespace vle {
+
+std::unique_ptr<Engine> make_onnxruntime_engine(const std::filesystem::path& onnx_file, const std::string& name,
+                                                const EngineOptions& options);
+
+// GetAvailableProviders of the library (opened as the engines open it).
+std::vector<std::string> onnxruntime_providers(const std::string& onnxruntime_library);
+
+}  // namespace vle
