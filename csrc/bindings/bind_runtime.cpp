@@ -17,6 +17,7 @@
 #include "loop/assemble.h"
 #include "bindings/bind_registry.h"
 #include "memory/kv_arena.h"
+#include "loop/labels.h"
 #include "loop/router.h"
 #include "loop/sampling.h"
 
@@ -410,7 +411,7 @@ void bind_router(py::module_& m) {
 
   m.def("label_groups", &vle::label_groups, py::arg("answer_text"), py::arg("question_text"),
         py::arg("instruction") = py::none(),
-        "(kind, label) of every routing token in the answer (DESIGN.md §9).");
+        "(kind, label) of every routing token in the answer, by the label rule of loop/labels.h.");
   m.attr("ROUTING_TOKEN_KINDS") = py::cast(vle::routing_token_kinds());
   m.attr("LABEL_DELIMITERS") = py::cast(vle::label_delimiters());
   m.attr("PLACEHOLDER_TOKENS") = py::cast(vle::placeholder_tokens());

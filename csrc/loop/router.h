@@ -1,11 +1,10 @@
-// The super link (DESIGN.md §3.6-3.7, §9): the decode-step planner that turns a routing token into the
-// 1 + N row step `[E(token); Q_kind]`, the buffer of link states its N query rows produce, the grouping
-// of those links per decoder, and the label rule that names each group.
+// The super link: the decode-step planner that turns a routing token into the 1 + N row step
+// `[E(token); Q_kind]`, the buffer of link states its N query rows produce, and the grouping of those links
+// per decoder. The rule that names each group is in loop/labels.h.
 #pragma once
 
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -103,7 +102,7 @@ class SuperLinkRouter {
 
   // Links in answer order (= position order; observing out of order is an error).
   const std::vector<LinkGroup>& links() const { return links_; }
-  // The groups a decoder gets, in answer order (DESIGN.md §3.7). Unknown decoder -> error naming it.
+  // The groups a decoder gets, in answer order. Unknown decoder -> error naming it.
   DecoderGroups groups_for(const std::string& decoder) const;
   void reset() { links_.clear(); }
 
@@ -116,20 +115,5 @@ class SuperLinkRouter {
   std::vector<int64_t> placeholder_ids_;  // union over routes, sorted
   std::vector<LinkGroup> links_;
 };
-
-// --- labels (DESIGN.md §9) ------------------------------------------------------------------------------
-
-// Routing token spellings and kinds, and the label delimiters, as the contract defines them (a test checks
-// they agree with `visionllm_edge.contract`).
-const std::vector<std::pair<std::string, std::string>>& routing_token_kinds();
-const std::vector<std::string>& label_delimiters();
-const std::vector<std::string>& placeholder_tokens();
-
-// (kind, label) of every routing token in `answer`, by the DESIGN.md §9 rule; the same results as the
-// reference's `answer_labels` (same regular expressions, reimplemented by hand on code points: UTF-8 safe,
-// Python's Unicode whitespace and case folding).
-std::vector<std::pair<std::string, std::string>> label_groups(const std::string& answer,
-                                                              const std::string& question,
-                                                              const std::optional<std::string>& instruction);
 
 }  // namespace vle
