@@ -39,8 +39,8 @@ struct Link {
 struct Detection {
   std::string label;
   std::string kind;    // det grd seg
-  float score = 0;
-  std::array<float, 4> box_xyxy{};  // original-image pixels
+  double score = 0;    // a [GRD] score is a float64 sigmoid, a [DET] one a float32 sigmoid
+  std::array<double, 4> box_xyxy{};  // original-image pixels, computed in double
   Array mask;          // [H, W] bool in the original frame; empty when none
   int64_t query_index = -1;
 };
@@ -52,8 +52,8 @@ struct SemanticMap {
 
 struct Pose {
   std::string label;
-  float score = 0;
-  std::array<float, 4> box_xyxy{};
+  double score = 0;    // a float32 sigmoid
+  std::array<double, 4> box_xyxy{};  // original-image pixels, computed in double
   Array keypoints;     // [K, 3] float32: x, y, visibility in original-image pixels
   std::vector<std::string> keypoint_names;
   int64_t query_index = -1;
@@ -69,7 +69,8 @@ struct Result {
   SemanticMap segmentation;
   std::vector<Pose> poses;
   std::vector<Array> images;       // [H, W, 3] uint8 each
-  std::vector<std::pair<std::string, double>> timings_ms;  // per stage, in the order they ran
+  std::vector<std::pair<std::string, double>> timings_ms;  // per stage, in the order they ran (a stage
+                                                           // listed twice counts as the sum of its times)
 
   // For parity checks and benchmarks: the whole id sequence, every decoder's raw tensors (by decoder, then
   // output name) and loop counters (reused_rows, decode_steps, decode_engine_ms, ...).
@@ -78,6 +79,8 @@ struct Result {
   std::map<std::string, double> stats;
 
   double timing(const std::string& stage) const;  // 0 when the stage did not run
+  // The JSON text Python's json.dumps(result.to_dict(), indent=indent) writes (ASCII, the shortest
+  // round-trip float digits); indent < 0 is Python's indent=None (one line, ", " and ": ").
   std::string to_json(int indent = 2) const;
 };
 
