@@ -34,6 +34,13 @@ const std::map<std::string, GraphNames>& graphs() {
   return table;
 }
 
+const std::vector<std::string>& graph_names() {
+  static const std::vector<std::string> names = {
+      "vision",   "region",          "llm",         "det",       "pose",             "gen_mapper",
+      "gen_unet", "gen_vae_decoder", "edit_mapper", "edit_unet", "edit_vae_decoder", "edit_vae_encoder"};
+  return names;
+}
+
 const std::vector<std::pair<std::string, std::vector<std::string>>>& component_graphs() {
   static const std::vector<std::pair<std::string, std::vector<std::string>>> table = {
       {"vision", {"vision"}},
@@ -71,6 +78,52 @@ const std::vector<std::pair<std::string, std::string>>& routing_tokens() {
       {"[DET]", "det"}, {"[GRD]", "grd"}, {"[SEG]", "seg"},
       {"[POSE]", "pose"}, {"[GEN]", "gen"}, {"[EDIT]", "edit"}};
   return table;
+}
+
+const std::vector<std::string>& routing_kinds() {
+  static const std::vector<std::string> kinds = [] {
+    std::vector<std::string> out;
+    for (const auto& entry : routing_tokens()) out.push_back(entry.second);
+    return out;
+  }();
+  return kinds;
+}
+
+const std::string& routing_token_of(const std::string& kind) {
+  static const std::string none;
+  for (const auto& entry : routing_tokens()) {
+    if (entry.second == kind) return entry.first;
+  }
+  return none;
+}
+
+const std::vector<std::string>& dtypes() {
+  static const std::vector<std::string> table = {"float32", "float16", "int64", "bool", "int32"};
+  return table;
+}
+
+const std::vector<std::string>& precisions() {
+  static const std::vector<std::string> table = {"fp32", "fp16", "int8", "int4"};
+  return table;
+}
+
+const std::vector<std::string>& decoders() {
+  static const std::vector<std::string> table = {"object", "pose", "gen", "edit"};
+  return table;
+}
+
+const std::vector<std::string>& query_tables() {
+  static const std::vector<std::string> table = {"det", "pose", "gen", "edit"};
+  return table;
+}
+
+const std::vector<std::string>& required_tokens() {
+  static const std::vector<std::string> tokens = [] {
+    std::vector<std::string> out = added_tokens();
+    out.insert(out.end(), {kBosToken, kEosToken, kUnkToken});
+    return out;
+  }();
+  return tokens;
 }
 
 namespace {

@@ -16,6 +16,27 @@ inline constexpr const char* kManifestFile = "manifest.json";
 inline constexpr const char* kTokenizerFile = "tokenizer.json";
 inline constexpr const char* kSentencePieceFile = "tokenizer.model";
 inline constexpr const char* kEmbeddingsFile = "embeddings.safetensors";
+inline constexpr const char* kValidationFile = "validation.json";
+
+// --- the manifest format ----------------------------------------------------------------------------------
+// The schema version this build writes and reads, and the oldest one it still reads (older artifacts must be
+// re-exported: version 2 added tokenizer.sentencepiece).
+inline constexpr int64_t kManifestSchemaVersion = 2;
+inline constexpr int64_t kManifestMinSchemaVersion = 2;
+inline constexpr const char* kProducerName = "visionllm-edge";
+inline constexpr const char* kPackageVersion = "0.1.0";  // visionllm_edge.__version__, named in messages
+// Tensor dtypes and graph precisions a manifest may name, in the order messages list them.
+const std::vector<std::string>& dtypes();
+const std::vector<std::string>& precisions();
+// The decoders routing entries name, and the super-link query tables of embeddings.safetensors.
+const std::vector<std::string>& decoders();
+const std::vector<std::string>& query_tables();
+// Every token the manifest's `tokens` section must give an id: the added tokens, then <s>, </s>, <unk>.
+const std::vector<std::string>& required_tokens();
+inline constexpr const char* kClipResample = "bicubic";
+inline constexpr const char* kDetectionResample = "bilinear";
+// VAE latents are 1/8 of the image side: diffusion image sizes are multiples of this.
+inline constexpr int64_t kVaeScale = 8;
 
 // --- graphs and their I/O names ---------------------------------------------------------------------------
 struct GraphNames {
@@ -24,6 +45,8 @@ struct GraphNames {
   std::vector<std::string> outputs;
 };
 const std::map<std::string, GraphNames>& graphs();
+// The graph names in contract order (the order messages list them in).
+const std::vector<std::string>& graph_names();
 // Component (what `components` names) -> its graphs, in contract order.
 const std::vector<std::pair<std::string, std::vector<std::string>>>& component_graphs();
 // "past_key.{i}" -> "past_key.3".
@@ -101,6 +124,9 @@ inline constexpr const char* kUnkToken = "<unk>";
 const std::vector<std::string>& input_markers();
 // Routing token -> kind, in contract order ([DET] det, [GRD] grd, [SEG] seg, [POSE] pose, [GEN] gen, [EDIT] edit).
 const std::vector<std::pair<std::string, std::string>>& routing_tokens();
+// The routing kinds in contract order, and the routing token of a kind ("" when it is none).
+const std::vector<std::string>& routing_kinds();
+const std::string& routing_token_of(const std::string& kind);
 // Kind -> query table (det, grd and seg share "det") and kind -> decoder (object, pose, gen, edit).
 const std::string& query_table_of(const std::string& kind);
 const std::string& decoder_of(const std::string& kind);

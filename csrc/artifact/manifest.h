@@ -1,8 +1,35 @@
 // The artifact manifest (`manifest.json`): the typed form the loop reads and its strict parser. Every
 // problem is a vle::ArtifactError whose message names the file and the key path, e.g.
-//   out/manifest.json: graphs.llm.sha256: llm.onnx: sha256 mismatch (manifest 3f2a..., file 9b1c...)
-// Paths in the manifest are confined to the artifact folder (absolute paths, `..` and links that leave it
-// are refused). The rules are those of the format's documentation in docs/architecture.md.
+//   out/manifest.json: graphs.llm.sha256: llm.onnx: sha256 mismatch: the manifest says 3f2a..., the file
+//   has 9b1c... (the file changed after export, or the copy is incomplete)
+//
+// The format, schema_version 2 (contract::kManifestSchemaVersion); every object has exactly these keys:
+//   schema_version, producer{name, version},
+//   model{name, hidden_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size, max_context,
+//         rope_theta, rms_norm_eps},
+//   graphs{<graph>: {file, sha256, size_bytes, external_data[], inputs[], outputs[], opset, precision,
+//          facts{}}},                                    any subset of contract::graph_names()
+//   tokens{<the 26 added tokens, <s>, </s>, <unk>>: id},
+//   routing{<kind>: {token, id, decoder, queries, table}},  any subset of contract::routing_kinds()
+//   embeddings{file, sha256, token_table, query_tables{det, pose, gen, edit}},
+//   tokenizer{file, sha256, legacy, add_prefix_space, sentencepiece{file, sha256}},
+//   preprocess{clip{tile_size, max_tiles, patches_per_tile, mean, std, resample, candidate_grids},
+//              detection{short_side, max_long_side, size_divisibility, mean, std, resample},
+//              diffusion{gen_image_size, edit_image_size}},
+//   postprocess{det_top_k, det_score_threshold, nms_iou, mask_threshold, seg_score_threshold, pose_top_k,
+//               pose_score_threshold},
+//   generation{max_new_tokens, bos_id, eos_id, diffusion_steps, guidance_scale, image_guidance_scale},
+//   chat_template{system, roles, sep, sep2, image_token, input_markers},
+//   extra_files{<logical name>: {file, sha256}}            e.g. gen_uncond
+//
+// Beyond types and ranges the parser checks what ties sections together: graph I/O names equal the
+// contract's (per LLM layer), token ids are unique and below the vocabulary size, routing entries agree with
+// the tokens and the contract, kinds sharing a query table have the same number of queries, generation's
+// bos/eos ids are the tokens', the chat template's tokens exist. Integers are never written as 64.0 or true.
+// Paths are relative and confined to the artifact folder (absolute paths, `..` and links that leave it are
+// refused); every named file must exist with the recorded size and, when asked, sha256. External data files
+// of a graph are checked for presence and confinement, not hashed (the format records no hash for them).
+// ONNX files are never opened here.
 #pragma once
 
 #include <array>
@@ -75,7 +102,8 @@ struct EmbeddingsInfo {
 
 struct TokenizerInfo {
   FileRef file;                        // tokenizer.json: added tokens and settings
-  std::optional<FileRef> sentencepiece;  // tokenizer.model, for the C++ tokenizer
+  // tokenizer.model, for the C++ tokenizer; always set by the parser (schema_version 2 requires it).
+  std::optional<FileRef> sentencepiece;
   bool legacy = false;
   bool add_prefix_space = true;
 };
@@ -145,11 +173,28 @@ struct Manifest {
   int64_t token_id(const std::string& token) const;
 };
 
-// Reads and checks `artifact_dir/manifest.json`; with `verify_hashes`, every hashed file's sha256 too.
+// Reads and checks `artifact_dir/manifest.json` (`artifact_dir` may also be the manifest file itself); with
+// `verify_hashes`, every hashed file's sha256 too (sizes and presence are always checked).
 Manifest load_manifest(const std::filesystem::path& artifact_dir, bool verify_hashes = true);
 // Checks a manifest document about to be written into `artifact_dir` (the exporter's last step); `source`
-// names it in messages.
+// names it in messages. The ordered form reports the first fault in the document's own key order.
 Manifest parse_manifest(const nlohmann::json& document, const std::filesystem::path& artifact_dir,
                         const std::string& source, bool verify_hashes = true);
+Manifest parse_manifest(const nlohmann::ordered_json& document, const std::filesystem::path& artifact_dir,
+                        const std::string& source, bool verify_hashes = true);
+
+// The steps of load_manifest, for callers that keep the document in its file order (the Python SDK).
+struct ManifestLocation {
+  std::filesystem::path folder;  // as given
+  std::filesystem::path file;    // folder / manifest.json
+  std::string source;            // `file` as messages name it
+};
+// `artifact_dir` or, when it is a manifest.json file, its folder; an ArtifactError when there is no folder.
+ManifestLocation locate_manifest(const std::filesystem::path& artifact_dir);
+// The manifest's text; an ArtifactError when it is missing or unreadable.
+std::string read_manifest_text(const ManifestLocation& location);
+// JSON read strictly: a key repeated in one object, NaN or Infinity, or a syntax error is an ArtifactError
+// naming `source` (and the line and column, or the key path).
+nlohmann::ordered_json parse_manifest_text(const std::string& text, const std::string& source);
 
 }  // namespace vle
