@@ -26,24 +26,27 @@ struct Span {
   size_t end = 0;
 };
 
+// The two files of the artifact's tokenizer. `legacy` and `add_prefix_space` are the manifest's flags:
+// tokenizer.json's layout records them too, and a flag given here must agree with it (a TokenizerError
+// otherwise); a flag left empty is taken from the file.
 struct TokenizerFiles {
   std::filesystem::path tokenizer_json;   // added tokens (ids, lstrip/rstrip, special) and settings
-  std::filesystem::path sentencepiece;    // tokenizer.model
-  bool legacy = false;
-  bool add_prefix_space = true;
+  std::filesystem::path sentencepiece;    // tokenizer.model, with the slow tokenizer's settings baked in
+  std::optional<bool> legacy;
+  std::optional<bool> add_prefix_space;
 };
 
 class Tokenizer {
  public:
   // Loads the files; a TokenizerError naming the file when one is missing or not a Llama tokenizer, or
   // when `expected_ids` (the manifest's token table) disagrees with the file's ids (naming the token).
-  Tokenizer(const TokenizerFiles& files, const std::map<std::string, int64_t>& expected_ids);
+  Tokenizer(const TokenizerFiles& files, const std::map<std::string, int64_t>& expected_ids = {});
   ~Tokenizer();
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
 
   // `tokenizer(text).input_ids` of the slow tokenizer, special tokens acting as tokens except inside
-  // `protected_spans`.
+  // `protected_spans` (clamped to the text). An InputError when `text` is not valid UTF-8.
   std::vector<int64_t> encode_text(const std::string& text, const std::vector<Span>& protected_spans = {},
                                    bool add_bos = true) const;
   // The official `tokenizer_image_token`: kImageSentinel where each `<image>` was, one BOS first.
@@ -56,6 +59,12 @@ class Tokenizer {
   int64_t vocab_size() const;                         // added tokens included
   int64_t bos_id() const;
   int64_t eos_id() const;
+
+  // The settings in force: the slow tokenizer's `legacy` and `add_prefix_space`, and whether the
+  // sentencepiece model puts a dummy "\u2581" in front of each text (only ever with legacy).
+  bool legacy() const;
+  bool add_prefix_space() const;
+  bool add_dummy_prefix() const;
 
  private:
   struct Impl;
