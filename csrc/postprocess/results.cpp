@@ -213,6 +213,26 @@ void pose_results(const Array& logits, const Array& boxes, const Array& keypoint
   }
 }
 
+namespace {
+
+// One pixel: clip, * 255, + 0.5 and truncate, each step rounded to float32 as NumPy computes it on a float32
+// array (no fused multiply-add, which GCC would otherwise form on targets that have one).
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+uint8_t to_uint8(float v) {
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+  if (std::isnan(v)) return 0;
+  const float clipped = std::min(std::max(v, 0.0f), 1.0f);
+  const float scaled = clipped * 255.0f;
+  const float shifted = scaled + 0.5f;
+  return static_cast<uint8_t>(shifted);
+}
+
+}  // namespace
+
 std::vector<Array> images_to_uint8(const Array& images) {
   require_float(images, 4, "generated images", "[n, 3, H, W]");
   const int64_t n = images.shape[0], channels = images.shape[1], h = images.shape[2], w = images.shape[3];
@@ -227,18 +247,7 @@ std::vector<Array> images_to_uint8(const Array& images) {
     uint8_t* dst = im.as<uint8_t>();
     for (int64_t c = 0; c < 3; ++c) {
       const float* plane = src + (i * 3 + c) * h * w;
-      for (int64_t p = 0; p < h * w; ++p) {
-        const float v = plane[p];
-        if (std::isnan(v)) {
-          dst[p * 3 + c] = 0;
-          continue;
-        }
-        // Each step rounded to float32, as NumPy computes it on a float32 array.
-        const float clipped = std::min(std::max(v, 0.0f), 1.0f);
-        const float scaled = clipped * 255.0f;
-        const float shifted = scaled + 0.5f;
-        dst[p * 3 + c] = static_cast<uint8_t>(shifted);
-      }
+      for (int64_t p = 0; p < h * w; ++p) dst[p * 3 + c] = to_uint8(plane[p]);
     }
     out.push_back(std::move(im));
   }
