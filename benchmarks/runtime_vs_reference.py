@@ -20,8 +20,8 @@ interleaved rounds, so that load from other jobs on the machine falls on both al
    the reference always does) and again on the same frame (cache hit); a second runtime loaded with 1 ORT
    thread runs it on a fresh frame too. Detect is also run by free generation with an answer prefix, next to
    the shortcut. Section 4 splits every row into the stages of `result.timings`.
-4. **The decoder graphs alone** (object, keypoint): ORT (the pipeline's session; 2 threads without spinning;
-   1 thread) against the torch modules at 2 and 1 threads, on the same inputs.
+4. **The decoder graphs alone** (object, keypoint): the pipeline's C++ engine, ORT's Python sessions (2
+   threads without spinning; 1 thread) against the torch modules at 2 and 1 threads, on the same inputs.
 
 Threads: ONNX Runtime `intra_op_num_threads` and `torch.set_num_threads` are both set to `--threads` (2).
 Timings are wall-clock medians, min and max over `--repeats` calls after `--warmup` rounds. Next to each
@@ -170,9 +170,8 @@ PIECES = [
     ("ids", "`ids.extend` (+ stop checks)", False),
     ("embed", "`router.step_embeddings` -> numpy", False),
     ("views", "input dict: embeds, positions, arena past/new-row views", True),
-    ("bind", "`io_binding` + bind inputs/outputs (+ input check)", True),
-    ("ort", "`run_with_iobinding` (ORT compute)", True),
-    ("fetch", "`copy_outputs_to_cpu`, `arena.commit`, astype", True),
+    ("run", "`Engine.run_bound` (C++: input check, bind by pointer, ORT run, outputs as numpy)", True),
+    ("fetch", "`arena.commit`, astype", True),
     ("observe", "`router.observe` (+ contiguous hidden)", False),
     ("penalty", "`np.union1d` of penalized ids", False),
 ]
@@ -185,7 +184,8 @@ def instrumented_decode(pipe, image, prompt: str, max_new_tokens: int, repetitio
     segment of each step: CPU time outside the engine does not count time the thread was preempted, so it
     stays meaningful on a loaded machine.
 
-    Returns (per-step µs lists by piece, including `loop`, `outside_engine`, `outside_ort`, `rest` and
+    Returns (per-step µs lists by piece, including `loop`, `outside_engine`, `outside_ort` (outside the
+    `run_bound` call), `rest` and
     `cpu_outside_engine`; the ids; the main thread's runqueue wait µs per step).
     """
     from visionllm_edge import _core
@@ -206,7 +206,6 @@ def instrumented_decode(pipe, image, prompt: str, max_new_tokens: int, repetitio
     )
     router, arena = pipe.router, pipe.arena
     engine = pipe.engine("llm")
-    session = engine.session
     per: dict[str, list[float]] = defaultdict(list)
     generated = 0
     wait0 = _thread_wait_ns()
@@ -225,7 +224,7 @@ def instrumented_decode(pipe, image, prompt: str, max_new_tokens: int, repetitio
         rows = np.asarray(router.step_embeddings(plan, pipe.token_table))
         c4 = time.thread_time()
         t4 = pc()
-        # --- Pipeline._llm_step and OnnxRuntimeEngine.run_bound, inlined to split them ---
+        # --- Pipeline._llm_step, inlined to split it ---
         s = rows.shape[0]
         past = arena.length()
         inputs = {
@@ -239,20 +238,9 @@ def instrumented_decode(pipe, image, prompt: str, max_new_tokens: int, repetitio
             inputs[f"past_value.{i}"] = arena.past_value(i)
             outputs[f"present_key.{i}"] = arena.new_rows_key(i, s)
             outputs[f"present_value.{i}"] = arena.new_rows_value(i, s)
-        t5 = pc()
-        engine._check_inputs(inputs)
-        binding = session.io_binding()
-        for name, arr in inputs.items():
-            binding.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        for name, arr in outputs.items():
-            binding.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-        for name in ("logits", "hidden"):
-            binding.bind_output(name, "cpu")
         t6 = pc()
-        session.run_with_iobinding(binding)
+        got = engine.run_bound(inputs, outputs, fetch=["logits", "hidden"])
         t7 = pc()
-        values = binding.copy_outputs_to_cpu()
-        got = dict(zip(("logits", "hidden"), values[len(outputs) :]))
         arena.commit(s)
         step_logits = got["logits"].astype(np.float32, copy=False)
         hidden = got["hidden"].astype(np.float32, copy=False)
@@ -272,9 +260,8 @@ def instrumented_decode(pipe, image, prompt: str, max_new_tokens: int, repetitio
             ("plan", t1, t2),
             ("ids", t2, t3),
             ("embed", t3, t4),
-            ("views", t4, t5),
-            ("bind", t5, t6),
-            ("ort", t6, t7),
+            ("views", t4, t6),
+            ("run", t6, t7),
             ("fetch", t7, t8),
             ("observe", t8, t9),
             ("penalty", t9, t10),
@@ -353,7 +340,7 @@ def overhead_section(pipe, pipe_1t, image, prompt, args, log) -> str:
             "cpu_outside_engine",
             "robust to load",
         ),
-        row("instrumented: outside the ORT run itself (adds views, bind, fetch)", "outside_ort"),
+        row("instrumented: outside the engine's `run_bound` call (adds views, fetch)", "outside_ort"),
     ]
     for key, desc, eng in PIECES:
         rows.append(row(f"&nbsp;&nbsp;{key}{' (engine)' if eng else ''}: {desc}", key))
@@ -740,9 +727,12 @@ def graphs_section(pipe, ref, artifact, args, log) -> str:
         def ort_call(sess, feeds=feeds):
             return lambda: sess.run(None, feeds)
 
+        def engine_call(engine, feeds=feeds):
+            return lambda: engine.run(feeds)
+
         variants = {
-            f"ORT, the pipeline's session ({args.threads} threads, spinning on: ORT's default)": ort_call(
-                pipe.engine(graph).session
+            f"the pipeline's C++ engine ({args.threads} threads, spinning off)": engine_call(
+                pipe.engine(graph)
             ),
             f"ORT, {args.threads} threads, spinning off": ort_call(session(graph, args.threads, False)),
             "ORT, 1 thread": ort_call(session(graph, 1, True)),
@@ -805,7 +795,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from visionllm_edge import templates
+    from visionllm_edge import _core, templates
     from visionllm_edge.export import ReferencePipeline, load_reference
     from visionllm_edge.pipeline import Pipeline
 
@@ -832,10 +822,11 @@ def main(argv=None) -> int:
         for graph in pipe_1t.manifest.graphs:
             pipe_1t.engine(graph)
         ref = ReferencePipeline(model)
-        sess_opts = pipe.engine("llm").session.get_session_options()
+        from visionllm_edge.runtime.engine import onnxruntime_library
+
         threads_line = (
-            f"ORT intra_op_num_threads={sess_opts.intra_op_num_threads}, "
-            f"inter_op={sess_opts.inter_op_num_threads} "
+            f"runtime engines: intra_op_num_threads={args.threads}, inter_op=1, spinning off, "
+            f"{_core.onnxruntime_library_in_use(onnxruntime_library())} "
             f"(every runtime session); torch.set_num_threads({args.threads}) -> get_num_threads()="
             f"{torch.get_num_threads()}, interop={torch.get_num_interop_threads()}"
         )

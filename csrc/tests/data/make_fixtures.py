@@ -7,6 +7,8 @@ Run from the repository root after changing this file, and commit what it writes
 `elementwise.onnx` takes `a` and `b` (float32 [N, 3], N dynamic) and `ids` (int64 [N]) and returns
 `sum` = a + b (float32), `ids_plus_one` = ids + 1 (int64), `half` = float16(a), `greater` = a > b (bool) and
 `count` = int32(ids): one output of each element type the engine maps, so a test sees every dtype come back.
+`matmul_chain.onnx` multiplies `x` (float32 [256, 256]) by itself 16 times into `y`: a graph slow enough (tens
+of milliseconds) for a test to see another thread run while it does.
 `not_a_model.onnx` is text, for the error a corrupt graph file gives.
 """
 
@@ -18,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 HERE = Path(__file__).resolve().parent
+OPSET = helper.make_opsetid("", 17)
 
 
 def elementwise() -> onnx.ModelProto:
@@ -43,16 +46,29 @@ def elementwise() -> onnx.ModelProto:
         helper.make_node("Cast", ["ids"], ["count"], to=TensorProto.INT32),
     ]
     graph = helper.make_graph(nodes, "elementwise", inputs, outputs, initializer=[one])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="make_fixtures")
+    model = helper.make_model(graph, opset_imports=[OPSET], producer_name="make_fixtures")
     model.ir_version = 8  # readable by every ONNX Runtime the engine accepts
+    onnx.checker.check_model(model)
+    return model
+
+
+def matmul_chain(steps: int = 16, size: int = 256) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [size, size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size, size])
+    names = ["x"] + [f"p{i}" for i in range(1, steps)] + ["y"]
+    nodes = [helper.make_node("MatMul", [names[i], "x"], [names[i + 1]]) for i in range(steps)]
+    graph = helper.make_graph(nodes, "matmul_chain", [x], [y])
+    model = helper.make_model(graph, opset_imports=[OPSET], producer_name="make_fixtures")
+    model.ir_version = 8
     onnx.checker.check_model(model)
     return model
 
 
 def main() -> None:
     onnx.save(elementwise(), HERE / "elementwise.onnx")
+    onnx.save(matmul_chain(), HERE / "matmul_chain.onnx")
     (HERE / "not_a_model.onnx").write_text("this file is not an ONNX model\n")
-    print(f"wrote {HERE / 'elementwise.onnx'} and {HERE / 'not_a_model.onnx'}")
+    print(f"wrote elementwise.onnx, matmul_chain.onnx and not_a_model.onnx in {HERE}")
 
 
 if __name__ == "__main__":
