@@ -1,9 +1,11 @@
-"""The artifact manifest: the strict parser, the JSON Schema, and that the two agree.
+"""The artifact manifest: the strict parser (the C++ core's, through `_core`), the JSON Schema, and that
+the two agree.
 
 A small fake artifact (a few bytes per file; the parser never loads ONNX) is built with the same helpers
-the exporter uses, then corrupted one fault at a time. Each fault must be refused by the parser with a
+the exporter uses, then corrupted one fault at a time. Each fault must be refused by the C++ parser with a
 message naming the file and the key path; structural faults must be refused by the schema too, and the
-cross-field faults only the parser can see must pass the schema (so the split stays deliberate).
+cross-field faults only the parser can see must pass the schema (so the split stays deliberate). The C++
+contract table the parser checks against must equal `contract.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
-from visionllm_edge import __version__, contract
+from visionllm_edge import __version__, _core, contract
+from visionllm_edge import manifest as manifest_module
 from visionllm_edge.manifest import (
     DTYPES,
     PRECISIONS,
     REQUIRED_TOKENS,
     SCHEMA_FILE,
     ManifestError,
-    _child,  # the key-path format the messages use
     build_manifest,
     file_entry,
     file_sha256,
@@ -34,6 +36,7 @@ from visionllm_edge.manifest import (
     load_manifest,
     load_schema,
     routing_entries,
+    tokenizer_entry,
     validate_manifest_dict,
     write_manifest,
 )
@@ -41,6 +44,15 @@ from visionllm_edge.manifest import (
 NUM_LAYERS = 2
 VOCAB = 32026
 QUERIES = {"det": 4, "grd": 4, "seg": 4, "pose": 4, "gen": 64, "edit": 64}
+
+
+def _child(path: str, key: str | int) -> str:
+    """The key-path format the parser's messages use: `a.b`, `a[0]`, `tokens["<unk>"]`."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        return f"{path}[{json.dumps(key)}]"
+    return f"{path}.{key}" if path else key
 
 
 # --- the fake artifact --------------------------------------------------------------------------------------
@@ -77,6 +89,7 @@ def _make_artifact(root: Path) -> dict:
         )
     (root / contract.EMBEDDINGS_FILE).write_bytes(b"embeddings")
     (root / contract.TOKENIZER_FILE).write_bytes(b'{"model": {}}')
+    (root / contract.SENTENCEPIECE_FILE).write_bytes(b"sentencepiece model")
     (root / "gen_uncond.safetensors").write_bytes(b"uncond")
     tokens = _tokens()
     return build_manifest(
@@ -100,7 +113,7 @@ def _make_artifact(root: Path) -> dict:
             "token_table": "tok_embeddings",
             "query_tables": {t: f"emb_embeddings_{t}" for t in ("det", "pose", "gen", "edit")},
         },
-        tokenizer={**file_entry(root, contract.TOKENIZER_FILE), "legacy": False, "add_prefix_space": False},
+        tokenizer=tokenizer_entry(root, legacy=False, add_prefix_space=False),
         preprocess={
             "clip": {
                 "tile_size": 336,
@@ -190,6 +203,9 @@ def test_valid_manifest_round_trips_and_validates_with_the_schema(artifact, sche
     assert m.postprocess.nms_iou == 0.7
     assert m.chat_template.input_markers == contract.INPUT_MARKERS
     assert m.extra_files["gen_uncond"].path == (root / "gen_uncond.safetensors").resolve()
+    assert m.tokenizer.sentencepiece.path == (root / contract.SENTENCEPIECE_FILE).resolve()
+    assert m.tokenizer.sentencepiece.sha256 == file_sha256(root / contract.SENTENCEPIECE_FILE)
+    assert m.model.rope_theta == 10000.0 and m.generation.guidance_scale == 7.5
     # The manifest file itself may also be named.
     assert load_manifest(root / contract.MANIFEST_FILE) == m
     with pytest.raises(KeyError, match=r"'\[NOPE\]' is not in the manifest's token table"):
@@ -351,6 +367,12 @@ VARIANTS: list[tuple[str, Mutation, str, bool]] = [
     ("missing-nested", _delete("tokenizer.legacy"), "tokenizer.legacy: missing required key", True),
     ("missing-token", _delete(("tokens", "<unk>")), 'tokens["<unk>"]: missing required key', True),
     (
+        "missing-sentencepiece",
+        _delete("tokenizer.sentencepiece"),
+        "tokenizer.sentencepiece: missing required key",
+        True,
+    ),
+    (
         "bool-is-not-int",
         _set("model.num_layers", True),
         "model.num_layers: expected an integer, got true (a boolean)",
@@ -443,6 +465,18 @@ VARIANTS: list[tuple[str, Mutation, str, bool]] = [
         "tokenizer.sha256: tokenizer.json: sha256 mismatch",
         False,
     ),
+    (
+        "sentencepiece-sha256-mismatch",
+        _overwrite_same_size(contract.SENTENCEPIECE_FILE),
+        "tokenizer.sentencepiece.sha256: tokenizer.model: sha256 mismatch",
+        False,
+    ),
+    (
+        "sentencepiece-missing-file",
+        _delete_file(contract.SENTENCEPIECE_FILE),
+        "tokenizer.sentencepiece.file: 'tokenizer.model': file not found",
+        False,
+    ),
     ("size-mismatch", _append_byte, "graphs.vision.size_bytes: vision.onnx is", False),
     (
         "sha256-not-hex",
@@ -488,16 +522,25 @@ VARIANTS: list[tuple[str, Mutation, str, bool]] = [
     ),
     (
         "newer-schema",
-        _both(_set("schema_version", 2), _set("brand_new_section", {})),
-        "schema_version: the artifact was written by a newer visionllm-edge 9.9.9 (schema_version 2); "
-        f"this visionllm-edge {__version__} reads schema_version 1: upgrade visionllm-edge",
+        _both(_set("schema_version", 3), _set("brand_new_section", {})),
+        "schema_version: the artifact was written by a newer visionllm-edge 9.9.9 (schema_version 3); "
+        f"this visionllm-edge {__version__} reads schema_version 2: upgrade visionllm-edge",
         True,
     ),
     (
         "older-schema",
         _set("schema_version", 0),
         f"schema_version: schema_version 0 is older than this visionllm-edge {__version__} reads "
-        "(schema_version 1)",
+        "(schema_version 2)",
+        True,
+    ),
+    (
+        # Version 1 had no tokenizer.sentencepiece, which the C++ tokenizer needs: such an artifact is refused
+        # with the fix named rather than with a missing key.
+        "version-1-schema",
+        _both(_set("schema_version", 1), _delete("tokenizer.sentencepiece")),
+        f"schema_version: schema_version 1 is older than this visionllm-edge {__version__} reads "
+        "(schema_version 2): re-export the artifact with this version",
         True,
     ),
     (
@@ -671,13 +714,18 @@ def test_corrupted_manifest_is_refused_with_the_key_path(artifact, schema, mutat
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('{\n  "schema_version": 1,\n  "producer": {,}\n}', "invalid JSON at line 3, column 16: Expecting"),
+        (
+            '{\n  "schema_version": 1,\n  "producer": {,}\n}',
+            "invalid JSON at line 3, column 16: syntax error",
+        ),
         ('{"schema_version": 1, "schema_version": 1}', "invalid JSON: key 'schema_version' appears twice"),
-        ('{"schema_version": NaN}', "invalid JSON: NaN is not a JSON number"),
+        ('{"model": {"a": [{"x": 1, "x": 2}]}}', "model.a[0]: invalid JSON: key 'x' appears twice"),
+        ('{"schema_version": NaN}', "invalid JSON at line 1, column 20: NaN is not a JSON number"),
+        ('{"schema_version": -Infinity}', "-Infinity is not a JSON number"),
         ("[1, 2]", "the manifest must be a JSON object, got an array"),
         ('{"schema_version": "1"}', 'schema_version: expected an integer, got "1" (a string)'),
     ],
-    ids=["syntax", "duplicate-key", "nan", "array", "string-version"],
+    ids=["syntax", "duplicate-key", "nested-duplicate-key", "nan", "infinity", "array", "string-version"],
 )
 def test_unreadable_manifest_names_the_file_and_place(tmp_path, text, message):
     (tmp_path / contract.MANIFEST_FILE).write_text(text)
@@ -835,3 +883,30 @@ def test_schema_ships_inside_the_package_and_the_module_is_torch_free():
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
+
+
+def test_validate_refuses_what_json_cannot_carry(artifact):
+    root, data = artifact
+    data["postprocess"]["mask_threshold"] = float("nan")
+    with pytest.raises(ManifestError, match=r"manifest\.json: not JSON-serialisable: Out of range float"):
+        validate_manifest_dict(data, root)
+
+
+def test_one_parser_the_python_checks_are_gone():
+    # Every check runs in C++: the module keeps the dataclasses and the builders, nothing that checks.
+    assert not hasattr(manifest_module, "_Parser")
+    assert manifest_module.load_manifest.__code__.co_names.count("_core") == 1
+
+
+def test_cpp_contract_table_equals_contract_py():
+    """The names the C++ parser and loop check against (csrc/artifact/contract.h) are contract.py's."""
+    table = _core.artifact_contract()
+    graphs = {name: (g.file, g.inputs, g.outputs) for name, g in contract.GRAPHS.items()}
+    assert list(table["GRAPHS"].items()) == list(graphs.items())
+    assert list(table.pop("GRAPHS")) == list(contract.GRAPHS)
+    for name in ("ROUTING_TOKENS", "QUERY_TABLE", "DECODER_OF_KIND", "COMPONENT_GRAPHS"):
+        assert list(table[name].items()) == list(getattr(contract, name).items()), name
+    assert table.pop("VERSION") == __version__
+    for name, value in table.items():
+        assert value == getattr(contract, name), name
+    assert len(table) >= 35

@@ -2,7 +2,7 @@
 
 Token names and roles, routing kinds, chat-template constants and the `compare()` used by every parity
 check live here. The export side writes these names into the artifact; the runtime reads them back and
-checks they agree (DESIGN.md §2, §9).
+checks they agree (docs/architecture.md, sections 2 and 9).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ REGION_OPEN = "<reg>"
 REGION_CLOSE = "</reg>"
 EOS_TOKEN = "</s>"
 BOS_TOKEN = "<s>"
+UNK_TOKEN = "<unk>"
 
 #: The only markers that act as tokens in a user's prompt; every other special token is escaped.
 INPUT_MARKERS: tuple[str, ...] = (IMAGE_TOKEN, REGION_TOKEN, REGION_OPEN, REGION_CLOSE)
@@ -77,7 +78,7 @@ QUERY_TABLE: dict[str, str] = {
     "edit": "edit",
 }
 
-#: Routing kind -> the decoder its groups are dispatched to (DESIGN.md §3.7).
+#: Routing kind -> the decoder its groups are dispatched to (docs/architecture.md, section 3).
 DECODER_OF_KIND: dict[str, str] = {
     "det": "object",
     "grd": "object",
@@ -114,8 +115,8 @@ ROLES: tuple[str, str] = ("USER", "ASSISTANT")
 SEP = " "
 SEP2 = "</s>"
 
-#: Label delimiters of DESIGN.md §9: a `[DET]`/`[SEG]`/`[POSE]` label is the text between the nearest of
-#: these (or the answer's start, or the end of the previous group) and the routing token.
+#: Label delimiters (docs/architecture.md, section 9): a `[DET]`/`[SEG]`/`[POSE]` label is the text between
+#: the nearest of these (or the answer's start, or the end of the previous group) and the routing token.
 LABEL_DELIMITERS: tuple[str, ...] = (", ", ". ", ": ", " for ", " and ", " of ")
 
 # --- anyres tiling ------------------------------------------------------------------------------------
@@ -198,13 +199,29 @@ def assert_close(got, want, name: str = "tensor", atol: float = 1e-4, rtol: floa
         raise AssertionError(f"{name}: {m}")
 
 
-# --- the artifact: graph files and their input/output names (DESIGN.md §2) ----------------------------------
+# --- the artifact: graph files and their input/output names (docs/architecture.md, section 2) -----------
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_SCHEMA_VERSION = 1
+#: The manifest schema version this visionllm-edge writes and reads, and the oldest it still reads (version 2
+#: added `tokenizer.sentencepiece`; older artifacts must be re-exported).
+MANIFEST_SCHEMA_VERSION = 2
+MANIFEST_MIN_SCHEMA_VERSION = 2
 VALIDATION_FILE = "validation.json"
 TOKENIZER_FILE = "tokenizer.json"
+#: Llama's SentencePiece model, beside `tokenizer.json`, for the C++ tokenizer.
+SENTENCEPIECE_FILE = "tokenizer.model"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+PRODUCER_NAME = "visionllm-edge"
+
+#: Values the manifest allows, in the order its messages list them.
+DTYPES: tuple[str, ...] = ("float32", "float16", "int64", "bool", "int32")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
+DECODERS: tuple[str, ...] = ("object", "pose", "gen", "edit")
+QUERY_TABLES: tuple[str, ...] = ("det", "pose", "gen", "edit")
+#: Every token the manifest's `tokens` section must give an id: the added tokens plus the three Llama has.
+REQUIRED_TOKENS: tuple[str, ...] = (*ADDED_TOKENS, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
+#: VAE latents are 1/8 of the image side, so diffusion image sizes must be multiples of this.
+VAE_SCALE = 8
 
 
 @dataclass(frozen=True)

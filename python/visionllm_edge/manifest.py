@@ -1,4 +1,4 @@
-"""The artifact manifest (`manifest.json`, DESIGN.md §2): typed form, strict parser, and builders.
+"""The artifact manifest (`manifest.json`): typed form, loading through the C++ parser, and builders.
 
 The manifest is the contract between the exporter (host, torch) and the runtime (device, no torch). It is
 parsed strictly because a silently mis-read artifact fails far from its cause: an engine built from the
@@ -6,13 +6,15 @@ wrong file, a routing token that dispatches to the wrong decoder, a tile grid th
 reference. Every error is a `ManifestError` whose message names the file and the key path, for example
 `out/manifest.json: graphs.llm.sha256: llm.onnx: sha256 mismatch ...`.
 
-The checks live in one place, `_Parser`. `load_manifest` reads `manifest.json` and runs it;
-`validate_manifest_dict` runs it on a dict the exporter is about to write. The JSON Schema
-(`schemas/manifest.v1.schema.json`, `load_schema()`) describes the same structure as data for outside
-tools; the tests prove the two agree. The parser never needs the schema (nor `jsonschema`) at run time,
-and never loads ONNX: files are checked for presence, size and sha256 only.
+There is one parser, the C++ core's (`csrc/artifact/manifest.cpp`, reached through `_core`): every check
+runs there, for the C++ pipeline and for this module alike. `load_manifest` reads `manifest.json` with it;
+`validate_manifest_dict` runs it on a dict the exporter is about to write. The dataclasses below are then
+built from the validated document and the resolved paths the parser returns, without checking again. The
+JSON Schema (`schemas/manifest.v2.schema.json`, `load_schema()`) describes the same structure as data for
+outside tools; the tests prove the two agree. ONNX files are never loaded: files are checked for
+presence, size, confinement to the folder and sha256 only.
 
-Format, version 1 (`contract.MANIFEST_SCHEMA_VERSION`)::
+Format, version 2 (`contract.MANIFEST_SCHEMA_VERSION`)::
 
     schema_version, producer{name, version},
     model{name, hidden_size, num_layers, num_heads, num_kv_heads, head_dim, vocab_size, max_context,
@@ -22,7 +24,7 @@ Format, version 1 (`contract.MANIFEST_SCHEMA_VERSION`)::
     tokens{<26 added tokens, <s>, </s>, <unk>>: id},
     routing{<kind>: {token, id, decoder, queries, table}},        # any subset of contract.ROUTING_KINDS
     embeddings{file, sha256, token_table, query_tables{det, pose, gen, edit}},
-    tokenizer{file, sha256, legacy, add_prefix_space},
+    tokenizer{file, sha256, legacy, add_prefix_space, sentencepiece{file, sha256}},
     preprocess{clip{...}, detection{...}, diffusion{...}}, postprocess{...}, generation{...},
     chat_template{system, roles, sep, sep2, image_token, input_markers},
     extra_files{<logical name>: {file, sha256}}                    # e.g. gen_uncond
@@ -35,54 +37,39 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any
 
-from visionllm_edge import contract
+from visionllm_edge import _core, contract
 
 # --- constants of the format ------------------------------------------------------------------------------
 
 #: The schema version this visionllm-edge writes and reads.
 SCHEMA_VERSION = contract.MANIFEST_SCHEMA_VERSION
 #: The oldest schema version this visionllm-edge still reads.
-MIN_SCHEMA_VERSION = 1
+MIN_SCHEMA_VERSION = contract.MANIFEST_MIN_SCHEMA_VERSION
 SCHEMA_FILE = f"manifest.v{SCHEMA_VERSION}.schema.json"
-PRODUCER_NAME = "visionllm-edge"
+PRODUCER_NAME = contract.PRODUCER_NAME
 
-DTYPES: tuple[str, ...] = ("float32", "float16", "int64", "bool", "int32")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
-DECODERS: tuple[str, ...] = ("object", "pose", "gen", "edit")
-QUERY_TABLES: tuple[str, ...] = ("det", "pose", "gen", "edit")
-#: Every token the `tokens` section must give an id: the added tokens plus the three Llama already has.
-REQUIRED_TOKENS: tuple[str, ...] = (*contract.ADDED_TOKENS, contract.BOS_TOKEN, contract.EOS_TOKEN, "<unk>")
-#: VAE latents are 1/8 of the image side, so diffusion image sizes must be multiples of this.
-VAE_SCALE = 8
+DTYPES = contract.DTYPES
+PRECISIONS = contract.PRECISIONS
+DECODERS = contract.DECODERS
+QUERY_TABLES = contract.QUERY_TABLES
+REQUIRED_TOKENS = contract.REQUIRED_TOKENS
+VAE_SCALE = contract.VAE_SCALE
 
-_GRAPH_KEYS = (
-    "file",
-    "sha256",
-    "size_bytes",
-    "external_data",
-    "inputs",
-    "outputs",
-    "opset",
-    "precision",
-    "facts",
-)
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_LOGICAL_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _HASH_CHUNK = 1 << 20
 
 
 class ManifestError(ValueError):
-    """An artifact manifest that cannot be used; the message names the file and the key path."""
+    """An artifact manifest that cannot be used; the message names the file and the key path.
+
+    The C++ parser's `vle::ArtifactError` arrives as this class (the core's one exception translator).
+    """
 
 
 # --- the typed manifest -------------------------------------------------------------------------------------
@@ -188,13 +175,15 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class TokenizerInfo:
-    """`tokenizer.json` and the two flags that change how Llama's SentencePiece text is split."""
+    """`tokenizer.json`, the two flags that change how Llama's SentencePiece text is split, and
+    `sentencepiece`: the SentencePiece model (`tokenizer.model`) the C++ tokenizer reads."""
 
     file: str
     path: Path
     sha256: str
     legacy: bool
     add_prefix_space: bool
+    sentencepiece: FileRef
 
 
 @dataclass(frozen=True)
@@ -310,665 +299,124 @@ class Manifest:
             raise KeyError(f"special token {token!r} is not in the manifest's token table") from None
 
 
-# --- key paths and value descriptions, for messages ---------------------------------------------------------
+# --- the typed manifest from the parser's result ----------------------------------------------------------
 
 
-def _child(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    if not _IDENT_RE.fullmatch(key):
-        return f"{path}[{json.dumps(key)}]"
-    return f"{path}.{key}" if path else key
+def _floats(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in values)
 
 
-def _describe(value: Any) -> str:
-    kind = {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
-    if isinstance(value, (dict, list)):
-        return kind
-    text = json.dumps(value)
-    return kind if value is None else f"{text if len(text) <= 40 else text[:37] + '...'} ({kind})"
+def _from_core(result: Mapping[str, Any]) -> Manifest:
+    """The dataclasses from what the C++ parser returns: the validated document and resolved paths."""
+    data, paths = result["data"], result["paths"]
 
+    def tensors(items: list) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
 
-def _short(names: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
-    more = f", ... {len(names) - limit} more" if len(names) > limit else ""
-    return f"[{shown}{more}]"
-
-
-def _expanded(templates: Iterable[str], num_layers: int) -> list[str]:
-    return [name for t in templates for name in contract.layer_names(t, num_layers)]
-
-
-# --- the parser: every check, in one place ------------------------------------------------------------------
-
-
-class _Parser:
-    """Checks a manifest dict and builds the typed `Manifest`; the first fault raises."""
-
-    def __init__(self, source: str, artifact_dir: Path, verify_hashes: bool):
-        self.source = source
-        self.root = artifact_dir.resolve()
-        self.verify_hashes = verify_hashes
-
-    def fail(self, path: str, message: str) -> NoReturn:
-        where = f"{path}: " if path else ""
-        raise ManifestError(f"{self.source}: {where}{message}")
-
-    # -- typed readers ----------------------------------------------------------------------------------
-
-    def obj(self, value: Any, path: str, required: Iterable[str]) -> dict:
-        """An object with exactly these keys: unknown keys and missing keys are errors."""
-        if not isinstance(value, dict):
-            self.fail(path, f"expected an object, got {_describe(value)}")
-        required = tuple(required)
-        allowed = set(required)
-        for key in value:
-            if key not in allowed:
-                self.fail(_child(path, key), f"unknown key (allowed here: {', '.join(sorted(allowed))})")
-        for key in required:
-            if key not in value:
-                self.fail(_child(path, key), "missing required key")
-        return value
-
-    def integer(self, value: Any, path: str, minimum: int | None = None) -> int:
-        # bool is a subclass of int in Python but never a valid count or id in the manifest.
-        if type(value) is not int:
-            self.fail(path, f"expected an integer, got {_describe(value)}")
-        if minimum is not None and value < minimum:
-            self.fail(path, f"must be >= {minimum}, got {value}")
-        return value
-
-    def number(
-        self,
-        value: Any,
-        path: str,
-        minimum: float | None = None,
-        maximum: float | None = None,
-        positive: bool = False,
-    ) -> float:
-        if type(value) not in (int, float):
-            self.fail(path, f"expected a number, got {_describe(value)}")
-        value = float(value)
-        if not math.isfinite(value):
-            self.fail(path, f"must be finite, got {value}")
-        if positive and value <= 0:
-            self.fail(path, f"must be > 0, got {value}")
-        if minimum is not None and value < minimum:
-            self.fail(path, f"must be >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            self.fail(path, f"must be <= {maximum}, got {value}")
-        return value
-
-    def string(
-        self, value: Any, path: str, nonempty: bool = False, choices: Sequence[str] | None = None
-    ) -> str:
-        if not isinstance(value, str):
-            self.fail(path, f"expected a string, got {_describe(value)}")
-        if nonempty and not value:
-            self.fail(path, "must not be empty")
-        if choices is not None and value not in choices:
-            self.fail(path, f"must be one of {', '.join(choices)}; got {value!r}")
-        return value
-
-    def boolean(self, value: Any, path: str) -> bool:
-        if not isinstance(value, bool):
-            self.fail(path, f"expected a boolean, got {_describe(value)}")
-        return value
-
-    def array(self, value: Any, path: str, length: int | None = None, min_length: int = 0) -> list:
-        if not isinstance(value, list):
-            self.fail(path, f"expected an array, got {_describe(value)}")
-        if length is not None and len(value) != length:
-            self.fail(path, f"expected {length} items, got {len(value)}")
-        if len(value) < min_length:
-            self.fail(path, f"expected at least {min_length} item(s), got {len(value)}")
-        return value
-
-    def sha256(self, value: Any, path: str) -> str:
-        text = self.string(value, path)
-        if not _SHA256_RE.fullmatch(text):
-            self.fail(path, f"expected 64 lower-case hex digits, got {_describe(value)}")
-        return text
-
-    def triple(self, value: Any, path: str, positive: bool = False) -> tuple[float, float, float]:
-        items = self.array(value, path, length=3)
-        return tuple(self.number(v, _child(path, i), positive=positive) for i, v in enumerate(items))
-
-    # -- files ------------------------------------------------------------------------------------------
-
-    def file(self, value: Any, path: str) -> Path:
-        """A relative path that stays inside the artifact folder and names an existing regular file."""
-        text = self.string(value, path, nonempty=True)
-        if text.startswith("/") or "\\" in text or PureWindowsPath(text).drive:
-            self.fail(path, f"{text!r} is not a relative '/'-separated path inside the artifact folder")
-        if ".." in PurePosixPath(text).parts:
-            self.fail(path, f"{text!r} leaves the artifact folder ('..')")
-        full = self.root / text
-        resolved = full.resolve()
-        # A symlink may point anywhere; the artifact must be self-contained so it can be copied whole.
-        if not resolved.is_relative_to(self.root):
-            self.fail(path, f"{text!r} resolves outside the artifact folder (to {resolved})")
-        if not resolved.exists():
-            self.fail(path, f"{text!r}: file not found (looked for {full})")
-        if not resolved.is_file():
-            self.fail(path, f"{text!r} is not a regular file")
-        return resolved
-
-    def hashed_file(self, node: dict, path: str) -> tuple[str, Path, str]:
-        """Reads `file`, `sha256` (and `size_bytes` where present) of `node` and checks them against the file.
-
-        The size is checked even without hashing, and before it: it is free and names the likely cause (a
-        truncated copy) more precisely than a hash mismatch.
-        """
-        resolved = self.file(node["file"], _child(path, "file"))
-        digest = self.sha256(node["sha256"], _child(path, "sha256"))
-        if "size_bytes" in node:
-            size = self.integer(node["size_bytes"], _child(path, "size_bytes"), minimum=0)
-            actual_size = resolved.stat().st_size
-            if actual_size != size:
-                self.fail(
-                    _child(path, "size_bytes"),
-                    f"{node['file']} is {actual_size} bytes, the manifest says {size} "
-                    "(truncated or replaced file)",
-                )
-        if self.verify_hashes:
-            actual = file_sha256(resolved)
-            if actual != digest:
-                self.fail(
-                    _child(path, "sha256"),
-                    f"{node['file']}: sha256 mismatch: the manifest says {digest}, the file has {actual} "
-                    "(the file changed after export, or the copy is incomplete)",
-                )
-        return node["file"], resolved, digest
-
-    # -- sections ---------------------------------------------------------------------------------------
-
-    def check_version(self, data: Any) -> int:
-        # Checked before anything else: a newer manifest will also have keys this version does not know,
-        # and "unknown key" would hide the real fix (upgrade visionllm-edge).
-        if not isinstance(data, dict):
-            self.fail("", f"the manifest must be a JSON object, got {_describe(data)}")
-        if "schema_version" not in data:
-            self.fail("schema_version", "missing required key")
-        version = self.integer(data["schema_version"], "schema_version")
-        if MIN_SCHEMA_VERSION <= version <= SCHEMA_VERSION:
-            return version
-        from visionllm_edge import __version__  # at call time: the package may import this module
-
-        readable = (
-            f"schema_version {SCHEMA_VERSION}"
-            if MIN_SCHEMA_VERSION == SCHEMA_VERSION
-            else f"schema_version {MIN_SCHEMA_VERSION} to {SCHEMA_VERSION}"
-        )
-        if version > SCHEMA_VERSION:
-            producer = data.get("producer")
-            by = ""
-            if isinstance(producer, dict) and isinstance(producer.get("version"), str):
-                by = f" {producer['version']}"
-            self.fail(
-                "schema_version",
-                f"the artifact was written by a newer visionllm-edge{by} (schema_version {version}); this "
-                f"visionllm-edge {__version__} reads {readable}: upgrade visionllm-edge, or re-export the "
-                "artifact with this one",
-            )
-        self.fail(
-            "schema_version",
-            f"schema_version {version} is older than this visionllm-edge {__version__} reads ({readable}): "
-            "re-export the artifact with this version",
+    def graph(name: str, g: dict) -> GraphEntry:
+        where = paths["graphs"][name]
+        return GraphEntry(
+            name=name,
+            file=g["file"],
+            path=Path(where["path"]),
+            sha256=g["sha256"],
+            size_bytes=g["size_bytes"],
+            external_data=tuple(Path(p) for p in where["external_data"]),
+            inputs=tensors(g["inputs"]),
+            outputs=tensors(g["outputs"]),
+            opset=g["opset"],
+            precision=g["precision"],
+            facts=g["facts"],
         )
 
-    def parse(self, data: Any) -> Manifest:
-        version = self.check_version(data)
-        self.obj(
-            data,
-            "",
-            (
-                "schema_version",
-                "producer",
-                "model",
-                "graphs",
-                "tokens",
-                "routing",
-                "embeddings",
-                "tokenizer",
-                "preprocess",
-                "postprocess",
-                "generation",
-                "chat_template",
-                "extra_files",
+    model = data["model"]
+    emb, tok = data["embeddings"], data["tokenizer"]
+    clip, det = data["preprocess"]["clip"], data["preprocess"]["detection"]
+    post, gen, chat = data["postprocess"], data["generation"], data["chat_template"]
+    floats = ("rope_theta", "rms_norm_eps")
+    return Manifest(
+        artifact_dir=Path(result["artifact_dir"]),
+        schema_version=data["schema_version"],
+        producer=Producer(data["producer"]["name"], data["producer"]["version"]),
+        model=ModelInfo(**{k: float(v) if k in floats else v for k, v in model.items()}),
+        graphs={name: graph(name, g) for name, g in data["graphs"].items()},
+        tokens={t: data["tokens"][t] for t in REQUIRED_TOKENS},
+        routing={kind: RoutingEntry(kind=kind, **entry) for kind, entry in data["routing"].items()},
+        embeddings=Embeddings(
+            file=emb["file"],
+            path=Path(paths["embeddings"]),
+            sha256=emb["sha256"],
+            token_table=emb["token_table"],
+            query_tables={t: emb["query_tables"][t] for t in QUERY_TABLES},
+        ),
+        tokenizer=TokenizerInfo(
+            file=tok["file"],
+            path=Path(paths["tokenizer"]),
+            sha256=tok["sha256"],
+            legacy=tok["legacy"],
+            add_prefix_space=tok["add_prefix_space"],
+            sentencepiece=FileRef(
+                tok["sentencepiece"]["file"], Path(paths["sentencepiece"]), tok["sentencepiece"]["sha256"]
             ),
-        )
-        producer = self.producer(data["producer"], "producer")
-        model = self.model(data["model"], "model")
-        tokens = self.tokens(data["tokens"], "tokens", model)
-        graphs = self.graphs(data["graphs"], "graphs", model)
-        routing = self.routing(data["routing"], "routing", tokens)
-        embeddings = self.embeddings(data["embeddings"], "embeddings")
-        tokenizer = self.tokenizer(data["tokenizer"], "tokenizer")
-        preprocess = self.preprocess(data["preprocess"], "preprocess")
-        postprocess = self.postprocess(data["postprocess"], "postprocess")
-        generation = self.generation(data["generation"], "generation", tokens, model)
-        chat_template = self.chat_template(data["chat_template"], "chat_template", tokens)
-        extra_files = self.extra_files(data["extra_files"], "extra_files")
-        return Manifest(
-            artifact_dir=self.root,
-            schema_version=version,
-            producer=producer,
-            model=model,
-            graphs=graphs,
-            tokens=tokens,
-            routing=routing,
-            embeddings=embeddings,
-            tokenizer=tokenizer,
-            preprocess=preprocess,
-            postprocess=postprocess,
-            generation=generation,
-            chat_template=chat_template,
-            extra_files=extra_files,
-            data=data,
-        )
-
-    def producer(self, node: Any, path: str) -> Producer:
-        self.obj(node, path, ("name", "version"))
-        name = self.string(node["name"], _child(path, "name"), choices=(PRODUCER_NAME,))
-        return Producer(name, self.string(node["version"], _child(path, "version"), nonempty=True))
-
-    def model(self, node: Any, path: str) -> ModelInfo:
-        ints = (
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "vocab_size",
-            "max_context",
-        )
-        floats = ("rope_theta", "rms_norm_eps")
-        self.obj(node, path, ("name", *ints, *floats))
-        values: dict[str, Any] = {"name": self.string(node["name"], _child(path, "name"), nonempty=True)}
-        values.update({k: self.integer(node[k], _child(path, k), minimum=1) for k in ints})
-        values.update({k: self.number(node[k], _child(path, k), positive=True) for k in floats})
-        if values["num_heads"] % values["num_kv_heads"]:
-            self.fail(
-                _child(path, "num_kv_heads"),
-                f"{values['num_kv_heads']} does not divide num_heads {values['num_heads']} (grouped-query "
-                "attention shares each KV head among a whole number of query heads)",
-            )
-        return ModelInfo(**values)
-
-    def tokens(self, node: Any, path: str, model: ModelInfo) -> dict[str, int]:
-        self.obj(node, path, REQUIRED_TOKENS)
-        owner: dict[int, str] = {}
-        for token in REQUIRED_TOKENS:
-            key = _child(path, token)
-            tid = self.integer(node[token], key, minimum=0)
-            if tid >= model.vocab_size:
-                self.fail(key, f"id {tid} is not below model.vocab_size {model.vocab_size}")
-            if tid in owner:
-                self.fail(key, f"id {tid} is also the id of {owner[tid]!r}; special-token ids must be unique")
-            owner[tid] = token
-        return {token: node[token] for token in REQUIRED_TOKENS}
-
-    def tensors(self, node: Any, path: str) -> tuple[TensorSpec, ...]:
-        specs = []
-        for i, item in enumerate(self.array(node, path)):
-            at = _child(path, i)
-            self.obj(item, at, ("name", "dtype", "shape"))
-            name = self.string(item["name"], _child(at, "name"), nonempty=True)
-            dtype = self.string(item["dtype"], _child(at, "dtype"), choices=DTYPES)
-            shape = []
-            for j, dim in enumerate(self.array(item["shape"], _child(at, "shape"))):
-                dim_at = _child(_child(at, "shape"), j)
-                if isinstance(dim, str):
-                    shape.append(self.string(dim, dim_at, nonempty=True))
-                elif type(dim) is int:
-                    shape.append(self.integer(dim, dim_at, minimum=0))
-                else:
-                    self.fail(
-                        dim_at,
-                        f"expected an integer or a symbol (string) as a dimension, got {_describe(dim)}",
-                    )
-            specs.append(TensorSpec(name, dtype, tuple(shape)))
-        return tuple(specs)
-
-    def io_names(self, specs: tuple[TensorSpec, ...], path: str, expected: list[str], graph: str, what: str):
-        names = [s.name for s in specs]
-        seen: set[str] = set()
-        for i, name in enumerate(names):
-            if name in seen:
-                self.fail(_child(_child(path, i), "name"), f"duplicate {what} name {name!r}")
-            seen.add(name)
-        # Compared as sets: the runtime binds graph I/O by name, so the order is the exporter's business.
-        missing = [n for n in expected if n not in seen]
-        unexpected = [n for n in names if n not in set(expected)]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {_short(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {_short(unexpected)}")
-            self.fail(path, f"{what} names differ from contract.GRAPHS[{graph!r}]: {'; '.join(parts)}")
-
-    def graphs(self, node: Any, path: str, model: ModelInfo) -> dict[str, GraphEntry]:
-        if not isinstance(node, dict):
-            self.fail(path, f"expected an object, got {_describe(node)}")
-        out = {}
-        for name, entry in node.items():
-            at = _child(path, name)
-            if name not in contract.GRAPHS:
-                self.fail(at, f"unknown graph {name!r}; contract.GRAPHS has: {', '.join(contract.GRAPHS)}")
-            self.obj(entry, at, _GRAPH_KEYS)
-            file, resolved, digest = self.hashed_file(entry, at)
-            size = entry["size_bytes"]
-            ext_at = _child(at, "external_data")
-            external = tuple(
-                self.file(v, _child(ext_at, i))
-                for i, v in enumerate(self.array(entry["external_data"], ext_at))
-            )
-            inputs = self.tensors(entry["inputs"], _child(at, "inputs"))
-            outputs = self.tensors(entry["outputs"], _child(at, "outputs"))
-            names = contract.GRAPHS[name]
-            self.io_names(
-                inputs, _child(at, "inputs"), _expanded(names.inputs, model.num_layers), name, "input"
-            )
-            self.io_names(
-                outputs, _child(at, "outputs"), _expanded(names.outputs, model.num_layers), name, "output"
-            )
-            opset = self.integer(entry["opset"], _child(at, "opset"), minimum=1)
-            precision = self.string(entry["precision"], _child(at, "precision"), choices=PRECISIONS)
-            facts = entry["facts"]
-            if not isinstance(facts, dict):
-                self.fail(_child(at, "facts"), f"expected an object, got {_describe(facts)}")
-            out[name] = GraphEntry(
-                name, file, resolved, digest, size, external, inputs, outputs, opset, precision, facts
-            )
-        return out
-
-    def routing(self, node: Any, path: str, tokens: dict[str, int]) -> dict[str, RoutingEntry]:
-        if not isinstance(node, dict):
-            self.fail(path, f"expected an object, got {_describe(node)}")
-        token_of = {kind: token for token, kind in contract.ROUTING_TOKENS.items()}
-        out: dict[str, RoutingEntry] = {}
-        for kind, entry in node.items():
-            at = _child(path, kind)
-            if kind not in token_of:
-                self.fail(at, f"unknown routing kind {kind!r}; known: {', '.join(contract.ROUTING_KINDS)}")
-            self.obj(entry, at, ("token", "id", "decoder", "queries", "table"))
-            token = self.string(entry["token"], _child(at, "token"))
-            if token != token_of[kind]:
-                self.fail(
-                    _child(at, "token"), f"kind {kind!r} is routed by {token_of[kind]!r}, got {token!r}"
-                )
-            tid = self.integer(entry["id"], _child(at, "id"), minimum=0)
-            if tid != tokens[token]:
-                self.fail(_child(at, "id"), f"{tid} is not the id of {token!r} in tokens ({tokens[token]})")
-            decoder = self.string(entry["decoder"], _child(at, "decoder"), choices=DECODERS)
-            if decoder != contract.DECODER_OF_KIND[kind]:
-                self.fail(
-                    _child(at, "decoder"),
-                    f"kind {kind!r} goes to the {contract.DECODER_OF_KIND[kind]!r} decoder, got {decoder!r}",
-                )
-            queries = self.integer(entry["queries"], _child(at, "queries"), minimum=1)
-            # Perception groups use distinct placeholders [EMB], [EMB2], ...; only generation repeats one.
-            if kind not in contract.GENERATION_KINDS and queries > len(contract.ALL_PLACEHOLDERS):
-                self.fail(
-                    _child(at, "queries"),
-                    f"{queries} exceeds the {len(contract.ALL_PLACEHOLDERS)} "
-                    "placeholder tokens a perception group can use",
-                )
-            table = self.string(entry["table"], _child(at, "table"), choices=QUERY_TABLES)
-            if table != contract.QUERY_TABLE[kind]:
-                self.fail(
-                    _child(at, "table"),
-                    f"kind {kind!r} reads query table {contract.QUERY_TABLE[kind]!r}, got {table!r}",
-                )
-            out[kind] = RoutingEntry(kind, token, tid, decoder, queries, table)
-        # Kinds that share a query table ([DET], [GRD], [SEG]) read the same rows, so the same count.
-        first_of_table: dict[str, RoutingEntry] = {}
-        for kind, entry in out.items():
-            other = first_of_table.setdefault(entry.table, entry)
-            if other.queries != entry.queries:
-                self.fail(
-                    _child(_child(path, kind), "queries"),
-                    f"{entry.queries} differs from routing.{other.kind}.queries {other.queries}, which "
-                    f"reads the same query table {entry.table!r}",
-                )
-        return out
-
-    def embeddings(self, node: Any, path: str) -> Embeddings:
-        self.obj(node, path, ("file", "sha256", "token_table", "query_tables"))
-        file, resolved, digest = self.hashed_file(node, path)
-        token_table = self.string(node["token_table"], _child(path, "token_table"), nonempty=True)
-        tables_at = _child(path, "query_tables")
-        self.obj(node["query_tables"], tables_at, QUERY_TABLES)
-        tables = {
-            t: self.string(node["query_tables"][t], _child(tables_at, t), nonempty=True) for t in QUERY_TABLES
-        }
-        return Embeddings(file, resolved, digest, token_table, tables)
-
-    def tokenizer(self, node: Any, path: str) -> TokenizerInfo:
-        self.obj(node, path, ("file", "sha256", "legacy", "add_prefix_space"))
-        file, resolved, digest = self.hashed_file(node, path)
-        legacy = self.boolean(node["legacy"], _child(path, "legacy"))
-        prefix = self.boolean(node["add_prefix_space"], _child(path, "add_prefix_space"))
-        return TokenizerInfo(file, resolved, digest, legacy, prefix)
-
-    def preprocess(self, node: Any, path: str) -> Preprocess:
-        self.obj(node, path, ("clip", "detection", "diffusion"))
-
-        at = _child(path, "clip")
-        clip = self.obj(
-            node["clip"],
-            at,
-            ("tile_size", "max_tiles", "patches_per_tile", "mean", "std", "resample", "candidate_grids"),
-        )
-        max_tiles = self.integer(clip["max_tiles"], _child(at, "max_tiles"), minimum=1)
-        grids_at = _child(at, "candidate_grids")
-        grids: list[tuple[int, int]] = []
-        for i, grid in enumerate(self.array(clip["candidate_grids"], grids_at, min_length=1)):
-            g_at = _child(grids_at, i)
-            cols, rows = (
-                self.integer(v, _child(g_at, j), minimum=1)
-                for j, v in enumerate(self.array(grid, g_at, length=2))
-            )
-            if cols * rows > max_tiles:
-                self.fail(g_at, f"grid {cols}x{rows} has more tiles than max_tiles {max_tiles}")
-            if (cols, rows) in grids:
-                self.fail(g_at, f"grid {cols}x{rows} is listed twice")
-            grids.append((cols, rows))
-        clip_pre = ClipPreprocess(
-            tile_size=self.integer(clip["tile_size"], _child(at, "tile_size"), minimum=1),
-            max_tiles=max_tiles,
-            patches_per_tile=self.integer(
-                clip["patches_per_tile"], _child(at, "patches_per_tile"), minimum=1
+        ),
+        preprocess=Preprocess(
+            clip=ClipPreprocess(
+                tile_size=clip["tile_size"],
+                max_tiles=clip["max_tiles"],
+                patches_per_tile=clip["patches_per_tile"],
+                mean=_floats(clip["mean"]),
+                std=_floats(clip["std"]),
+                resample=clip["resample"],
+                candidate_grids=tuple(tuple(g) for g in clip["candidate_grids"]),
             ),
-            mean=self.triple(clip["mean"], _child(at, "mean")),
-            std=self.triple(clip["std"], _child(at, "std"), positive=True),
-            resample=self.string(clip["resample"], _child(at, "resample"), choices=("bicubic",)),
-            candidate_grids=tuple(grids),
-        )
-
-        at = _child(path, "detection")
-        det = self.obj(
-            node["detection"],
-            at,
-            ("short_side", "max_long_side", "size_divisibility", "mean", "std", "resample"),
-        )
-        short = self.integer(det["short_side"], _child(at, "short_side"), minimum=1)
-        long = self.integer(det["max_long_side"], _child(at, "max_long_side"), minimum=1)
-        if long < short:
-            self.fail(_child(at, "max_long_side"), f"{long} is below short_side {short}")
-        det_pre = DetectionPreprocess(
-            short_side=short,
-            max_long_side=long,
-            size_divisibility=self.integer(
-                det["size_divisibility"], _child(at, "size_divisibility"), minimum=1
+            detection=DetectionPreprocess(
+                short_side=det["short_side"],
+                max_long_side=det["max_long_side"],
+                size_divisibility=det["size_divisibility"],
+                mean=_floats(det["mean"]),
+                std=_floats(det["std"]),
+                resample=det["resample"],
             ),
-            mean=self.triple(det["mean"], _child(at, "mean")),
-            std=self.triple(det["std"], _child(at, "std"), positive=True),
-            resample=self.string(det["resample"], _child(at, "resample"), choices=("bilinear",)),
-        )
-
-        at = _child(path, "diffusion")
-        diff = self.obj(node["diffusion"], at, ("gen_image_size", "edit_image_size"))
-        sizes = {}
-        for key in ("gen_image_size", "edit_image_size"):
-            sizes[key] = self.integer(diff[key], _child(at, key), minimum=1)
-            if sizes[key] % VAE_SCALE:
-                self.fail(_child(at, key), f"{sizes[key]} is not a multiple of {VAE_SCALE} (the VAE's scale)")
-        return Preprocess(clip_pre, det_pre, DiffusionPreprocess(**sizes))
-
-    def postprocess(self, node: Any, path: str) -> Postprocess:
-        self.obj(
-            node,
-            path,
-            (
-                "det_top_k",
-                "det_score_threshold",
-                "nms_iou",
-                "mask_threshold",
-                "seg_score_threshold",
-                "pose_top_k",
-                "pose_score_threshold",
-            ),
-        )
-
-        def unit(key: str) -> float:
-            return self.number(node[key], _child(path, key), minimum=0.0, maximum=1.0)
-
-        nms = node["nms_iou"]
-        if nms is not None:
-            nms = self.number(nms, _child(path, "nms_iou"), positive=True, maximum=1.0)
-        return Postprocess(
-            det_top_k=self.integer(node["det_top_k"], _child(path, "det_top_k"), minimum=1),
-            det_score_threshold=unit("det_score_threshold"),
-            nms_iou=nms,
-            mask_threshold=unit("mask_threshold"),
-            seg_score_threshold=unit("seg_score_threshold"),
-            pose_top_k=self.integer(node["pose_top_k"], _child(path, "pose_top_k"), minimum=1),
-            pose_score_threshold=unit("pose_score_threshold"),
-        )
-
-    def generation(self, node: Any, path: str, tokens: dict[str, int], model: ModelInfo) -> Generation:
-        self.obj(
-            node,
-            path,
-            (
-                "max_new_tokens",
-                "bos_id",
-                "eos_id",
-                "diffusion_steps",
-                "guidance_scale",
-                "image_guidance_scale",
-            ),
-        )
-        max_new = self.integer(node["max_new_tokens"], _child(path, "max_new_tokens"), minimum=1)
-        if max_new > model.max_context:
-            self.fail(
-                _child(path, "max_new_tokens"), f"{max_new} exceeds model.max_context {model.max_context}"
-            )
-        ids = {}
-        for key, token in (("bos_id", contract.BOS_TOKEN), ("eos_id", contract.EOS_TOKEN)):
-            ids[key] = self.integer(node[key], _child(path, key), minimum=0)
-            if ids[key] != tokens[token]:
-                self.fail(
-                    _child(path, key), f"{ids[key]} is not the id of {token!r} in tokens ({tokens[token]})"
-                )
-        return Generation(
-            max_new_tokens=max_new,
-            diffusion_steps=self.integer(node["diffusion_steps"], _child(path, "diffusion_steps"), minimum=1),
-            guidance_scale=self.number(node["guidance_scale"], _child(path, "guidance_scale"), minimum=0.0),
-            image_guidance_scale=self.number(
-                node["image_guidance_scale"], _child(path, "image_guidance_scale"), minimum=0.0
-            ),
-            **ids,
-        )
-
-    def chat_template(self, node: Any, path: str, tokens: dict[str, int]) -> ChatTemplate:
-        self.obj(node, path, ("system", "roles", "sep", "sep2", "image_token", "input_markers"))
-        roles_at = _child(path, "roles")
-        roles = tuple(
-            self.string(r, _child(roles_at, i), nonempty=True)
-            for i, r in enumerate(self.array(node["roles"], roles_at, length=2))
-        )
-        image_token = self.string(node["image_token"], _child(path, "image_token"), nonempty=True)
-        if image_token not in tokens:
-            self.fail(_child(path, "image_token"), f"{image_token!r} is not a token of the tokens table")
-        markers_at = _child(path, "input_markers")
-        markers: list[str] = []
-        for i, marker in enumerate(self.array(node["input_markers"], markers_at)):
-            marker = self.string(marker, _child(markers_at, i), nonempty=True)
-            if marker not in tokens:
-                self.fail(_child(markers_at, i), f"{marker!r} is not a token of the tokens table")
-            if marker in markers:
-                self.fail(_child(markers_at, i), f"{marker!r} is listed twice")
-            markers.append(marker)
-        if image_token not in markers:
-            self.fail(markers_at, f"must include image_token {image_token!r}")
-        return ChatTemplate(
-            system=self.string(node["system"], _child(path, "system")),
-            roles=roles,
-            sep=self.string(node["sep"], _child(path, "sep")),
-            sep2=self.string(node["sep2"], _child(path, "sep2")),
-            image_token=image_token,
-            input_markers=tuple(markers),
-        )
-
-    def extra_files(self, node: Any, path: str) -> dict[str, FileRef]:
-        if not isinstance(node, dict):
-            self.fail(path, f"expected an object, got {_describe(node)}")
-        out = {}
-        for name, entry in node.items():
-            at = _child(path, name)
-            if not _LOGICAL_NAME_RE.fullmatch(name):
-                self.fail(at, f"logical name {name!r} must match {_LOGICAL_NAME_RE.pattern}")
-            self.obj(entry, at, ("file", "sha256"))
-            out[name] = FileRef(*self.hashed_file(entry, at))
-        return out
+            diffusion=DiffusionPreprocess(**data["preprocess"]["diffusion"]),
+        ),
+        postprocess=Postprocess(
+            det_top_k=post["det_top_k"],
+            det_score_threshold=float(post["det_score_threshold"]),
+            nms_iou=None if post["nms_iou"] is None else float(post["nms_iou"]),
+            mask_threshold=float(post["mask_threshold"]),
+            seg_score_threshold=float(post["seg_score_threshold"]),
+            pose_top_k=post["pose_top_k"],
+            pose_score_threshold=float(post["pose_score_threshold"]),
+        ),
+        generation=Generation(
+            max_new_tokens=gen["max_new_tokens"],
+            bos_id=gen["bos_id"],
+            eos_id=gen["eos_id"],
+            diffusion_steps=gen["diffusion_steps"],
+            guidance_scale=float(gen["guidance_scale"]),
+            image_guidance_scale=float(gen["image_guidance_scale"]),
+        ),
+        chat_template=ChatTemplate(
+            system=chat["system"],
+            roles=tuple(chat["roles"]),
+            sep=chat["sep"],
+            sep2=chat["sep2"],
+            image_token=chat["image_token"],
+            input_markers=tuple(chat["input_markers"]),
+        ),
+        extra_files={
+            name: FileRef(entry["file"], Path(paths["extra_files"][name]), entry["sha256"])
+            for name, entry in data["extra_files"].items()
+        },
+        data=data,
+    )
 
 
 # --- reading -----------------------------------------------------------------------------------------------
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            # Python's json keeps the last value silently; a repeated key is almost always a merge mistake.
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _reject_constant(name: str) -> Any:
-    raise _NonFinite(name)
-
-
-class _NonFinite(Exception):
-    pass
-
-
-def _resolve_artifact(artifact_dir: str | os.PathLike) -> tuple[Path, Path]:
-    path = Path(artifact_dir)
-    if path.is_file() and path.name == contract.MANIFEST_FILE:
-        path = path.parent
-    return path, path / contract.MANIFEST_FILE
-
-
 def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -> Manifest:
-    """Reads and checks an artifact's `manifest.json`.
+    """Reads and checks an artifact's `manifest.json` (with the C++ parser).
 
     Args:
         artifact_dir: the artifact folder (or its `manifest.json`).
@@ -983,29 +431,7 @@ def load_manifest(artifact_dir: str | os.PathLike, verify_hashes: bool = True) -
         ManifestError: the file is missing, not JSON, or breaks the format; the message names the file and
             the key path.
     """
-    directory, manifest_path = _resolve_artifact(artifact_dir)
-    source = str(manifest_path)
-    if not directory.is_dir():
-        raise ManifestError(f"{source}: the artifact folder {directory} does not exist")
-    try:
-        text = manifest_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"{source}: not found; is {directory} an exported artifact?") from None
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ManifestError(f"{source}: cannot read ({type(e).__name__}: {e})") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{source}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except _DuplicateKey as e:
-        raise ManifestError(
-            f"{source}: invalid JSON: key {e.args[0]!r} appears twice in one object"
-        ) from None
-    except _NonFinite as e:
-        raise ManifestError(f"{source}: invalid JSON: {e.args[0]} is not a JSON number") from None
-    return _Parser(source, directory, verify_hashes).parse(data)
+    return _from_core(_core.load_manifest(str(Path(artifact_dir)), verify_hashes))
 
 
 def validate_manifest_dict(
@@ -1030,13 +456,13 @@ def validate_manifest_dict(
     """
     directory = Path(artifact_dir)
     source = source or str(directory / contract.MANIFEST_FILE)
-    # A JSON round trip so that what is checked is exactly what will be written (tuples become lists,
-    # NaN is refused as it would be on reading).
+    # The parser reads the JSON text that will be written, so what is checked is exactly what a reader sees
+    # (tuples become lists; NaN is refused here as it would be on reading).
     try:
-        data = json.loads(json.dumps(manifest, allow_nan=False))
+        text = json.dumps(manifest, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ManifestError(f"{source}: not JSON-serialisable: {e}") from None
-    return _Parser(source, directory, verify_hashes).parse(data)
+    return _from_core(_core.parse_manifest(text, str(directory), source, verify_hashes))
 
 
 def load_schema() -> dict:
@@ -1142,6 +568,23 @@ def chat_template_entry() -> dict[str, Any]:
     }
 
 
+def tokenizer_entry(
+    artifact_dir: str | os.PathLike,
+    *,
+    legacy: bool,
+    add_prefix_space: bool,
+    file: str = contract.TOKENIZER_FILE,
+    sentencepiece: str = contract.SENTENCEPIECE_FILE,
+) -> dict[str, Any]:
+    """The `tokenizer` section for `tokenizer.json` and `tokenizer.model` already written into the folder."""
+    return {
+        **file_entry(artifact_dir, file),
+        "legacy": legacy,
+        "add_prefix_space": add_prefix_space,
+        "sentencepiece": file_entry(artifact_dir, sentencepiece),
+    }
+
+
 def build_manifest(
     *,
     model: Mapping[str, Any],
@@ -1161,7 +604,7 @@ def build_manifest(
 
     Args:
         model ... generation: the sections, as the format describes them (`graph_entry`, `file_entry`,
-            `routing_entries` build the fiddly ones).
+            `tokenizer_entry`, `routing_entries` build the fiddly ones).
         chat_template: defaults to `chat_template_entry()`.
         extra_files: logical name -> `file_entry(...)`; default none.
         producer_version: defaults to this package's version.
