@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "tokenizer/template_constants.h"
+#include "artifact/contract.h"
 #include "tokenizer/tokenizer.h"
 #include "tokenizer/utf8.h"
 #include "visionllm_edge/errors.h"
@@ -76,7 +76,7 @@ TEST(Tokenizer, TokenTable) {
   EXPECT_FALSE(tok().legacy());
   EXPECT_TRUE(tok().add_prefix_space());
   EXPECT_FALSE(tok().add_dummy_prefix());  // legacy=False: baked off into the written model
-  for (std::string_view t : vle::chat::kAddedTokens) EXPECT_GE(tok().token_id(std::string(t)), 768) << t;
+  for (const std::string& t : vle::contract::added_tokens()) EXPECT_GE(tok().token_id(t), 768) << t;
   const std::string msg = message_of<vle::TokenizerError>([] { tok().token_id("hello"); });
   EXPECT_NE(msg.find("'hello'"), std::string::npos) << msg;
 }
@@ -230,7 +230,7 @@ TEST(Tokenizer, ManifestMismatchNamesTheToken) {
   EXPECT_NE(msg.find("legacy=true"), std::string::npos) << msg;
   // The token table the manifest writes is accepted.
   std::map<std::string, int64_t> table;
-  for (std::string_view t : vle::chat::kAddedTokens) table[std::string(t)] = tok().token_id(std::string(t));
+  for (const std::string& t : vle::contract::added_tokens()) table[t] = tok().token_id(t);
   table["<s>"] = 1;
   table["</s>"] = 2;
   table["<unk>"] = 0;
@@ -254,7 +254,7 @@ TEST(Tokenizer, AddedTokensMustAgreeWithTheModel) {
 // --- the chat template -------------------------------------------------------------------------------------
 
 TEST(Conversation, VicunaTemplateWithByteSpans) {
-  const std::string system(vle::chat::kSystemPrompt);
+  const std::string system(vle::contract::kSystemPrompt);
   const vle::Conversation conv =
       vle::build_conversation({{"<image>\nWhat is this caf\xC3\xA9?", std::string("A cup.")}, {"And?", std::nullopt}});
   const std::string want = system + " USER: <image>\nWhat is this caf\xC3\xA9? ASSISTANT: A cup.</s>USER: And? ASSISTANT:";

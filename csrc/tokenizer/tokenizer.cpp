@@ -26,7 +26,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
-#include "tokenizer/template_constants.h"
+#include "artifact/contract.h"
 #include "tokenizer/utf8.h"
 #include "visionllm_edge/errors.h"
 
@@ -81,7 +81,8 @@ struct ByteSpan {
 };
 
 bool is_input_marker(const std::string& token) {
-  return std::find(chat::kInputMarkers.begin(), chat::kInputMarkers.end(), token) != chat::kInputMarkers.end();
+  const std::vector<std::string>& markers = contract::input_markers();
+  return std::find(markers.begin(), markers.end(), token) != markers.end();
 }
 
 // The settings tokenizer.json's layout records (the layout the converter writes, which is
@@ -500,23 +501,20 @@ Tokenizer::Tokenizer(const TokenizerFiles& files, const std::map<std::string, in
     if (!t.special || t.id >= m.base_size) m.decode_apart.insert(t.content);
   }
   std::vector<std::string> missing;
-  for (std::string_view t : chat::kAddedTokens) {
-    if (!m.added_index.count(std::string(t))) missing.emplace_back(t);
-  }
-  for (std::string_view t : {chat::kBosToken, chat::kEosToken, chat::kUnkToken}) {
-    if (!m.added_index.count(std::string(t))) missing.emplace_back(t);
+  for (const std::string& t : contract::required_tokens()) {
+    if (!m.added_index.count(t)) missing.push_back(t);
   }
   if (!missing.empty()) {
     std::string list;
     for (const auto& t : missing) list += (list.empty() ? "" : ", ") + t;
     fail(files.tokenizer_json, "the tokenizer lacks the special tokens " + list);
   }
-  m.bos = m.find_added(std::string(chat::kBosToken))->id;
-  m.eos = m.find_added(std::string(chat::kEosToken))->id;
+  m.bos = m.find_added(contract::kBosToken)->id;
+  m.eos = m.find_added(contract::kEosToken)->id;
 
   const json* model = member(data, "model");
   m.unk_piece = str_member(model, "unk_token");
-  if (m.unk_piece.empty()) m.unk_piece = std::string(chat::kUnkToken);
+  if (m.unk_piece.empty()) m.unk_piece = contract::kUnkToken;
   if (m.sp.unk_id() < 0 || m.sp.IdToPiece(m.sp.unk_id()) != m.unk_piece) {
     fail(files.tokenizer_json, "tokenizer mismatch: the unknown piece is '" + m.unk_piece + "' here and '" +
                                    (m.sp.unk_id() < 0 ? std::string("none") : m.sp.IdToPiece(m.sp.unk_id())) +
@@ -578,7 +576,7 @@ std::vector<int64_t> Tokenizer::tokenize_with_image(const std::string& prompt,
                                                     const std::vector<Span>& protected_spans) const {
   require_utf8(prompt, "the prompt");
   const Impl& m = *impl_;
-  const std::string image(chat::kImageToken);
+  const std::string image(contract::kImageToken);
   const std::vector<ByteSpan> spans = clamp(protected_spans, prompt.size());
   // Python's `prompt.split("<image>")`, each chunk encoded with the protected spans it overlaps.
   std::vector<std::vector<int64_t>> chunks;
