@@ -452,9 +452,15 @@ def _write_embeddings(model: VisionLLMv2, out: Path, precision: str) -> None:
 
 
 def _write_tokenizer(model: VisionLLMv2, out: Path) -> None:
+    """`tokenizer.json` (added tokens, settings) and `tokenizer.model` (the slow tokenizer's SentencePiece
+    model, its settings baked in), each through a temporary file and a rename, checked before renaming."""
     from visionllm_edge.export.tokenizer_convert import convert_tokenizer
 
-    convert_tokenizer(model.tokenizer_dir, out / contract.TOKENIZER_FILE)
+    convert_tokenizer(
+        model.tokenizer_dir,
+        out / contract.TOKENIZER_FILE,
+        sentencepiece_path=out / contract.SENTENCEPIECE_FILE,
+    )
 
 
 def build_manifest_dict(
@@ -468,6 +474,7 @@ def build_manifest_dict(
 ) -> dict:
     """The manifest of DESIGN.md §2 for what was written into `folder`."""
     from visionllm_edge.export import preprocess as pp
+    from visionllm_edge.manifest import file_entry
 
     cfg = model.config
     llm = cfg.llm
@@ -513,6 +520,7 @@ def build_manifest_dict(
         "tokenizer": {
             "file": contract.TOKENIZER_FILE,
             "sha256": _sha256(folder / contract.TOKENIZER_FILE),
+            "sentencepiece": file_entry(folder, contract.SENTENCEPIECE_FILE),
             "legacy": tokenizer.legacy,
             "add_prefix_space": tokenizer.add_prefix_space,
         },

@@ -1,27 +1,30 @@
-"""Converts the checkpoint's sentencepiece tokenizer to a `tokenizer.json` for the device runtime.
+"""Converts the checkpoint's sentencepiece tokenizer into the artifact's two tokenizer files.
 
-The device side must not need transformers or sentencepiece, so it reads an HF `tokenizers` file
-(`visionllm_edge.tokenizer.RuntimeTokenizer`). That class reproduces the slow tokenizer's splitting and
-prefix rules itself and only asks the file's BPE model for the sentencepiece step, so what has to be exact
-here is that the BPE model segments any string as `sentencepiece` does. `LlamaConverter` nearly gives
-that; the differences we remove:
+The device runtime (`visionllm_edge.tokenizer.RuntimeTokenizer`, the C++ tokenizer in `csrc/tokenizer/`)
+runs SentencePiece's own C++ library on `tokenizer.model` for the innermost step and reproduces the slow
+`LlamaTokenizer`'s logic around it; `tokenizer.json` gives it the added tokens (ids, `lstrip`/`rstrip`,
+`special`) and records the settings in `LlamaConverter`'s layout. So two files are written:
 
-* Its merges are built from the whole vocabulary, so a merge can produce a control, unknown or byte piece
-  (`"<s>"` from `"<"` + `"s>"`, if both were pieces) or consume one. Sentencepiece's BPE only merges into
-  normal pieces, and a user who types `<s>` inside a protected span must get the text pieces. We keep only
-  merges whose two halves and result are normal pieces.
-* Sentencepiece applies the highest-scoring merge first, the leftmost on a tie; a BPE model applies the
-  lowest rank first. We rank merges by the result's score, ties by the result's id, the order sentencepiece
-  trained them in. (Equal scores between different pieces are the one case a rank cannot express in
-  general; the self-check below catches it on its probe strings.)
-* Settings that the fast tokenizer spells differently from the slow one (`legacy`, `add_prefix_space`,
-  `add_dummy_prefix`) go into the file's structure in `LlamaConverter`'s layout, where the runtime reads
-  them back (`visionllm_edge.tokenizer.settings_from_tokenizer_json`). `legacy=True` takes its `Prepend`
-  from the model's `add_dummy_prefix` (what the slow tokenizer does), not from `add_prefix_space`.
+* `tokenizer.model`: the checkpoint's model as the slow tokenizer loads it. For `legacy=False` the slow
+  tokenizer switches the model's `add_dummy_prefix` off when it loads it; that is baked into the written
+  model's `normalizer_spec`, so the runtime's SentencePiece needs no protobuf and no special loading.
+* `tokenizer.json`: a complete fast-tokenizer file (other tools can read it). Its BPE model is built to
+  segment as sentencepiece does, which `LlamaConverter` nearly gives; the differences we remove:
+  - Its merges are built from the whole vocabulary, so a merge can produce a control, unknown or byte
+    piece (`"<s>"` from `"<"` + `"s>"`). Sentencepiece's BPE only merges into normal pieces. We keep only
+    merges whose two halves and result are normal pieces.
+  - Sentencepiece applies the highest-scoring merge first, the leftmost on a tie; a BPE model applies the
+    lowest rank first. We rank merges by the result's score, ties by the result's id. (Equal scores between
+    different pieces are the one case a rank cannot express in general; the self-check below catches it.)
+  - Settings that the fast tokenizer spells differently from the slow one (`legacy`, `add_prefix_space`,
+    `add_dummy_prefix`) go into the file's structure in `LlamaConverter`'s layout, where the runtime reads
+    them back. `legacy=True` takes its `Prepend` from the model's `add_dummy_prefix` (what the slow
+    tokenizer does), not from `add_prefix_space`.
 
-Sentencepiece features that the runtime does not reproduce (a non-identity normalizer, extra-whitespace
-removal, user-defined or unused pieces, whitespace as suffix, a non-BPE model) are refused. After writing,
-the converted file is checked against the slow tokenizer on a set of probe strings.
+Sentencepiece features that the slow tokenizer's reproduction does not cover (a non-identity normalizer,
+extra-whitespace removal, user-defined or unused pieces, whitespace as suffix, a non-BPE model) are refused.
+Before the files are renamed into place, the BPE model of `tokenizer.json` is checked against sentencepiece,
+and the runtime tokenizer on the two written files against the slow tokenizer, on sets of probe strings.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from visionllm_edge.tokenizer import RuntimeTokenizer, TokenizerSettings
+from visionllm_edge import contract
+from visionllm_edge.tokenizer import RuntimeTokenizer, Span, TokenizerSettings
 
 SPIECE_UNDERLINE = "\u2581"
 
@@ -201,66 +205,106 @@ def _segmentation_probes(proto, count: int = 3000, seed: int = 0) -> list[str]:
     return out
 
 
-def verify_tokenizer(chat_tokenizer, runtime: RuntimeTokenizer, strings=None, proto=None) -> None:
-    """Checks `runtime` against the slow `ChatTokenizer`.
+def _bpe_pieces(model, text: str, add_dummy_prefix: bool) -> list[str]:
+    """What `tokenizer.json`'s BPE model makes of `text` where the slow tokenizer calls sentencepiece
+    (spaces as "▁", the dummy prefix when the model has it), bypassing the fast tokenizer's wrapping."""
+    if not text:
+        return []
+    text = text.replace(" ", SPIECE_UNDERLINE)
+    if add_dummy_prefix:
+        text = SPIECE_UNDERLINE + text
+    return [t.value for t in model.tokenize(text)]
 
-    Two levels: the BPE model against `sentencepiece` itself on `_segmentation_probes(proto)` (when a
-    model proto is given), which is where a tokenizer.json can be wrong (merge order, scores tied between
-    different pieces); then the whole path, `encode_text` plain and with the whole string protected, and
-    `decode`, on `strings` (default: `PROBE_STRINGS` and each special token in several contexts).
+
+def check_bpe_model(tok, chat_tokenizer, proto, add_dummy_prefix: bool) -> None:
+    """Checks that `tokenizer.json`'s BPE model (`tok`, a `tokenizers.Tokenizer`) segments as the slow
+    tokenizer's sentencepiece does, on `_segmentation_probes(proto)`.
 
     Raises:
-        ValueError: on the first text where the pieces, the ids or the decoded text differ.
+        ValueError: on the first text where the pieces differ (scores tied between different pieces).
     """
-    from visionllm_edge.tokenizer import Span
+    sp = chat_tokenizer.hf.sp_model
+    for text in _segmentation_probes(proto):
+        want = sp.encode(text, out_type=str)
+        got = _bpe_pieces(tok.model, text, add_dummy_prefix)
+        if got != want:
+            raise ValueError(
+                f"tokenizer.json's BPE model segments {text!r} as {got}, sentencepiece as {want} "
+                "(scores tied between different pieces?)"
+            )
 
+
+def verify_tokenizer(chat_tokenizer, runtime: RuntimeTokenizer, strings=None, proto=None) -> None:
+    """Checks the runtime tokenizer (the C++ one, on the written files) against the slow `ChatTokenizer`.
+
+    `encode_text` plain and with the whole string protected, and `decode`, on `strings` (default:
+    `PROBE_STRINGS` and each special token in several contexts); with a model proto also plain
+    `encode_text` on `_segmentation_probes(proto)` (every piece, runs of spaces, random concatenations).
+
+    Raises:
+        ValueError: on the first text where the ids or the decoded text differ.
+    """
     if proto is not None:
-        sp = chat_tokenizer.hf.sp_model
         for text in _segmentation_probes(proto):
-            want = sp.encode(text, out_type=str)
-            got = [piece for piece, _ in runtime._sp_encode(text)]
+            want, got = chat_tokenizer.encode_text(text), runtime.encode_text(text)
             if got != want:
-                raise ValueError(
-                    f"the BPE model segments {text!r} as {got}, sentencepiece as {want} "
-                    "(scores tied between different pieces?)"
-                )
+                raise ValueError(f"runtime tokenizer encodes {text!r} as {got}, the slow one as {want}")
     for text in strings if strings is not None else _probes(chat_tokenizer._special):
         for protected in ((), (Span(0, len(text)),)):
             want = chat_tokenizer.encode_text(text, protected)
             got = runtime.encode_text(text, protected)
             if got != want:
                 raise ValueError(
-                    f"converted tokenizer differs from the slow one on {text!r} "
+                    f"runtime tokenizer differs from the slow one on {text!r} "
                     f"(protected={bool(protected)}): {got} != {want}"
                 )
             if runtime.decode(got) != chat_tokenizer.decode(want):
-                raise ValueError(f"converted tokenizer decodes {want} differently from the slow one")
+                raise ValueError(f"runtime tokenizer decodes {want} differently from the slow one")
+
+
+def _temp_beside(path: Path, suffix: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the artifact is meant to be read by others
+    return Path(tmp)
 
 
 def convert_tokenizer(
-    checkpoint_dir: str | Path, out_path: str | Path, verify: bool = True
+    checkpoint_dir: str | Path,
+    out_path: str | Path,
+    verify: bool = True,
+    sentencepiece_path: str | Path | None = None,
 ) -> TokenizerSettings:
-    """Writes `tokenizer.json` converted from a checkpoint's `tokenizer.model` and added tokens.
+    """Writes `tokenizer.json` and `tokenizer.model` converted from a checkpoint's tokenizer files.
 
     Args:
         checkpoint_dir: folder with `tokenizer.model`, `tokenizer_config.json` (which sets `legacy`) and the
             added-token files, in the released layout.
-        out_path: where to write the `tokenizer.json`; written to a temporary file and renamed.
-        verify: compare the result with the slow tokenizer (`verify_tokenizer`) before renaming.
+        out_path: where to write the `tokenizer.json`.
+        verify: compare the runtime tokenizer on the written files with the slow tokenizer
+            (`verify_tokenizer`) before renaming.
+        sentencepiece_path: where to write the `tokenizer.model` the runtime runs (the slow tokenizer's
+            settings baked in); default `tokenizer.model` beside `out_path`.
+
+    Both files are written to temporary files beside their targets, checked, and only then renamed; on any
+    failure neither target is touched and the temporary files are removed.
 
     Returns:
-        The settings the runtime reads back from the file's structure.
+        The settings the runtime reads back from the files.
 
     Raises:
         FileNotFoundError: `tokenizer.model` is missing.
         NotImplementedError: the sentencepiece model uses a feature the runtime does not reproduce, or the
             slow tokenizer cleans up tokenization spaces (not expressible in `tokenizer.json`).
-        ValueError: the added tokens do not have the official ids, or the check against the slow tokenizer
-            fails.
+        ValueError: the added tokens do not have the official ids, or a check against sentencepiece or the
+            slow tokenizer fails.
     """
     from visionllm_edge.export.tokenizer import ChatTokenizer
 
     checkpoint_dir, out_path = Path(checkpoint_dir), Path(out_path)
+    model_path = (
+        Path(sentencepiece_path) if sentencepiece_path else out_path.with_name(contract.SENTENCEPIECE_FILE)
+    )
     model_file = checkpoint_dir / "tokenizer.model"
     if not model_file.is_file():
         raise FileNotFoundError(
@@ -275,20 +319,28 @@ def convert_tokenizer(
             f"{checkpoint_dir}: clean_up_tokenization_spaces=True cannot be expressed in tokenizer.json"
         )
     tok, settings = _build(slow, proto)
-
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".json", dir=out_path.parent)
-    os.close(fd)
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    if verify:
+        check_bpe_model(tok, chat, proto, settings.add_dummy_prefix)
+    # The model as the slow tokenizer runs it: legacy=False loads it with the dummy prefix switched off.
+    proto.normalizer_spec.add_dummy_prefix = settings.add_dummy_prefix
+
+    tmp_json, tmp_model = _temp_beside(out_path, ".json"), None
     try:
-        tok.save(tmp, pretty=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the artifact is meant to be read by others
-        runtime = RuntimeTokenizer(tmp)
+        tmp_model = _temp_beside(model_path, ".model")
+        tok.save(str(tmp_json), pretty=True)
+        tmp_model.write_bytes(proto.SerializeToString())
+        runtime = RuntimeTokenizer(tmp_json, tmp_model)
         if runtime.settings != settings:
-            raise ValueError(f"tokenizer.json reads back as {runtime.settings}, written as {settings}")
+            raise ValueError(f"the tokenizer files read back as {runtime.settings}, written as {settings}")
         if verify:
             verify_tokenizer(chat, runtime, proto=proto)
-        os.replace(tmp, out_path)
+        os.replace(tmp_model, model_path)
+        os.replace(tmp_json, out_path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp in (tmp_json, tmp_model):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         raise
     return settings

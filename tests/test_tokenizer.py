@@ -1,4 +1,5 @@
-"""The device tokenizer (`tokenizer.json` + `RuntimeTokenizer`) against the slow reference tokenizer.
+"""The device tokenizer (the C++ `_core.Tokenizer` on `tokenizer.json` + `tokenizer.model`, through
+`RuntimeTokenizer`) against the slow reference tokenizer, and the C++ chat template against the Python one.
 
 `ChatTokenizer` (slow sentencepiece `LlamaTokenizer`, the protected-span rule) is the reference; the runtime
 tokenizer must give the same ids on every input, for `legacy=False` (the fixture checkpoint) and
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from visionllm_edge import contract
+from visionllm_edge import _core, contract
+from visionllm_edge import conversation as py_conversation
 from visionllm_edge.export import tokenizer as reference
 from visionllm_edge.export.tokenizer import ChatTokenizer, build_conversation, insert_placeholders
 from visionllm_edge.export.tokenizer_convert import convert_tokenizer
@@ -133,6 +135,7 @@ def pair(request, tmp_path_factory):
     assert chat.legacy is legacy  # the copy really switched the setting
     runtime = RuntimeTokenizer(out)
     assert runtime.settings == settings
+    assert isinstance(runtime._core, _core.Tokenizer)  # the C++ tokenizer, the only runtime one
     return chat, runtime, legacy
 
 
@@ -291,8 +294,39 @@ def test_settings_are_read_back_from_the_file(pair, tmp_path):
     data["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True}
     bad = tmp_path / "tokenizer.json"
     bad.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="unsupported"):
-        RuntimeTokenizer(bad)
+    with pytest.raises(ValueError, match="unsupported pre_tokenizer"):
+        RuntimeTokenizer(bad, runtime.sentencepiece_path)
+
+
+def test_written_model_has_the_slow_tokenizers_settings_baked_in(pair):
+    """legacy=False: the slow tokenizer loads the model with the dummy prefix off, so the written model has
+    it off; legacy=True: the model's own flag (on for the fixture) stays."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    chat, runtime, legacy = pair
+    written, official = model_pb2.ModelProto(), model_pb2.ModelProto()
+    written.ParseFromString(runtime.sentencepiece_path.read_bytes())
+    official.ParseFromString((CHECKPOINT / "tokenizer.model").read_bytes())
+    assert official.normalizer_spec.add_dummy_prefix
+    assert written.normalizer_spec.add_dummy_prefix is legacy
+    official.normalizer_spec.add_dummy_prefix = legacy
+    assert written == official  # nothing else changed
+    # The Python sentencepiece on the written model is the slow tokenizer's own processor.
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=runtime.sentencepiece_path.read_bytes())
+    for text in _strings(seed=31, count=200):
+        assert sp.encode(text, out_type=str) == chat.hf.sp_model.encode(text, out_type=str), text
+
+
+def test_tokenizer_mismatch_with_the_manifest_names_the_token(pair):
+    chat, runtime, legacy = pair
+    table = {t: chat.token_id(t) for t in SPECIALS}
+    RuntimeTokenizer(runtime.path, expected_ids=table, legacy=legacy, add_prefix_space=True)
+    with pytest.raises(ValueError, match=r"tokenizer mismatch: token '\[SEG\]' has id 1 in the manifest"):
+        RuntimeTokenizer(runtime.path, expected_ids={**table, "[SEG]": 1})
+    with pytest.raises(ValueError, match="tokenizer mismatch.*legacy="):
+        RuntimeTokenizer(runtime.path, legacy=not legacy)
 
 
 def test_span_and_sentinel_are_shared_with_the_reference():
@@ -347,7 +381,14 @@ def test_missing_tokenizer_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         convert_tokenizer(folder, tmp_path / "tokenizer.json")
     assert not (tmp_path / "tokenizer.json").exists()
+    assert not (tmp_path / "tokenizer.model").exists()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        RuntimeTokenizer(tmp_path / "tokenizer.json")
+
+
+def test_missing_sentencepiece_model_is_a_clear_error(fixture_runtime, tmp_path):
+    shutil.copy(fixture_runtime.path, tmp_path / "tokenizer.json")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         RuntimeTokenizer(tmp_path / "tokenizer.json")
 
 
@@ -356,7 +397,92 @@ def test_runtime_needs_neither_torch_nor_transformers(fixture_runtime):
         "import sys; from visionllm_edge.tokenizer import RuntimeTokenizer; "
         f"t = RuntimeTokenizer({str(fixture_runtime.path)!r}); "
         "ids = t.tokenize_with_image('<image>\\nWhat is in <reg>r<region></reg>?'); t.decode(ids[2:]); "
-        "print([m for m in ('torch', 'transformers', 'sentencepiece') if m in sys.modules])"
+        "print([m for m in ('torch', 'transformers', 'sentencepiece', 'tokenizers') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- the chat template in C++ against the Python one -------------------------------------------------------
+
+
+def _py_turns(conv_seed: int, count: int = 250):
+    """The turns `_conversations` builds, before the template."""
+    rng = random.Random(conv_seed)
+    out = []
+    for _ in range(count):
+        turns = [(_user_message(rng), _answer(rng)) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.8:
+            turns[0] = ("<image>" + rng.choice(["\n", "", " ", "\n\n"]) + turns[0][0], turns[0][1])
+        if rng.random() < 0.5:
+            turns[-1] = (turns[-1][0], None)
+        out.append(turns)
+    return out
+
+
+def test_cpp_build_conversation_equals_the_python_one():
+    cases = _py_turns(41) + [[("caf\u00e9 \U0001f600 \u65e5", "\u2581x")], [("", None)], []]
+    for turns in cases:
+        want = py_conversation.build_conversation(turns)
+        text, spans = _core.build_conversation(turns)
+        assert text == want.text
+        assert [Span(a, b) for a, b in spans] == want.user_spans  # character offsets, as in Python
+    with pytest.raises(ValueError, match="only the last turn may have no answer"):
+        _core.build_conversation([("a", None), ("b", "c")])
+
+
+def test_cpp_insert_placeholders_equals_the_python_one():
+    rng = random.Random(43)
+    answers = [_answer(rng) for _ in range(400)] + ["[DET][EMB]", "[GEN]" + "[EMB]" * 3, "x[SEG][EMB][EMB2]y"]
+    for answer in answers:
+        for n, n_gen in ((4, 8), (1, 64), (8, 0), (0, 1)):
+            want = insert_placeholders(answer, n, n_gen)
+            assert _core.insert_placeholders(answer, n, n_gen) == want, answer
+
+
+def test_cpp_template_constants_equal_the_contract():
+    """The C++ tokenizer and template take their constants from the C++ contract (artifact/contract.h): the
+    ones they use equal contract.py's."""
+    c = _core.artifact_contract()
+    assert tuple(c["ADDED_TOKENS"]) == contract.ADDED_TOKENS
+    assert tuple(c["REQUIRED_TOKENS"]) == (*contract.ADDED_TOKENS, "<s>", "</s>", "<unk>")
+    assert (c["BOS_TOKEN"], c["EOS_TOKEN"]) == (contract.BOS_TOKEN, contract.EOS_TOKEN)
+    assert c["UNK_TOKEN"] == "<unk>"
+    for name in ("IMAGE_TOKEN", "IMAGE_PATCH_TOKEN", "REGION_TOKEN", "REGION_OPEN", "REGION_CLOSE"):
+        assert c[name] == getattr(contract, name), name
+    assert tuple(c["INPUT_MARKERS"]) == contract.INPUT_MARKERS
+    assert list(c["ROUTING_TOKENS"].items()) == list(contract.ROUTING_TOKENS.items())
+    assert tuple(c["GENERATION_KINDS"]) == contract.GENERATION_KINDS
+    assert tuple(c["ALL_PLACEHOLDERS"]) == contract.ALL_PLACEHOLDERS
+    assert c["GENERATION_PLACEHOLDER"] == contract.GENERATION_PLACEHOLDER
+    assert c["SYSTEM_PROMPT"] == contract.SYSTEM_PROMPT
+    assert tuple(c["ROLES"]) == contract.ROLES
+    assert (c["SEP"], c["SEP2"]) == (contract.SEP, contract.SEP2)
+    assert c["SENTENCEPIECE_FILE"] == contract.SENTENCEPIECE_FILE
+
+
+def test_spans_in_characters_reach_cpp_as_bytes(fixture_runtime):
+    """Multi-byte characters before a protected special token: character offsets must protect the same
+    token in C++ (bytes) as in Python; offsets outside the text act as Python's do."""
+    chat = ChatTokenizer.from_directory(CHECKPOINT)
+    text = "caf\u00e9 \U0001f600[DET] x [DET]\u65e5[SEG]"
+    for a in range(-2, len(text) + 3):
+        for b in (a, a + 3, a + 6, len(text), len(text) + 5):
+            spans = (Span(a, b),)
+            assert fixture_runtime.encode_text(text, spans) == chat.encode_text(text, spans), (a, b)
+
+
+def test_from_manifest_passes_both_files_the_token_table_and_the_flags(fixture_runtime):
+    from types import SimpleNamespace
+
+    table = {t: fixture_runtime.token_id(t) for t in SPECIALS}
+    info = SimpleNamespace(
+        path=fixture_runtime.path,
+        sentencepiece=SimpleNamespace(path=fixture_runtime.sentencepiece_path),
+        legacy=False,
+        add_prefix_space=True,
+    )
+    tok = RuntimeTokenizer.from_manifest(SimpleNamespace(tokenizer=info, tokens=table))
+    assert tok.encode_text("hello [DET]") == fixture_runtime.encode_text("hello [DET]")
+    with pytest.raises(ValueError, match=r"tokenizer mismatch: token '\[EMB\]'"):
+        RuntimeTokenizer.from_manifest(SimpleNamespace(tokenizer=info, tokens={**table, "[EMB]": 3}))

@@ -101,7 +101,7 @@ class Pipeline:
         self.backend = backend
         self.providers = providers
         self.threads = threads
-        self.tokenizer = RuntimeTokenizer(manifest.tokenizer.path)
+        self.tokenizer = RuntimeTokenizer.from_manifest(manifest)
         from safetensors.numpy import load_file
 
         tables = load_file(str(manifest.embeddings.path))
