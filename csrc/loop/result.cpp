@@ -156,7 +156,7 @@ Json document(const Result& r) {
   for (const Array& im : r.images) images.push_back(im.shape);
   // A stage listed twice is one key with the sum of its times.
   Json timings = Json::object();
-  for (const auto& [stage, ms] : r.timings_ms) timings[stage] = (timings.contains(stage) ? timings[stage].get<double>() : 0.0) + ms;
+  for (const auto& [stage, ms] : r.timings_ms) timings[stage] = timings.contains(stage) ? timings[stage].get<double>() + ms : ms;
   for (auto& [stage, ms] : timings.items()) ms = round_decimal3(ms.get<double>());
   return {{"text", r.text},
           {"token_ids", r.token_ids},
