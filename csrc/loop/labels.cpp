@@ -291,8 +291,8 @@ std::string grounding_phrase(std::string_view question) {
 
   for (size_t start = 0; start < n; ++start) {
     size_t verb_end = 0;
-    for (std::string_view v :
-         {"locate", "find", "ground", "detect", "where is", "where are", "where's", "point to", "segment", "see"}) {
+    for (std::string_view v : {"locate", "find", "ground", "detect", "where is", "where are", "where's",
+                               "point to", "segment", "see"}) {
       if (t.word_at(start, n, v)) {
         verb_end = start + v.size();
         break;
