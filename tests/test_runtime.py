@@ -110,14 +110,8 @@ def _ok(got, want, name, atol=1e-4, rtol=1e-4):
 
 def _det_input(pipe, image):
     """The runtime's own decoder input, handed to both sides (the export may pad into a fixed size)."""
-    pixels, mask, resized = pipe._detection_input(_frame_of(pipe, image))
+    pixels, mask, resized = pipe.detection_input(image)
     return {"pixel_values": pixels, "pixel_mask": mask, "resized_hw": tuple(resized)}
-
-
-def _frame_of(pipe, image):
-    from visionllm_edge.pipeline import _Frame
-
-    return _Frame("test", np.ascontiguousarray(image))
 
 
 @pytest.mark.parametrize("index", range(len(REQUESTS)))
@@ -341,5 +335,6 @@ def test_newer_schema_is_refused(tiny_artifact, tmp_path):
         Pipeline.load(copy)
 
 
-def test_core_is_used_for_the_kv_arena(pipe):
-    assert isinstance(pipe.arena, _core.KVArena)
+def test_requests_run_in_the_cpp_loop(pipe):
+    assert isinstance(pipe._core, _core.Pipeline)
+    assert pipe.arena_bytes > 0 and pipe.context_capacity > 0

@@ -1,0 +1,289 @@
+// Bindings of the public C++ API (visionllm_edge/pipeline.h): conversion and GIL release only. The Python
+// `visionllm_edge.Pipeline` wraps these; every request runs in C++ with the GIL released (a streaming
+// callback takes it back for each piece). Arrays go out as numpy views that keep the C++ buffer alive.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bindings/bind_registry.h"
+#include "visionllm_edge/pipeline.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::dtype dtype_of(vle::Array::Type type) {
+  switch (type) {
+    case vle::Array::Type::kFloat32: return py::dtype::of<float>();
+    case vle::Array::Type::kInt32: return py::dtype::of<int32_t>();
+    case vle::Array::Type::kInt64: return py::dtype::of<int64_t>();
+    case vle::Array::Type::kUInt8: return py::dtype::of<uint8_t>();
+    case vle::Array::Type::kBool: return py::dtype::of<bool>();
+  }
+  throw std::logic_error("unknown array type");
+}
+
+// A numpy view of a result array; the capsule keeps the shared buffer alive.
+py::object to_numpy(const vle::Array& a) {
+  if (a.empty()) return py::none();
+  auto* owner = new std::shared_ptr<void>(a.data);
+  py::capsule capsule(owner, [](void* p) { delete static_cast<std::shared_ptr<void>*>(p); });
+  return py::array(dtype_of(a.type), a.shape, a.data.get(), capsule);
+}
+
+// A C-contiguous numpy array of `dtype` as a result array (copied: requests keep their inputs).
+vle::Array from_numpy(const py::handle& obj, vle::Array::Type type, const std::string& name) {
+  const py::dtype want = dtype_of(type);
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(name + " must be a numpy array");
+  const auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().equal(want)) {
+    throw py::type_error(name + " must be " + std::string(py::str(want)) + ", got " + std::string(py::str(arr.dtype())));
+  }
+  const auto c = py::array::ensure(arr, py::array::c_style);
+  std::vector<int64_t> shape(c.shape(), c.shape() + c.ndim());
+  vle::Array out = vle::Array::make(type, shape);
+  std::memcpy(out.data.get(), c.data(), out.bytes());
+  return out;
+}
+
+// An H x W x 3 uint8 C-contiguous array as a borrowed image (the caller holds the array for the call).
+vle::Image image_of(const py::object& obj) {
+  if (obj.is_none()) return vle::Image();
+  if (!py::isinstance<py::array_t<uint8_t>>(obj)) throw py::type_error("image must be an H x W x 3 uint8 array");
+  const auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.ndim() != 3 || arr.shape(2) != 3 || !(arr.flags() & py::array::c_style) || !arr.dtype().equal(py::dtype::of<uint8_t>())) {
+    throw py::value_error("image must be a C-contiguous H x W x 3 uint8 array");
+  }
+  return vle::Image::view(static_cast<const uint8_t*>(arr.data()), arr.shape(1), arr.shape(0));
+}
+
+// ("box", [x0, y0, x1, y1]) / ("point", [x, y]) / ("mask", H x W bool) / ("thumbnail", S x S bool).
+vle::Region region_of(const py::handle& item) {
+  const auto pair = item.cast<py::tuple>();
+  const std::string kind = pair[0].cast<std::string>();
+  if (kind == "box" || kind == "point") {
+    const auto c = pair[1].cast<std::vector<float>>();
+    vle::Region r;
+    r.kind = kind == "box" ? vle::Region::Kind::kBox : vle::Region::Kind::kPoint;
+    r.coords = c;
+    return r;
+  }
+  const auto arr = py::array::ensure(pair[1], py::array::c_style);
+  if (!arr || arr.ndim() != 2 || !arr.dtype().equal(py::dtype::of<bool>())) {
+    throw py::value_error("region masks must be 2-D bool arrays");
+  }
+  vle::Region r;
+  r.kind = kind == "mask" ? vle::Region::Kind::kMask : vle::Region::Kind::kThumbnailMask;
+  r.mask.assign(static_cast<const uint8_t*>(arr.data()), static_cast<const uint8_t*>(arr.data()) + arr.size());
+  r.mask_height = arr.shape(0);
+  r.mask_width = arr.shape(1);
+  return r;
+}
+
+vle::RunOptions options_of(const py::dict& kw) {
+  vle::RunOptions o;
+  for (const auto& [key_obj, value] : kw) {
+    const std::string key = py::str(key_obj);
+    if (value.is_none()) continue;
+    if (key == "regions") {
+      for (const auto& r : value) o.regions.push_back(region_of(r));
+    } else if (key == "history") {
+      o.history = value.cast<std::vector<std::pair<std::string, std::string>>>();
+    } else if (key == "answer_prefix") {
+      o.answer_prefix = value.cast<std::string>();
+    } else if (key == "answer") {
+      o.answer = value.cast<std::string>();
+    } else if (key == "instruction") {
+      o.instruction = value.cast<std::string>();
+    } else if (key == "max_new_tokens") {
+      o.max_new_tokens = value.cast<int64_t>();
+    } else if (key == "do_sample") {
+      o.do_sample = value.cast<bool>();
+    } else if (key == "temperature") {
+      o.temperature = value.cast<double>();
+    } else if (key == "top_k") {
+      o.top_k = value.cast<int64_t>();
+    } else if (key == "top_p") {
+      o.top_p = value.cast<double>();
+    } else if (key == "repetition_penalty") {
+      o.repetition_penalty = value.cast<double>();
+    } else if (key == "seed") {
+      o.seed = value.cast<uint64_t>();
+    } else if (key == "noise") {
+      o.noise = from_numpy(value, vle::Array::Type::kFloat32, "noise");
+    } else if (key == "decode_images") {
+      o.decode_images = value.cast<bool>();
+    } else if (key == "det_input") {
+      const auto t = value.cast<py::tuple>();
+      vle::DetectionInput d;
+      d.pixel_values = from_numpy(t[0], vle::Array::Type::kFloat32, "det_image['pixel_values']");
+      d.pixel_mask = from_numpy(t[1], vle::Array::Type::kBool, "det_image['pixel_mask']");
+      d.resized_hw = t[2].cast<std::pair<int64_t, int64_t>>();
+      o.det_input = std::move(d);
+    } else if (key == "det_image") {
+      const vle::Image view = image_of(py::reinterpret_borrow<py::object>(value));
+      o.det_image = vle::Image::rgb(view.data(), view.width(), view.height());
+    } else {
+      throw py::type_error("unknown request option '" + key + "'");
+    }
+  }
+  return o;
+}
+
+py::dict result_dict(const vle::Result& r) {
+  py::dict d;
+  d["text"] = r.text;
+  d["token_ids"] = r.token_ids;
+  d["stop_reason"] = r.stop_reason;
+  py::list links;
+  for (const auto& l : r.links) links.append(py::make_tuple(l.kind, l.label, l.position, to_numpy(l.states)));
+  d["links"] = links;
+  py::list dets;
+  for (const auto& x : r.detections) {
+    dets.append(py::make_tuple(x.label, x.kind, x.score, py::make_tuple(x.box_xyxy[0], x.box_xyxy[1], x.box_xyxy[2], x.box_xyxy[3]),
+                               to_numpy(x.mask), x.query_index));
+  }
+  d["detections"] = dets;
+  d["segmentation"] = r.has_segmentation ? py::object(py::make_tuple(to_numpy(r.segmentation.label_map), r.segmentation.labels))
+                                         : py::object(py::none());
+  py::list poses;
+  for (const auto& p : r.poses) {
+    poses.append(py::make_tuple(p.label, p.score, py::make_tuple(p.box_xyxy[0], p.box_xyxy[1], p.box_xyxy[2], p.box_xyxy[3]),
+                                to_numpy(p.keypoints), p.keypoint_names, p.query_index));
+  }
+  d["poses"] = poses;
+  py::list images;
+  for (const auto& im : r.images) images.append(to_numpy(im));
+  d["images"] = images;
+  py::dict timings;
+  for (const auto& [stage, ms] : r.timings_ms) timings[py::str(stage)] = ms;
+  d["timings"] = timings;
+  py::dict decoders;
+  for (const auto& [decoder, tensors] : r.decoders) {
+    py::dict t;
+    for (const auto& [name, a] : tensors) t[py::str(name)] = to_numpy(a);
+    decoders[py::str(decoder)] = t;
+  }
+  d["decoders"] = decoders;
+  d["input_ids"] = py::array_t<int64_t>(static_cast<py::ssize_t>(r.input_ids.size()), r.input_ids.data());
+  d["stats"] = r.stats;
+  return d;
+}
+
+// A streaming callback that takes the GIL for each piece.
+vle::TextCallback text_callback(const py::object& fn) {
+  if (fn.is_none()) return nullptr;
+  auto holder = std::make_shared<py::object>(fn);
+  return [holder](std::string_view piece) {
+    py::gil_scoped_acquire gil;
+    (*holder)(py::str(piece.data(), piece.size()));
+  };
+}
+
+void bind_pipeline(py::module_& m) {
+  py::class_<vle::Chat>(m, "Chat", "A conversation about one image (visionllm_edge/pipeline.h).")
+      .def(
+          "ask",
+          [](vle::Chat& c, const std::string& prompt, const py::dict& options, const py::object& on_text) {
+            const vle::RunOptions o = options_of(options);
+            const vle::TextCallback cb = text_callback(on_text);
+            vle::Result r;
+            {
+              py::gil_scoped_release release;
+              r = c.ask(prompt, o, cb);
+            }
+            return result_dict(r);
+          },
+          py::arg("prompt"), py::arg("options"), py::arg("on_text") = py::none())
+      .def_property_readonly("history", &vle::Chat::history);
+  py::class_<vle::Pipeline>(m, "Pipeline", "The C++ request loop over one artifact folder (visionllm_edge/pipeline.h).")
+      .def_static(
+          "load",
+          [](const std::string& dir, const std::string& backend, const std::vector<std::string>& providers,
+             const std::map<std::string, std::map<std::string, std::string>>& provider_options, int threads,
+             int64_t max_context, const std::vector<std::string>& components, bool verify_hashes,
+             const std::string& onnxruntime_library) {
+            vle::LoadOptions o;
+            o.backend = backend;
+            o.providers = providers;
+            o.provider_options = provider_options;
+            o.threads = threads;
+            o.max_context = max_context;
+            o.components = components;
+            o.verify_hashes = verify_hashes;
+            o.onnxruntime_library = onnxruntime_library;
+            py::gil_scoped_release release;
+            return vle::Pipeline::load(dir, o);
+          },
+          py::arg("artifact_dir"), py::arg("backend"), py::arg("providers"), py::arg("provider_options"),
+          py::arg("threads"), py::arg("max_context"), py::arg("components"), py::arg("verify_hashes"),
+          py::arg("onnxruntime_library"))
+      .def(
+          "run",
+          [](vle::Pipeline& p, const py::object& image, const std::string& prompt, const py::dict& options,
+             const py::object& on_text) {
+            const vle::Image img = image_of(image);
+            const vle::RunOptions o = options_of(options);
+            const vle::TextCallback cb = text_callback(on_text);
+            vle::Result r;
+            {
+              py::gil_scoped_release release;
+              r = p.run(img, prompt, o, cb);
+            }
+            return result_dict(r);
+          },
+          py::arg("image"), py::arg("prompt"), py::arg("options"), py::arg("on_text") = py::none())
+      .def(
+          "task",
+          [](vle::Pipeline& p, const std::string& task, const py::object& image, const std::vector<std::string>& names,
+             const std::vector<std::string>& objects, const py::dict& options) {
+            const vle::Image img = image_of(image);
+            const vle::RunOptions o = options_of(options);
+            vle::Result r;
+            {
+              py::gil_scoped_release release;
+              if (task == "detect") r = p.detect(img, names, o);
+              else if (task == "ground") r = p.ground(img, names.at(0), o);
+              else if (task == "segment") r = p.segment(img, names, o);
+              else if (task == "pose") r = p.pose(img, names, objects, o);
+              else if (task == "generate_image") r = p.generate_image(names.at(0), o);
+              else if (task == "edit_image") r = p.edit_image(img, names.at(0), o);
+              else throw vle::InputError("unknown task '" + task + "'");
+            }
+            return result_dict(r);
+          },
+          py::arg("task"), py::arg("image"), py::arg("names"), py::arg("objects"), py::arg("options"))
+      .def("detection_input",
+           [](vle::Pipeline& p, const py::object& image) {
+             const vle::Image img = image_of(image);
+             vle::DetectionInput d;
+             {
+               py::gil_scoped_release release;
+               d = p.detection_input(img);
+             }
+             return py::make_tuple(to_numpy(d.pixel_values), to_numpy(d.pixel_mask), d.resized_hw);
+           })
+      .def(
+          "chat",
+          [](vle::Pipeline& p, const py::object& image) {
+            const vle::Image img = image_of(image);
+            return p.chat(img);
+          },
+          py::arg("image"), py::keep_alive<0, 1>())
+      .def_property_readonly("context_capacity", &vle::Pipeline::context_capacity)
+      .def_property_readonly("context_length", &vle::Pipeline::context_length)
+      .def_property_readonly("arena_bytes", &vle::Pipeline::arena_bytes)
+      .def_property_readonly("artifact_dir", &vle::Pipeline::artifact_dir)
+      .def_property_readonly("components", &vle::Pipeline::components);
+}
+
+const vle::BindRegistration registration(bind_pipeline);
+
+}  // namespace
