@@ -1,21 +1,23 @@
 """The C++ results side (csrc/postprocess/results.cpp, csrc/loop/result.cpp, csrc/loop/templates.cpp) against
-the Python SDK: the task templates of `visionllm_edge.templates`, `Result.to_json` (text equal, character for
-character), the uint8 conversion of generated images, and the post-processing of `Pipeline._postprocess`
-(detections, masks, the semantic map and poses equal on random decoder outputs).
+the Python SDK and the PyTorch reference: the task templates of `visionllm_edge.templates`, `Result.to_json`
+(text equal, character for character), the uint8 conversion of generated images, and the post-processing of
+the reference loop, `ReferencePipeline._postprocess` in export/reference.py (detections, masks, the semantic
+map and poses on random decoder outputs). The reference shares no code with the C++ core, so the
+post-processing tests need torch and skip without it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
 import numpy as np
 import pytest
 from visionllm_edge import _core, templates
-from visionllm_edge.pipeline import Pipeline
 from visionllm_edge.results import Detection, Link, Pose, Result, SemanticMap
 
-# --- templates -----------------------------------------------------------------------------------------------
+# --- templates ----------------------------------------------------------------------------------------------
 
 NAME_LISTS = [
     ["person"],
@@ -60,7 +62,15 @@ def test_template_errors_equal_python(names):
 
 # --- Result.to_json -----------------------------------------------------------------------------------------
 
-LABELS = ["person", "the red ball", "caf\u00e9 \U0001f600", 'say "hi"', "tab\there", "back\\slash", "\x7f\x01"]
+LABELS = [
+    "person",
+    "the red ball",
+    "caf\u00e9 \U0001f600",
+    'say "hi"',
+    "tab\there",
+    "back\\slash",
+    "\x7f\x01",
+]
 
 
 def _random_result(rng: np.random.Generator) -> Result:
@@ -73,7 +83,9 @@ def _random_result(rng: np.random.Generator) -> Result:
     for i in range(int(rng.integers(0, 4))):
         score = float(np.float32(rng.random())) if i % 2 else 1 / (1 + math.exp(-rng.normal()))
         mask = rng.random((h, w)) > 0.5 if rng.random() > 0.3 else None
-        detections.append(Detection(str(rng.choice(LABELS)), "det", score, box(), mask, int(rng.integers(0, 900))))
+        detections.append(
+            Detection(str(rng.choice(LABELS)), "det", score, box(), mask, int(rng.integers(0, 900)))
+        )
     segmentation = None
     if rng.random() > 0.4:
         labels = [str(v) for v in rng.choice(LABELS, int(rng.integers(1, 4)))]  # may repeat a label
@@ -128,7 +140,18 @@ def test_to_json_equals_python(seed):
 
 
 def test_to_json_special_floats_equal_python():
-    values = [0.1, 100.0, 1e-4, 1e-5, 1e16, 9999999999999998.0, -0.0, 5e-324, 1.7976931348623157e308, 0.1 + 0.2]
+    values = [
+        0.1,
+        100.0,
+        1e-4,
+        1e-5,
+        1e16,
+        9999999999999998.0,
+        -0.0,
+        5e-324,
+        1.7976931348623157e308,
+        0.1 + 0.2,
+    ]
     values += [float("nan"), float("inf"), -float("inf")]
     for v in values:
         r = Result(detections=[Detection("x", "grd", v, (v, v, v, v), None, 0)], timings={"vision": v})
@@ -152,7 +175,7 @@ def test_images_to_uint8_equals_python():
         _core.images_to_uint8(images.astype(np.float64))
 
 
-# --- post-processing against Pipeline._postprocess ------------------------------------------------------------
+# --- post-processing against the reference's ReferencePipeline._postprocess ---------------------------------
 
 POST = {
     "det_top_k": 6,
@@ -165,27 +188,51 @@ POST = {
 }
 
 
-def _python_postprocess(raw, groups, keypoint_groups, labels, size, max_groups, post):
-    """Pipeline._postprocess on a stand-in pipeline that holds only what it reads."""
-    router = types.SimpleNamespace(
-        groups_for=lambda kind: {"groups": groups} if kind == "object" else {"keypoints": keypoint_groups}
+@pytest.fixture(scope="module")
+def reference():
+    """export/reference.py, the independent post-processing (it needs torch)."""
+    pytest.importorskip("torch", reason="the reference post-processing (export/reference.py) needs torch")
+    from visionllm_edge.export import reference as ref
+
+    return ref
+
+
+def _reference_postprocess(ref, links, raw, image_size, resized_hw, padded_hw, max_groups, post) -> Result:
+    """`ReferencePipeline._postprocess` alone, on a stand-in pipeline and request that hold only what it
+    reads: the settings, the object decoder's group width (`max_text_len`), the image size and the detection
+    image's padded and resized sizes."""
+    import torch
+
+    settings = ref.PostProcessSettings(**post)
+    config = types.SimpleNamespace(official={"gdino_config": {"max_text_len": max_groups}})
+    fake = types.SimpleNamespace(post=settings, config=config)
+    for name in ("_mask_to_image", "_detection", "_semantic_map"):
+        setattr(fake, name, functools.partial(getattr(ref.ReferencePipeline, name), fake))
+    prep = types.SimpleNamespace(
+        image_size=image_size,
+        det_resized=resized_hw,
+        det_pixels=torch.zeros(1, 3, *padded_hw),
+        history_objects=[],
     )
-    spec = types.SimpleNamespace(facts={"max_groups": max_groups})
-    fake = types.SimpleNamespace(post=post, router=router, _graph_spec=lambda name: spec)
-    fake._detection = types.MethodType(Pipeline._detection, fake)
-    frame = types.SimpleNamespace(size=size)
     result = Result()
-    Pipeline._postprocess(fake, raw, labels, frame, result)
+    ref.ReferencePipeline._postprocess(fake, links, raw, prep, result)
     return result
 
 
-def _group(kind, position, index):
-    return types.SimpleNamespace(kind=kind, position=position, index=index)
+def _by_query(items):
+    """Detections or poses in an order that top-k and NMS ties cannot change: kind / label, query, score."""
+    return sorted(items, key=lambda x: (x[0], x[1], x[-1], -x[2]))
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("nms", [0.5, None])
-def test_object_results_equal_python(seed, nms):
+# Groups of the object decoder: 8 groups in calls of 4, so [DET] and [GRD] groups fall in both calls.
+# "one call" keeps the [SEG] groups in the first call; "both calls" puts one in each.
+OBJECT_KINDS = {
+    "one call": ["grd", "det", "seg", "seg", "det", "det", "det", "grd"],
+    "both calls": ["grd", "det", "det", "seg", "det", "seg", "det", "grd"],
+}
+
+
+def _object_case(seed, layout):
     rng = np.random.default_rng(seed)
     max_groups, queries, chunks = 4, 12, 2
     resized, padded = (24, 20), (32, 32)
@@ -193,63 +240,89 @@ def test_object_results_equal_python(seed, nms):
     logits = rng.normal(-1, 2, (chunks, queries, max_groups)).astype(np.float32)
     boxes = rng.uniform(0.1, 0.9, (chunks, queries, 4)).astype(np.float32)
     masks = rng.normal(0, 3, (chunks, queries, padded[0] // 4, padded[1] // 4)).astype(np.float32)
-    kinds = ["grd", "det", "det", "seg", "det", "seg", "det", "grd"]
-    groups = [_group(kind, 10 + i, i) for i, kind in enumerate(kinds)]
-    labels = {10 + i: ["cat", "dog", "cat", "sky"][i % 4] for i in range(len(kinds))}
+    labels = ["cat", "dog", "cat", "sky", "cat", "dog", "cat", "sky"]
+    # Slot i is the i-th object group of the answer: call i // max_groups, column i % max_groups.
+    groups = [(kind, labels[i], i) for i, kind in enumerate(OBJECT_KINDS[layout])]
+    return logits, boxes, masks, groups, max_groups, resized, padded, width, height
+
+
+def _object_results_both(reference, seed, layout, nms):
+    logits, boxes, masks, groups, max_groups, resized, padded, width, height = _object_case(seed, layout)
     post = dict(POST, nms_iou=nms)
-    raw = {
-        "object": {
-            "logits": logits,
-            "pred_boxes": boxes,
-            "pred_masks": masks,
-            "_det": (np.zeros((1, 3, *padded), np.float32), None, resized),
-        }
-    }
-    expected = _python_postprocess(raw, groups, [], labels, (width, height), max_groups, post)
-    got = _core.object_results(
-        logits, boxes, masks, [(g.kind, labels[g.position], g.index) for g in groups], max_groups, resized, width,
-        height, post,
+    links = [Link(kind, label, 10 + slot) for kind, label, slot in groups]
+    raw = {"object": {"logits": logits, "pred_boxes": boxes, "pred_masks": masks}}
+    expected = _reference_postprocess(
+        reference, links, raw, (width, height), resized, padded, max_groups, post
     )
-    assert len(got["detections"]) == len(expected.detections) > 2
-    for (label, kind, score, box, mask, query), e in zip(got["detections"], expected.detections):
-        assert (label, kind, query) == (e.label, e.kind, e.query_index)
-        assert score == e.score  # bit for bit: the same float64 / float32 sigmoid
-        assert tuple(box) == e.box_xyxy
-        np.testing.assert_array_equal(mask, e.mask)
+    got = _core.object_results(logits, boxes, masks, groups, max_groups, resized, width, height, post)
+    return got, expected, height, width
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("nms", [0.5, None])
+@pytest.mark.parametrize("layout", list(OBJECT_KINDS))
+def test_object_results_equal_reference(reference, seed, nms, layout):
+    got, expected, height, width = _object_results_both(reference, seed, layout, nms)
+    # The reference lists [GRD] first and [DET] after, then NMS sorts everything by score; C++ keeps [GRD]
+    # first. Both are compared in one order, (kind, label, query, score).
+    cpp = _by_query([(k, lab, s, tuple(b), m, q) for lab, k, s, b, m, q in got["detections"]])
+    ref = _by_query(
+        [(d.kind, d.label, d.score, d.box_xyxy, d.mask, d.query_index) for d in expected.detections]
+    )
+    assert [(k, lab, q) for k, lab, _s, _b, _m, q in cpp] == [(k, lab, q) for k, lab, _s, _b, _m, q in ref]
+    assert len(cpp) > 2 and {"det", "grd"} <= {d[0] for d in cpp}
+    if nms is None:  # without NMS the [DET] order is the reference's: score, then group, then query
+        det_order = [(d[1], d[5]) for d in got["detections"] if d[1] == "det"]
+        assert det_order == [(d.kind, d.query_index) for d in expected.detections if d.kind == "det"]
+    for (kind, label, score, box, mask, query), e in zip(cpp, ref):
+        # C++ takes a [GRD] score's sigmoid in float64, the reference in float32.
+        assert score == pytest.approx(e[2], rel=1e-6, abs=1e-12)
+        assert box == e[3]  # both in float64 from the float32 outputs, in the same order of operations
+        np.testing.assert_array_equal(mask, e[4], err_msg=f"{kind} {label!r} query {query}")
     label_map, seg_labels = got["segmentation"]
     assert seg_labels == expected.segmentation.labels
-    np.testing.assert_array_equal(label_map, expected.segmentation.label_map)
+    assert label_map.dtype == np.int32 and label_map.shape == (height, width)
+    if layout == "one call":  # across calls: the test below
+        np.testing.assert_array_equal(label_map, expected.segmentation.label_map)
+        assert (label_map >= 0).any()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="C++ object_results (csrc/postprocess/results.cpp) builds the semantic map from the masks of "
+    "the first [SEG] group's decoder call for every [SEG] group; the reference takes each group's masks "
+    "from its own call. They differ once the [SEG] groups span more than one call (more than max_groups "
+    "object groups)",
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_semantic_map_across_decoder_calls_equal_reference(reference, seed):
+    got, expected, _h, _w = _object_results_both(reference, seed, "both calls", None)
+    np.testing.assert_array_equal(got["segmentation"][0], expected.segmentation.label_map)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_pose_results_equal_python(seed):
+def test_pose_results_equal_reference(reference, seed):
     rng = np.random.default_rng(seed)
     queries, kmax = 10, 5
     padded, resized, width, height = (32, 64), (30, 57), 114, 60
-    objects = [_group("det", 3, 0), _group("det", 7, 1)]
-    keypoint_groups = [_group("pose", 20 + i, 0) for i in range(3)]
-    labels = {3: "person", 7: "cat", 20: "nose", 21: "left eye", 22: "tail"}
+    objects, names = ["person", "cat"], ["nose", "left eye", "tail"]
     logits = np.full((1, queries, 100), -np.inf, np.float32)
     logits[0, :, :2] = rng.normal(0, 2, (queries, 2))
     logits[0, 3, :2] = logits[0, 5, :2]  # ties: the query-major order decides
     boxes = rng.uniform(0.1, 0.9, (1, queries, 4)).astype(np.float32)
     keypoints = rng.uniform(0, 1, (1, queries, 3 * kmax)).astype(np.float32)
-    raw = {
-        "pose": {
-            "pred_logits": logits,
-            "pred_boxes": boxes,
-            "pred_keypoints": keypoints,
-            "_det": (np.zeros((1, 3, *padded), np.float32), None, resized),
-            "_objects": objects,
-        }
-    }
-    expected = _python_postprocess(raw, [], keypoint_groups, labels, (width, height), 4, POST)
-    got = _core.pose_results(
-        logits, boxes, keypoints, ["person", "cat"], ["nose", "left eye", "tail"], padded, resized, width, height, POST
-    )
+    links = [Link("det", "person", 3), Link("det", "cat", 7)] + [
+        Link("pose", n, 20 + i) for i, n in enumerate(names)
+    ]
+    raw = {"pose": {"pred_logits": logits, "pred_boxes": boxes, "pred_keypoints": keypoints}}
+    expected = _reference_postprocess(reference, links, raw, (width, height), resized, padded, 4, POST)
+    got = _core.pose_results(logits, boxes, keypoints, objects, names, padded, resized, width, height, POST)
     assert len(got["poses"]) == len(expected.poses) > 1
-    for (label, score, box, kps, names, query), e in zip(got["poses"], expected.poses):
-        assert (label, names, query) == (e.label, e.keypoint_names, e.query_index)
-        assert score == e.score
+    assert got["detections"] == [] and got["segmentation"] is None
+    # The same order: score, then query, then object (ties included).
+    for (label, score, box, kps, kp_names, query), e in zip(got["poses"], expected.poses):
+        assert (label, kp_names, query) == (e.label, e.keypoint_names, e.query_index)
+        assert score == pytest.approx(e.score, rel=1e-6)
         assert tuple(box) == e.box_xyxy
+        assert kps.dtype == np.float32 and kps.shape == (len(names), 3)
         np.testing.assert_array_equal(kps, e.keypoints)
