@@ -131,7 +131,8 @@ ConfinedFile confine_to_folder(const fs::path& folder, const std::string& relati
   // weakly_canonical stops at a link whose target is missing; such a link must point inside too.
   if (fs::is_symlink(fs::symlink_status(out.resolved, ec))) {
     fs::path target = fs::read_symlink(out.resolved, ec);
-    if (!ec) out.resolved = (target.is_absolute() ? target : out.resolved.parent_path() / target).lexically_normal();
+    if (!ec)
+      out.resolved = (target.is_absolute() ? target : out.resolved.parent_path() / target).lexically_normal();
   }
   // A symbolic link may point anywhere; the artifact must be self-contained so it can be copied whole.
   if (!inside(out.resolved, folder)) {

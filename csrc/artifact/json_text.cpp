@@ -33,9 +33,9 @@ std::string json_string(const std::string& text) { return OrderedJson(text).dump
 struct Frame {
   bool object = false;
   std::set<std::string> keys;
-  std::string key;    // the key whose value is being read (objects)
-  size_t index = 0;   // the item being read (arrays)
-  std::string path;   // of this object or array
+  std::string key;   // the key whose value is being read (objects)
+  size_t index = 0;  // the item being read (arrays)
+  std::string path;  // of this object or array
 };
 
 std::string child_path(const std::vector<Frame>& stack) {
@@ -133,7 +133,8 @@ std::string number_text(double value) {
   } else if (static_cast<size_t>(exponent) + 1 >= digits.size()) {
     out = digits + std::string(static_cast<size_t>(exponent) + 1 - digits.size(), '0') + ".0";
   } else {
-    out = digits.substr(0, static_cast<size_t>(exponent) + 1) + "." + digits.substr(static_cast<size_t>(exponent) + 1);
+    out = digits.substr(0, static_cast<size_t>(exponent) + 1) + "." +
+          digits.substr(static_cast<size_t>(exponent) + 1);
   }
   return sign + out;
 }

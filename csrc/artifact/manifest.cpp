@@ -142,10 +142,12 @@ class Parser {
     if (!value.is_number_integer()) fail(path, "expected an integer, got " + describe(value));
     if (value.is_number_unsigned() &&
         value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-      fail(path, "must be <= " + std::to_string(std::numeric_limits<int64_t>::max()) + ", got " + value.dump());
+      fail(path,
+           "must be <= " + std::to_string(std::numeric_limits<int64_t>::max()) + ", got " + value.dump());
     }
     const int64_t v = value.get<int64_t>();
-    if (minimum && v < *minimum) fail(path, "must be >= " + std::to_string(*minimum) + ", got " + std::to_string(v));
+    if (minimum && v < *minimum)
+      fail(path, "must be >= " + std::to_string(*minimum) + ", got " + std::to_string(v));
     return v;
   }
 
@@ -260,8 +262,9 @@ class Parser {
     const int64_t version = integer(data["schema_version"], "schema_version");
     const int64_t lo = contract::kManifestMinSchemaVersion, hi = contract::kManifestSchemaVersion;
     if (lo <= version && version <= hi) return version;
-    const std::string readable = lo == hi ? "schema_version " + std::to_string(hi)
-                                          : "schema_version " + std::to_string(lo) + " to " + std::to_string(hi);
+    const std::string readable = lo == hi
+                                     ? "schema_version " + std::to_string(hi)
+                                     : "schema_version " + std::to_string(lo) + " to " + std::to_string(hi);
     const std::string ours = std::string("this visionllm-edge ") + contract::kPackageVersion;
     if (version > hi) {
       std::string by;
@@ -274,8 +277,8 @@ class Parser {
                                  std::to_string(version) + "); " + ours + " reads " + readable +
                                  ": upgrade visionllm-edge, or re-export the artifact with this one");
     }
-    fail("schema_version", "schema_version " + std::to_string(version) + " is older than " + ours + " reads (" +
-                               readable + "): re-export the artifact with this version");
+    fail("schema_version", "schema_version " + std::to_string(version) + " is older than " + ours +
+                               " reads (" + readable + "): re-export the artifact with this version");
   }
 
   void producer(const Json& node, const std::string& path, Manifest& m) const {
@@ -315,7 +318,8 @@ class Parser {
       const std::string at = key_child(path, token);
       const int64_t id = integer(node[token], at, 0);
       if (id >= m.model.vocab_size) {
-        fail(at, "id " + std::to_string(id) + " is not below model.vocab_size " + std::to_string(m.model.vocab_size));
+        fail(at, "id " + std::to_string(id) + " is not below model.vocab_size " +
+                     std::to_string(m.model.vocab_size));
       }
       const auto seen = owner.find(id);
       if (seen != owner.end()) {
@@ -362,7 +366,8 @@ class Parser {
     Names names;
     for (size_t i = 0; i < specs.size(); ++i) {
       if (!seen.insert(specs[i].name).second) {
-        fail(key_child(key_child(path, i), "name"), std::string("duplicate ") + what + " name " + quote_text(specs[i].name));
+        fail(key_child(key_child(path, i), "name"),
+             std::string("duplicate ") + what + " name " + quote_text(specs[i].name));
       }
       names.push_back(specs[i].name);
     }
@@ -378,7 +383,8 @@ class Parser {
     Names parts;
     if (!missing.empty()) parts.push_back("missing " + short_list(missing));
     if (!unexpected.empty()) parts.push_back("unexpected " + short_list(unexpected));
-    fail(path, std::string(what) + " names differ from contract.GRAPHS[" + quote_text(graph) + "]: " + joined(parts, "; "));
+    fail(path, std::string(what) + " names differ from contract.GRAPHS[" + quote_text(graph) +
+                   "]: " + joined(parts, "; "));
   }
 
   void graphs(const Json& node, const std::string& path, Manifest& m) const {
@@ -388,11 +394,12 @@ class Parser {
       const std::string at = key_child(path, name);
       const auto known = contract::graphs().find(name);
       if (known == contract::graphs().end()) {
-        fail(at, "unknown graph " + quote_text(name) + "; contract.GRAPHS has: " + joined(contract::graph_names()));
+        fail(at, "unknown graph " + quote_text(name) +
+                     "; contract.GRAPHS has: " + joined(contract::graph_names()));
       }
       const Json& entry = object(item.value(), at,
-                                 {"file", "sha256", "size_bytes", "external_data", "inputs", "outputs", "opset",
-                                  "precision", "facts"});
+                                 {"file", "sha256", "size_bytes", "external_data", "inputs", "outputs",
+                                  "opset", "precision", "facts"});
       GraphEntry g;
       g.name = name;
       const FileRef ref = hashed_file(entry, at);
@@ -402,10 +409,12 @@ class Parser {
       g.size_bytes = entry["size_bytes"].get<int64_t>();
       const std::string ext_at = key_child(at, "external_data");
       const Json& external = array(entry["external_data"], ext_at);
-      for (size_t i = 0; i < external.size(); ++i) g.external_data.push_back(file(external[i], key_child(ext_at, i)));
+      for (size_t i = 0; i < external.size(); ++i)
+        g.external_data.push_back(file(external[i], key_child(ext_at, i)));
       g.inputs = tensors(entry["inputs"], key_child(at, "inputs"));
       g.outputs = tensors(entry["outputs"], key_child(at, "outputs"));
-      io_names(g.inputs, key_child(at, "inputs"), expanded(known->second.inputs, m.model.num_layers), name, "input");
+      io_names(g.inputs, key_child(at, "inputs"), expanded(known->second.inputs, m.model.num_layers), name,
+               "input");
       io_names(g.outputs, key_child(at, "outputs"), expanded(known->second.outputs, m.model.num_layers), name,
                "output");
       g.opset = integer(entry["opset"], key_child(at, "opset"), 1);
@@ -425,40 +434,42 @@ class Parser {
       const std::string at = key_child(path, kind);
       const std::string& expected_token = contract::routing_token_of(kind);
       if (expected_token.empty()) {
-        fail(at, "unknown routing kind " + quote_text(kind) + "; known: " + joined(contract::routing_kinds()));
+        fail(at,
+             "unknown routing kind " + quote_text(kind) + "; known: " + joined(contract::routing_kinds()));
       }
       const Json& entry = object(item.value(), at, {"token", "id", "decoder", "queries", "table"});
       RoutingEntry r;
       r.kind = kind;
       r.token = string(entry["token"], key_child(at, "token"));
       if (r.token != expected_token) {
-        fail(key_child(at, "token"),
-             "kind " + quote_text(kind) + " is routed by " + quote_text(expected_token) + ", got " + quote_text(r.token));
+        fail(key_child(at, "token"), "kind " + quote_text(kind) + " is routed by " +
+                                         quote_text(expected_token) + ", got " + quote_text(r.token));
       }
       r.id = integer(entry["id"], key_child(at, "id"), 0);
       const int64_t token_id = m.tokens.at(r.token);
       if (r.id != token_id) {
-        fail(key_child(at, "id"), std::to_string(r.id) + " is not the id of " + quote_text(r.token) + " in tokens (" +
-                                      std::to_string(token_id) + ")");
+        fail(key_child(at, "id"), std::to_string(r.id) + " is not the id of " + quote_text(r.token) +
+                                      " in tokens (" + std::to_string(token_id) + ")");
       }
       r.decoder = string(entry["decoder"], key_child(at, "decoder"), false, &contract::decoders());
       const std::string& decoder = contract::decoder_of(kind);
       if (r.decoder != decoder) {
-        fail(key_child(at, "decoder"),
-             "kind " + quote_text(kind) + " goes to the " + quote_text(decoder) + " decoder, got " + quote_text(r.decoder));
+        fail(key_child(at, "decoder"), "kind " + quote_text(kind) + " goes to the " + quote_text(decoder) +
+                                           " decoder, got " + quote_text(r.decoder));
       }
       r.queries = integer(entry["queries"], key_child(at, "queries"), 1);
       // Perception groups use distinct placeholders [EMB], [EMB2], ...; only generation repeats one.
       const auto placeholders = static_cast<int64_t>(contract::placeholders().size());
       if (!contract::is_generation_kind(kind) && r.queries > placeholders) {
-        fail(key_child(at, "queries"), std::to_string(r.queries) + " exceeds the " + std::to_string(placeholders) +
+        fail(key_child(at, "queries"), std::to_string(r.queries) + " exceeds the " +
+                                           std::to_string(placeholders) +
                                            " placeholder tokens a perception group can use");
       }
       r.table = string(entry["table"], key_child(at, "table"), false, &contract::query_tables());
       const std::string& table = contract::query_table_of(kind);
       if (r.table != table) {
-        fail(key_child(at, "table"),
-             "kind " + quote_text(kind) + " reads query table " + quote_text(table) + ", got " + quote_text(r.table));
+        fail(key_child(at, "table"), "kind " + quote_text(kind) + " reads query table " + quote_text(table) +
+                                         ", got " + quote_text(r.table));
       }
       in_order.push_back(&(m.routing[kind] = std::move(r)));
     }
@@ -469,7 +480,8 @@ class Parser {
       if (other->queries != entry->queries) {
         fail(key_child(key_child(path, entry->kind), "queries"),
              std::to_string(entry->queries) + " differs from routing." + other->kind + ".queries " +
-                 std::to_string(other->queries) + ", which reads the same query table " + quote_text(entry->table));
+                 std::to_string(other->queries) + ", which reads the same query table " +
+                 quote_text(entry->table));
       }
     }
   }
@@ -499,9 +511,9 @@ class Parser {
     object(node, path, {"clip", "detection", "diffusion"});
 
     std::string at = key_child(path, "clip");
-    const Json& clip = object(node["clip"], at,
-                              {"tile_size", "max_tiles", "patches_per_tile", "mean", "std", "resample",
-                               "candidate_grids"});
+    const Json& clip =
+        object(node["clip"], at,
+               {"tile_size", "max_tiles", "patches_per_tile", "mean", "std", "resample", "candidate_grids"});
     ClipPreprocess& c = m.clip;
     c.max_tiles = integer(clip["max_tiles"], key_child(at, "max_tiles"), 1);
     const std::string grids_at = key_child(at, "candidate_grids");
@@ -512,7 +524,8 @@ class Parser {
       const int64_t cols = integer(grid[0], key_child(g_at, 0), 1);
       const int64_t rows = integer(grid[1], key_child(g_at, 1), 1);
       const std::string shown = std::to_string(cols) + "x" + std::to_string(rows);
-      if (cols * rows > c.max_tiles) {
+      int64_t tiles = 0;
+      if (__builtin_mul_overflow(cols, rows, &tiles) || tiles > c.max_tiles) {
         fail(g_at, "grid " + shown + " has more tiles than max_tiles " + std::to_string(c.max_tiles));
       }
       if (std::find(c.candidate_grids.begin(), c.candidate_grids.end(), std::make_pair(cols, rows)) !=
@@ -552,17 +565,19 @@ class Parser {
         fail(key_child(at, key), std::to_string(size) + " is not a multiple of " +
                                      std::to_string(contract::kVaeScale) + " (the VAE's scale)");
       }
-      (std::string(key) == "gen_image_size" ? m.diffusion.gen_image_size : m.diffusion.edit_image_size) = size;
+      (std::string(key) == "gen_image_size" ? m.diffusion.gen_image_size : m.diffusion.edit_image_size) =
+          size;
     }
   }
 
   void postprocess(const Json& node, const std::string& path, Postprocess& out) const {
     object(node, path,
-           {"det_top_k", "det_score_threshold", "nms_iou", "mask_threshold", "seg_score_threshold", "pose_top_k",
-            "pose_score_threshold"});
+           {"det_top_k", "det_score_threshold", "nms_iou", "mask_threshold", "seg_score_threshold",
+            "pose_top_k", "pose_score_threshold"});
     auto unit = [&](const char* key) { return number(node[key], key_child(path, key), 0.0, 1.0); };
     // null: no NMS.
-    if (!node["nms_iou"].is_null()) out.nms_iou = number(node["nms_iou"], key_child(path, "nms_iou"), {}, 1.0, true);
+    if (!node["nms_iou"].is_null())
+      out.nms_iou = number(node["nms_iou"], key_child(path, "nms_iou"), {}, 1.0, true);
     out.det_top_k = integer(node["det_top_k"], key_child(path, "det_top_k"), 1);
     out.det_score_threshold = unit("det_score_threshold");
     out.mask_threshold = unit("mask_threshold");
@@ -572,27 +587,30 @@ class Parser {
   }
 
   void generation(const Json& node, const std::string& path, Manifest& m) const {
-    object(node, path,
-           {"max_new_tokens", "bos_id", "eos_id", "diffusion_steps", "guidance_scale", "image_guidance_scale"});
+    object(
+        node, path,
+        {"max_new_tokens", "bos_id", "eos_id", "diffusion_steps", "guidance_scale", "image_guidance_scale"});
     Generation& g = m.generation;
     g.max_new_tokens = integer(node["max_new_tokens"], key_child(path, "max_new_tokens"), 1);
     if (g.max_new_tokens > m.model.max_context) {
-      fail(key_child(path, "max_new_tokens"), std::to_string(g.max_new_tokens) + " exceeds model.max_context " +
+      fail(key_child(path, "max_new_tokens"), std::to_string(g.max_new_tokens) +
+                                                  " exceeds model.max_context " +
                                                   std::to_string(m.model.max_context));
     }
-    for (const auto& [key, token] : {std::make_pair("bos_id", contract::kBosToken),
-                                     std::make_pair("eos_id", contract::kEosToken)}) {
+    for (const auto& [key, token] :
+         {std::make_pair("bos_id", contract::kBosToken), std::make_pair("eos_id", contract::kEosToken)}) {
       const int64_t id = integer(node[key], key_child(path, key), 0);
       const int64_t expected = m.tokens.at(token);
       if (id != expected) {
-        fail(key_child(path, key), std::to_string(id) + " is not the id of " + quote_text(token) + " in tokens (" +
-                                       std::to_string(expected) + ")");
+        fail(key_child(path, key), std::to_string(id) + " is not the id of " + quote_text(token) +
+                                       " in tokens (" + std::to_string(expected) + ")");
       }
       (std::string(key) == "bos_id" ? g.bos_id : g.eos_id) = id;
     }
     g.diffusion_steps = integer(node["diffusion_steps"], key_child(path, "diffusion_steps"), 1);
     g.guidance_scale = number(node["guidance_scale"], key_child(path, "guidance_scale"), 0.0);
-    g.image_guidance_scale = number(node["image_guidance_scale"], key_child(path, "image_guidance_scale"), 0.0);
+    g.image_guidance_scale =
+        number(node["image_guidance_scale"], key_child(path, "image_guidance_scale"), 0.0);
   }
 
   void chat_template(const Json& node, const std::string& path, Manifest& m) const {
@@ -609,11 +627,14 @@ class Parser {
     const Json& markers = array(node["input_markers"], markers_at);
     for (size_t i = 0; i < markers.size(); ++i) {
       const std::string marker = string(markers[i], key_child(markers_at, i), true);
-      if (!m.tokens.count(marker)) fail(key_child(markers_at, i), quote_text(marker) + " is not a token of the tokens table");
-      if (contains(t.input_markers, marker)) fail(key_child(markers_at, i), quote_text(marker) + " is listed twice");
+      if (!m.tokens.count(marker))
+        fail(key_child(markers_at, i), quote_text(marker) + " is not a token of the tokens table");
+      if (contains(t.input_markers, marker))
+        fail(key_child(markers_at, i), quote_text(marker) + " is listed twice");
       t.input_markers.push_back(marker);
     }
-    if (!contains(t.input_markers, t.image_token)) fail(markers_at, "must include image_token " + quote_text(t.image_token));
+    if (!contains(t.input_markers, t.image_token))
+      fail(markers_at, "must include image_token " + quote_text(t.image_token));
     t.system = string(node["system"], key_child(path, "system"));
     t.sep = string(node["sep"], key_child(path, "sep"));
     t.sep2 = string(node["sep2"], key_child(path, "sep2"));
@@ -675,8 +696,8 @@ Manifest parse_manifest(const nlohmann::ordered_json& document, const fs::path& 
   return Parser(source, artifact_dir, verify_hashes).parse(document);
 }
 
-Manifest parse_manifest(const nlohmann::json& document, const fs::path& artifact_dir, const std::string& source,
-                        bool verify_hashes) {
+Manifest parse_manifest(const nlohmann::json& document, const fs::path& artifact_dir,
+                        const std::string& source, bool verify_hashes) {
   return parse_manifest(nlohmann::ordered_json(document), artifact_dir, source, verify_hashes);
 }
 

@@ -24,8 +24,8 @@ constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
 
 size_t element_size_of(const std::string& dtype) {
   static const std::map<std::string, size_t> sizes = {
-      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8}, {"I32", 4}, {"I16", 2},
-      {"I8", 1},  {"U64", 8}, {"U32", 4}, {"U16", 2},  {"U8", 1},  {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
+      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8},  {"I32", 4},     {"I16", 2},    {"I8", 1},
+      {"U64", 8}, {"U32", 4}, {"U16", 2}, {"U8", 1},   {"BOOL", 1}, {"F8_E4M3", 1}, {"F8_E5M2", 1}};
   const auto it = sizes.find(dtype);
   return it == sizes.end() ? 0 : it->second;
 }
@@ -68,7 +68,7 @@ float bfloat16_to_float(uint16_t b) {
 SafetensorsFile::SafetensorsFile(const std::filesystem::path& file) : path_(file) {
   const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail(std::string("cannot open (") + std::strerror(errno) + ")");
-  struct stat st {};
+  struct stat st{};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
     fail("not a regular file");
@@ -172,7 +172,8 @@ void SafetensorsFile::parse_header() {
     }
     SafetensorsEntry e;
     e.name = name;
-    if (!value["dtype"].is_string()) fail(where + "dtype: expected a string, got " + describe(value["dtype"]));
+    if (!value["dtype"].is_string())
+      fail(where + "dtype: expected a string, got " + describe(value["dtype"]));
     e.dtype = value["dtype"].get<std::string>();
     e.element_size = element_size_of(e.dtype);
     if (e.element_size == 0) fail(where + "unknown dtype " + quote_text(e.dtype));
@@ -189,7 +190,8 @@ void SafetensorsFile::parse_header() {
       numel *= d;
       e.shape.push_back(static_cast<int64_t>(d));
     }
-    if (numel > std::numeric_limits<uint64_t>::max() / e.element_size) fail(where + "shape " + shape.dump() + " overflows");
+    if (numel > std::numeric_limits<uint64_t>::max() / e.element_size)
+      fail(where + "shape " + shape.dump() + " overflows");
     const OrderedJson& offsets = value["data_offsets"];
     if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
         !offsets[1].is_number_unsigned()) {
@@ -198,7 +200,8 @@ void SafetensorsFile::parse_header() {
     const uint64_t begin = offsets[0].get<uint64_t>(), end = offsets[1].get<uint64_t>();
     if (begin > end || end > data_size) {
       fail(where + "data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-           "] lie outside the data (" + std::to_string(data_size) + " bytes after the header; truncated file?)");
+           "] lie outside the data (" + std::to_string(data_size) +
+           " bytes after the header; truncated file?)");
     }
     const uint64_t expected = numel * e.element_size;
     if (end - begin != expected) {
@@ -248,7 +251,8 @@ TensorView SafetensorsFile::view(const std::string& name) const {
   } else if (e.dtype == "BOOL") {
     v.dtype = DType::kBool;
   } else {
-    fail("tensor " + quote_text(name) + ": dtype " + e.dtype + " has no runtime view (F32, F16, I64, I32, BOOL)");
+    fail("tensor " + quote_text(name) + ": dtype " + e.dtype +
+         " has no runtime view (F32, F16, I64, I32, BOOL)");
   }
   if (reinterpret_cast<uintptr_t>(e.data) % e.element_size) {
     fail("tensor " + quote_text(name) + ": data not aligned to its " + std::to_string(e.element_size) +
@@ -281,15 +285,18 @@ Tensor SafetensorsFile::to_float32(const std::string& name) const {
       dst[i] = static_cast<float>(d);
     }
   } else {
-    fail("tensor " + quote_text(name) + ": dtype " + e.dtype + " is not a floating-point type (F32, F16, BF16, F64)");
+    fail("tensor " + quote_text(name) + ": dtype " + e.dtype +
+         " is not a floating-point type (F32, F16, BF16, F64)");
   }
   return out;
 }
 
-Tensor SafetensorsFile::to_float32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+Tensor SafetensorsFile::to_float32(const std::string& name,
+                                   const std::vector<int64_t>& expected_shape) const {
   const SafetensorsEntry& e = entry(name);
   if (e.shape != expected_shape) {
-    fail("tensor " + quote_text(name) + ": expected shape " + shape_text(expected_shape) + ", got " + shape_text(e.shape));
+    fail("tensor " + quote_text(name) + ": expected shape " + shape_text(expected_shape) + ", got " +
+         shape_text(e.shape));
   }
   return to_float32(name);
 }

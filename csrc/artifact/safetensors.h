@@ -23,9 +23,9 @@ namespace vle {
 
 struct SafetensorsEntry {
   std::string name;
-  std::string dtype;            // as the header spells it, e.g. "F32"
+  std::string dtype;  // as the header spells it, e.g. "F32"
   std::vector<int64_t> shape;
-  size_t element_size = 0;      // bytes
+  size_t element_size = 0;              // bytes
   const unsigned char* data = nullptr;  // inside the mapping
   size_t bytes = 0;
 

@@ -2,7 +2,6 @@
 // temporary folder, then corrupted one fault at a time. Each fault must be refused with an ArtifactError
 // whose message starts with the manifest file and names the key path.
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <cstdlib>
@@ -47,7 +46,8 @@ Json io(const std::vector<std::string>& templates, const std::string& symbol) {
     for (int64_t i = 0; i < n; ++i) {
       const std::string name = vle::contract::layer_name(t, i);
       const bool ints = name.find("position") != std::string::npos || name.find("rows") != std::string::npos;
-      out.push_back(Json{{"name", name}, {"dtype", ints ? "int64" : "float32"}, {"shape", Json::array({symbol, 4, 8})}});
+      out.push_back(Json{
+          {"name", name}, {"dtype", ints ? "int64" : "float32"}, {"shape", Json::array({symbol, 4, 8})}});
     }
   }
   return out;
@@ -99,7 +99,8 @@ Json make_artifact(const fs::path& root) {
                          {"table", c::query_table_of(kind)}};
   }
   Json grids = Json::array();
-  for (auto [cols, rows] : std::vector<std::pair<int, int>>{{1, 1}, {1, 2}, {2, 1}, {1, 3}, {3, 1}, {1, 4}, {2, 2}, {4, 1}}) {
+  for (auto [cols, rows] :
+       std::vector<std::pair<int, int>>{{1, 1}, {1, 2}, {2, 1}, {1, 3}, {3, 1}, {1, 4}, {2, 2}, {4, 1}}) {
     grids.push_back({cols, rows});
   }
   Json tokenizer = file_entry(root, c::kTokenizerFile);
@@ -108,13 +109,21 @@ Json make_artifact(const fs::path& root) {
   tokenizer["sentencepiece"] = file_entry(root, c::kSentencePieceFile);
   Json embeddings = file_entry(root, c::kEmbeddingsFile);
   embeddings["token_table"] = "tok_embeddings";
-  embeddings["query_tables"] = Json{{"det", "emb_det"}, {"pose", "emb_pose"}, {"gen", "emb_gen"}, {"edit", "emb_edit"}};
+  embeddings["query_tables"] =
+      Json{{"det", "emb_det"}, {"pose", "emb_pose"}, {"gen", "emb_gen"}, {"edit", "emb_edit"}};
   return Json{
       {"schema_version", c::kManifestSchemaVersion},
       {"producer", {{"name", "visionllm-edge"}, {"version", "9.9.9"}}},
       {"model",
-       {{"name", "tiny-random"}, {"hidden_size", 64}, {"num_layers", kLayers}, {"num_heads", 4}, {"num_kv_heads", 2},
-        {"head_dim", 16}, {"vocab_size", kVocab}, {"max_context", 512}, {"rope_theta", 10000.0},
+       {{"name", "tiny-random"},
+        {"hidden_size", 64},
+        {"num_layers", kLayers},
+        {"num_heads", 4},
+        {"num_kv_heads", 2},
+        {"head_dim", 16},
+        {"vocab_size", kVocab},
+        {"max_context", 512},
+        {"rope_theta", 10000.0},
         {"rms_norm_eps", 1e-5}}},
       {"graphs", graphs},
       {"tokens", tokens},
@@ -123,21 +132,43 @@ Json make_artifact(const fs::path& root) {
       {"tokenizer", tokenizer},
       {"preprocess",
        {{"clip",
-         {{"tile_size", 336}, {"max_tiles", 4}, {"patches_per_tile", 576}, {"mean", {0.48145466, 0.4578275, 0.40821073}},
-          {"std", {0.26862954, 0.26130258, 0.27577711}}, {"resample", "bicubic"}, {"candidate_grids", grids}}},
+         {{"tile_size", 336},
+          {"max_tiles", 4},
+          {"patches_per_tile", 576},
+          {"mean", {0.48145466, 0.4578275, 0.40821073}},
+          {"std", {0.26862954, 0.26130258, 0.27577711}},
+          {"resample", "bicubic"},
+          {"candidate_grids", grids}}},
         {"detection",
-         {{"short_side", 800}, {"max_long_side", 1333}, {"size_divisibility", 32}, {"mean", {0.485, 0.456, 0.406}},
-          {"std", {0.229, 0.224, 0.225}}, {"resample", "bilinear"}}},
+         {{"short_side", 800},
+          {"max_long_side", 1333},
+          {"size_divisibility", 32},
+          {"mean", {0.485, 0.456, 0.406}},
+          {"std", {0.229, 0.224, 0.225}},
+          {"resample", "bilinear"}}},
         {"diffusion", {{"gen_image_size", 512}, {"edit_image_size", 256}}}}},
       {"postprocess",
-       {{"det_top_k", 100}, {"det_score_threshold", 0.3}, {"nms_iou", 0.7}, {"mask_threshold", 0.5},
-        {"seg_score_threshold", 0.3}, {"pose_top_k", 20}, {"pose_score_threshold", 0.2}}},
+       {{"det_top_k", 100},
+        {"det_score_threshold", 0.3},
+        {"nms_iou", 0.7},
+        {"mask_threshold", 0.5},
+        {"seg_score_threshold", 0.3},
+        {"pose_top_k", 20},
+        {"pose_score_threshold", 0.2}}},
       {"generation",
-       {{"max_new_tokens", 64}, {"bos_id", 1}, {"eos_id", 2}, {"diffusion_steps", 50}, {"guidance_scale", 7.5},
+       {{"max_new_tokens", 64},
+        {"bos_id", 1},
+        {"eos_id", 2},
+        {"diffusion_steps", 50},
+        {"guidance_scale", 7.5},
         {"image_guidance_scale", 1.5}}},
       {"chat_template",
-       {{"system", c::kSystemPrompt}, {"roles", {c::kUserRole, c::kAssistantRole}}, {"sep", c::kSep}, {"sep2", c::kSep2},
-        {"image_token", c::kImageToken}, {"input_markers", c::input_markers()}}},
+       {{"system", c::kSystemPrompt},
+        {"roles", {c::kUserRole, c::kAssistantRole}},
+        {"sep", c::kSep},
+        {"sep2", c::kSep2},
+        {"image_token", c::kImageToken},
+        {"input_markers", c::input_markers()}}},
       {"extra_files", {{"gen_uncond", file_entry(root, "gen_uncond.safetensors")}}},
   };
 }
@@ -237,7 +268,8 @@ TEST_F(ManifestTest, ASubsetOfGraphsAndRoutesIsValid) {
     m.graph("det");
     FAIL() << "no error";
   } catch (const vle::ArtifactError& e) {
-    EXPECT_NE(std::string(e.what()).find("holds no graph 'det' (it holds: llm, vision)"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("holds no graph 'det' (it holds: llm, vision)"), std::string::npos)
+        << e.what();
   }
 }
 
@@ -252,10 +284,12 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
       {"unknown-top-level-key", [](auto&, Json& d) { d["colour"] = "red"; }, "colour: unknown key"},
       {"unknown-nested-key", [](auto&, Json& d) { d["graphs"]["llm"]["inputs"][0]["layout"] = "NCHW"; },
        "graphs.llm.inputs[0].layout: unknown key (allowed here: dtype, name, shape)"},
-      {"missing-nested", [](auto&, Json& d) { d["tokenizer"].erase("legacy"); }, "tokenizer.legacy: missing required key"},
+      {"missing-nested", [](auto&, Json& d) { d["tokenizer"].erase("legacy"); },
+       "tokenizer.legacy: missing required key"},
       {"missing-sentencepiece", [](auto&, Json& d) { d["tokenizer"].erase("sentencepiece"); },
        "tokenizer.sentencepiece: missing required key"},
-      {"missing-token", [](auto&, Json& d) { d["tokens"].erase("<unk>"); }, "tokens[\"<unk>\"]: missing required key"},
+      {"missing-token", [](auto&, Json& d) { d["tokens"].erase("<unk>"); },
+       "tokens[\"<unk>\"]: missing required key"},
       {"bool-is-not-int", [](auto&, Json& d) { d["model"]["num_layers"] = true; },
        "model.num_layers: expected an integer, got true (a boolean)"},
       {"float-for-int", [](auto&, Json& d) { d["graphs"]["det"]["opset"] = 17.5; },
@@ -282,8 +316,10 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
          }
        },
        "graphs.llm.inputs: input names differ from contract.GRAPHS['llm']: missing ['past_value.1']"},
-      {"det-output-renamed", [](auto&, Json& d) { d["graphs"]["det"]["outputs"][2]["name"] = "pred_masks_all"; },
-       "graphs.det.outputs: output names differ from contract.GRAPHS['det']: missing ['pred_masks']; unexpected "
+      {"det-output-renamed",
+       [](auto&, Json& d) { d["graphs"]["det"]["outputs"][2]["name"] = "pred_masks_all"; },
+       "graphs.det.outputs: output names differ from contract.GRAPHS['det']: missing ['pred_masks']; "
+       "unexpected "
        "['pred_masks_all']"},
       {"duplicate-io-name", [](auto&, Json& d) { d["graphs"]["region"]["inputs"][1]["name"] = "image"; },
        "graphs.region.inputs[1].name: duplicate input name 'image'"},
@@ -298,7 +334,9 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
        },
        "graphs.llm.external_data[0]: 'sub' is not a regular file"},
       {"sha256-mismatch",
-       [](const fs::path& r, Json&) { write_file(r / "llm.onnx", std::string(fs::file_size(r / "llm.onnx"), 'X')); },
+       [](const fs::path& r, Json&) {
+         write_file(r / "llm.onnx", std::string(fs::file_size(r / "llm.onnx"), 'X'));
+       },
        "graphs.llm.sha256: llm.onnx: sha256 mismatch: the manifest says "},
       {"sentencepiece-sha256-mismatch",
        [](const fs::path& r, Json&) { write_file(r / "tokenizer.model", std::string(19, 'Z')); },
@@ -311,13 +349,15 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
        "graphs.vision.file: '/etc/passwd' is not a relative '/'-separated path inside the artifact folder"},
       {"dotdot-path", [](auto&, Json& d) { d["tokenizer"]["file"] = "../tokenizer.json"; },
        "tokenizer.file: '../tokenizer.json' leaves the artifact folder ('..')"},
-      {"dotdot-inside", [](auto&, Json& d) { d["graphs"]["llm"]["external_data"][0] = "sub/../../llm.onnx.data"; },
+      {"dotdot-inside",
+       [](auto&, Json& d) { d["graphs"]["llm"]["external_data"][0] = "sub/../../llm.onnx.data"; },
        "graphs.llm.external_data[0]: 'sub/../../llm.onnx.data' leaves the artifact folder ('..')"},
       {"drive-path", [](auto&, Json& d) { d["extra_files"]["gen_uncond"]["file"] = "C:u.safetensors"; },
        "extra_files.gen_uncond.file: 'C:u.safetensors' is not a relative '/'-separated path"},
       {"backslash-path", [](auto&, Json& d) { d["embeddings"]["file"] = "sub\\embeddings.safetensors"; },
        "embeddings.file: 'sub\\\\embeddings.safetensors' is not a relative '/'-separated path"},
-      {"empty-path", [](auto&, Json& d) { d["embeddings"]["file"] = ""; }, "embeddings.file: must not be empty"},
+      {"empty-path", [](auto&, Json& d) { d["embeddings"]["file"] = ""; },
+       "embeddings.file: must not be empty"},
       {"symlink-outside",
        [](const fs::path& r, Json& d) {
          write_file(r.parent_path() / "elsewhere.safetensors", "embeddings");
@@ -347,7 +387,8 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
        "schema_version: the artifact was written by a newer visionllm-edge 9.9.9 (schema_version 3); this "
        "visionllm-edge 0.1.0 reads schema_version 2: upgrade visionllm-edge"},
       {"version-1", [](auto&, Json& d) { d["schema_version"] = 1; },
-       "schema_version: schema_version 1 is older than this visionllm-edge 0.1.0 reads (schema_version 2): re-export "
+       "schema_version: schema_version 1 is older than this visionllm-edge 0.1.0 reads (schema_version 2): "
+       "re-export "
        "the artifact with this version"},
       {"routing-id-mismatch", [](auto&, Json& d) { d["routing"]["det"]["id"] = 32013; },
        "routing.det.id: 32013 is not the id of '[DET]' in tokens (32012)"},
@@ -382,19 +423,28 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
        "preprocess.clip.std[1]: must be > 0, got 0.0"},
       {"wrong-resample", [](auto&, Json& d) { d["preprocess"]["clip"]["resample"] = "bilinear"; },
        "preprocess.clip.resample: must be one of bicubic; got 'bilinear'"},
-      {"grid-beyond-max-tiles", [](auto&, Json& d) { d["preprocess"]["clip"]["candidate_grids"][0] = {3, 2}; },
+      {"grid-beyond-max-tiles",
+       [](auto&, Json& d) { d["preprocess"]["clip"]["candidate_grids"][0] = {3, 2}; },
        "preprocess.clip.candidate_grids[0]: grid 3x2 has more tiles than max_tiles 4"},
+      {"grid-overflowing",
+       [](auto&, Json& d) {
+         d["preprocess"]["clip"]["candidate_grids"][0] = {int64_t{1} << 40, int64_t{1} << 40};
+       },
+       "preprocess.clip.candidate_grids[0]: grid 1099511627776x1099511627776 has more tiles than max_tiles "
+       "4"},
       {"grid-twice", [](auto&, Json& d) { d["preprocess"]["clip"]["candidate_grids"][1] = {1, 1}; },
        "preprocess.clip.candidate_grids[1]: grid 1x1 is listed twice"},
       {"no-grids", [](auto&, Json& d) { d["preprocess"]["clip"]["candidate_grids"] = Json::array(); },
        "preprocess.clip.candidate_grids: expected at least 1 item(s), got 0"},
       {"long-side-below-short", [](auto&, Json& d) { d["preprocess"]["detection"]["max_long_side"] = 600; },
        "preprocess.detection.max_long_side: 600 is below short_side 800"},
-      {"diffusion-size-not-multiple-of-8", [](auto&, Json& d) { d["preprocess"]["diffusion"]["gen_image_size"] = 500; },
+      {"diffusion-size-not-multiple-of-8",
+       [](auto&, Json& d) { d["preprocess"]["diffusion"]["gen_image_size"] = 500; },
        "preprocess.diffusion.gen_image_size: 500 is not a multiple of 8 (the VAE's scale)"},
       {"threshold-above-one", [](auto&, Json& d) { d["postprocess"]["mask_threshold"] = 1.5; },
        "postprocess.mask_threshold: must be <= 1.0, got 1.5"},
-      {"nms-iou-zero", [](auto&, Json& d) { d["postprocess"]["nms_iou"] = 0; }, "postprocess.nms_iou: must be > 0, got 0.0"},
+      {"nms-iou-zero", [](auto&, Json& d) { d["postprocess"]["nms_iou"] = 0; },
+       "postprocess.nms_iou: must be > 0, got 0.0"},
       {"negative-guidance", [](auto&, Json& d) { d["generation"]["guidance_scale"] = -1e-05; },
        "generation.guidance_scale: must be >= 0.0, got -1e-05"},
       {"image-token-unknown", [](auto&, Json& d) { d["chat_template"]["image_token"] = "<picture>"; },
@@ -411,7 +461,8 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
        "producer.name: must be one of visionllm-edge; got 'other-tool'"},
       {"facts-not-object", [](auto&, Json& d) { d["graphs"]["pose"]["facts"] = Json::array(); },
        "graphs.pose.facts: expected an object, got an array"},
-      {"bad-logical-name", [](auto&, Json& d) { d["extra_files"]["gen uncond"] = d["extra_files"]["gen_uncond"]; },
+      {"bad-logical-name",
+       [](auto&, Json& d) { d["extra_files"]["gen uncond"] = d["extra_files"]["gen_uncond"]; },
        "extra_files[\"gen uncond\"]: logical name 'gen uncond' must match [A-Za-z0-9_.-]+"},
       {"long-string-value", [](auto&, Json& d) { d["model"]["num_heads"] = std::string(60, 'x'); },
        "model.num_heads: expected an integer, got \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (a string)"},
@@ -444,7 +495,8 @@ TEST_F(ManifestTest, HashesAreSkippedOnlyWhenAsked) {
 TEST_F(ManifestTest, UnreadableJsonNamesTheFileAndThePlace) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"{\n  \"schema_version\": 1,\n  \"producer\": {,}\n}", "invalid JSON at line 3, column 16: "},
-      {"{\"schema_version\": 1, \"schema_version\": 1}", "invalid JSON: key 'schema_version' appears twice in one object"},
+      {"{\"schema_version\": 1, \"schema_version\": 1}",
+       "invalid JSON: key 'schema_version' appears twice in one object"},
       {"{\"graphs\": {\"llm\": {\"inputs\": [{\"name\": 1}, {\"name\": 2, \"name\": 3}]}}}",
        "graphs.llm.inputs[1]: invalid JSON: key 'name' appears twice in one object"},
       {"{\"a\": [[1, {\"x\": 1}], {\"k\": 1, \"k\": 2}]}", "a[1]: invalid JSON: key 'k' appears twice"},
@@ -480,8 +532,9 @@ TEST_F(ManifestTest, MissingManifestOrFolder) {
     vle::load_manifest(tmp_ / "nowhere");
     FAIL() << "accepted";
   } catch (const vle::ArtifactError& e) {
-    EXPECT_NE(std::string(e.what()).find("the artifact folder " + (tmp_ / "nowhere").string() + " does not exist"),
-              std::string::npos)
+    EXPECT_NE(
+        std::string(e.what()).find("the artifact folder " + (tmp_ / "nowhere").string() + " does not exist"),
+        std::string::npos)
         << e.what();
   }
 }
@@ -504,9 +557,13 @@ TEST(ArtifactFiles, Sha256OfKnownInputs) {
 
 TEST(ArtifactText, NumbersPrintAsPythonPrintsThem) {
   const std::vector<std::pair<double, std::string>> cases = {
-      {17.5, "17.5"},       {64.0, "64.0"},   {0.0, "0.0"},      {-0.0, "-0.0"},  {1e-05, "1e-05"},
-      {0.0001, "0.0001"},   {1e16, "1e+16"},  {1e15, "1000000000000000.0"},       {0.1, "0.1"},
-      {123456.789, "123456.789"}, {1.5e300, "1.5e+300"}, {-2.5e-7, "-2.5e-07"}, {0.3, "0.3"}, {10000.0, "10000.0"}};
+      {17.5, "17.5"},        {64.0, "64.0"},
+      {0.0, "0.0"},          {-0.0, "-0.0"},
+      {1e-05, "1e-05"},      {0.0001, "0.0001"},
+      {1e16, "1e+16"},       {1e15, "1000000000000000.0"},
+      {0.1, "0.1"},          {123456.789, "123456.789"},
+      {1.5e300, "1.5e+300"}, {-2.5e-7, "-2.5e-07"},
+      {0.3, "0.3"},          {10000.0, "10000.0"}};
   for (const auto& [value, text] : cases) EXPECT_EQ(vle::number_text(value), text);
   EXPECT_EQ(vle::quote_text("it's"), "\"it's\"");
   EXPECT_EQ(vle::quote_text("a\\b\n"), "'a\\\\b\\n'");
@@ -514,7 +571,8 @@ TEST(ArtifactText, NumbersPrintAsPythonPrintsThem) {
   EXPECT_EQ(vle::key_child("tokens", "<s>"), "tokens[\"<s>\"]");
   EXPECT_EQ(vle::key_child("x", size_t{3}), "x[3]");
   EXPECT_EQ(vle::describe(Json("\xc3\xa9")), "\"\\u00e9\" (a string)");
-  EXPECT_EQ(vle::short_list({"a", "b", "c", "d", "e", "f", "g", "h"}), "['a', 'b', 'c', 'd', 'e', 'f', ... 2 more]");
+  EXPECT_EQ(vle::short_list({"a", "b", "c", "d", "e", "f", "g", "h"}),
+            "['a', 'b', 'c', 'd', 'e', 'f', ... 2 more]");
 }
 
 TEST(ArtifactContract, NamesTheParserChecksAgainst) {
@@ -524,7 +582,8 @@ TEST(ArtifactContract, NamesTheParserChecksAgainst) {
   EXPECT_EQ(c::graph_names().size(), c::graphs().size());
   for (const std::string& name : c::graph_names()) EXPECT_EQ(c::graphs().count(name), 1u) << name;
   for (const std::string& kind : c::routing_kinds()) {
-    EXPECT_NE(std::find(c::decoders().begin(), c::decoders().end(), c::decoder_of(kind)), c::decoders().end());
+    EXPECT_NE(std::find(c::decoders().begin(), c::decoders().end(), c::decoder_of(kind)),
+              c::decoders().end());
     EXPECT_NE(std::find(c::query_tables().begin(), c::query_tables().end(), c::query_table_of(kind)),
               c::query_tables().end());
     EXPECT_FALSE(c::routing_token_of(kind).empty());

@@ -2,7 +2,6 @@
 // read back as views and float32 copies; truncated files and headers that lie are ArtifactErrors naming the
 // file and the tensor.
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <cstdint>
@@ -34,9 +33,9 @@ std::string bytes_of(const std::vector<T>& values) {
 class SafetensorsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    file_ = fs::temp_directory_path() / ("vle-st-" + std::to_string(::getpid()) + "-" +
-                                         ::testing::UnitTest::GetInstance()->current_test_info()->name() +
-                                         ".safetensors");
+    file_ = fs::temp_directory_path() /
+            ("vle-st-" + std::to_string(::getpid()) + "-" +
+             ::testing::UnitTest::GetInstance()->current_test_info()->name() + ".safetensors");
   }
   void TearDown() override { fs::remove(file_); }
 
@@ -62,15 +61,15 @@ class SafetensorsTest : public ::testing::Test {
 // 0x3c00 = 1.0, 0xc000 = -2.0, 0x3555 ~ 0.33325, 0x0001 = the smallest subnormal.
 const std::vector<uint16_t> kHalves = {0x3c00, 0xc000, 0x3555, 0x0001};
 
-
 TEST_F(SafetensorsTest, ReadsViewsAndFloatCopies) {
   const std::vector<float> table = {0, 1, 2, 3, 4, 5};
   const std::vector<int64_t> ids = {7, -8};
   const std::string data = bytes_of(table) + bytes_of(ids) + bytes_of(kHalves);
-  write(R"({"__metadata__": {"format": "np"}, "token_embeddings": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 24]},)"
-        R"( "ids": {"dtype": "I64", "shape": [2], "data_offsets": [24, 40]},)"
-        R"( "queries.det": {"dtype": "F16", "shape": [2, 2], "data_offsets": [40, 48]}})",
-        data);
+  write(
+      R"({"__metadata__": {"format": "np"}, "token_embeddings": {"dtype": "F32", "shape": [3, 2], "data_offsets": [0, 24]},)"
+      R"( "ids": {"dtype": "I64", "shape": [2], "data_offsets": [24, 40]},)"
+      R"( "queries.det": {"dtype": "F16", "shape": [2, 2], "data_offsets": [40, 48]}})",
+      data);
   vle::SafetensorsFile f(file_);
   EXPECT_EQ(f.names(), (std::vector<std::string>{"token_embeddings", "ids", "queries.det"}));
   EXPECT_EQ(f.metadata().at("format"), "np");
@@ -92,8 +91,9 @@ TEST_F(SafetensorsTest, ReadsViewsAndFloatCopies) {
 }
 
 TEST_F(SafetensorsTest, NamesTheTensorWhenAskedForWhatItIsNot) {
-  write(R"({"ids": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}, "b": {"dtype": "BF16", "shape": [1], "data_offsets": [8, 10]}})",
-        bytes_of(std::vector<int64_t>{3}) + bytes_of(std::vector<uint16_t>{0x3f80}));
+  write(
+      R"({"ids": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}, "b": {"dtype": "BF16", "shape": [1], "data_offsets": [8, 10]}})",
+      bytes_of(std::vector<int64_t>{3}) + bytes_of(std::vector<uint16_t>{0x3f80}));
   vle::SafetensorsFile f(file_);
   EXPECT_EQ(f.to_float32("b").data_as<float>()[0], 1.0f);
   auto message = [&](auto&& call) -> std::string {
@@ -105,10 +105,13 @@ TEST_F(SafetensorsTest, NamesTheTensorWhenAskedForWhatItIsNot) {
     return "";
   };
   EXPECT_EQ(message([&] { f.entry("nope"); }), file_.string() + ": no tensor 'nope' (it has: ids, b)");
-  EXPECT_NE(message([&] { f.to_float32("ids"); }).find("tensor 'ids': dtype I64 is not a floating-point type"),
+  EXPECT_NE(
+      message([&] { f.to_float32("ids"); }).find("tensor 'ids': dtype I64 is not a floating-point type"),
+      std::string::npos);
+  EXPECT_NE(message([&] { f.view("b"); }).find("tensor 'b': dtype BF16 has no runtime view"),
             std::string::npos);
-  EXPECT_NE(message([&] { f.view("b"); }).find("tensor 'b': dtype BF16 has no runtime view"), std::string::npos);
-  EXPECT_NE(message([&] { f.to_float32("b", {2}); }).find("tensor 'b': expected shape [2], got [1]"), std::string::npos);
+  EXPECT_NE(message([&] { f.to_float32("b", {2}); }).find("tensor 'b': expected shape [2], got [1]"),
+            std::string::npos);
 }
 
 TEST_F(SafetensorsTest, TruncatedAndLyingFilesAreRefused) {
@@ -120,22 +123,48 @@ TEST_F(SafetensorsTest, TruncatedAndLyingFilesAreRefused) {
     std::string message;
   };
   const std::vector<Case> cases = {
-      {good, table.substr(0, 12), {}, "tensor 't': data_offsets [0, 16] lie outside the data (12 bytes after the header"},
+      {good,
+       table.substr(0, 12),
+       {},
+       "tensor 't': data_offsets [0, 16] lie outside the data (12 bytes after the header"},
       {good, table, uint64_t{1} << 40, "header length 1099511627776 is beyond the"},
       {good, table, 1000, "truncated: the header says it is 1000 bytes, the file has"},
-      {R"({"t": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}})", table, {},
+      {R"({"t": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 16]}})",
+       table,
+       {},
        "tensor 't': data_offsets [0, 16] hold 16 bytes, but F32 [2,3] needs 24"},
-      {R"({"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 4]}})", table, {}, "tensor 't': data_offsets [8, 4] lie outside"},
-      {R"({"t": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}})", table, {}, "tensor 't': unknown dtype 'Q4'"},
-      {R"({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})", table, {}, "tensor 't': shape: expected sizes >= 0"},
-      {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0]}})", table, {}, "tensor 't': data_offsets: expected [begin, end]"},
+      {R"({"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 4]}})",
+       table,
+       {},
+       "tensor 't': data_offsets [8, 4] lie outside"},
+      {R"({"t": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}})",
+       table,
+       {},
+       "tensor 't': unknown dtype 'Q4'"},
+      {R"({"t": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})",
+       table,
+       {},
+       "tensor 't': shape: expected sizes >= 0"},
+      {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0]}})",
+       table,
+       {},
+       "tensor 't': data_offsets: expected [begin, end]"},
       {R"({"t": {"dtype": "F32", "shape": [2]}})", table, {}, "tensor 't': missing data_offsets"},
-      {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}})", table, {}, "tensor 't': unknown key 'x'"},
+      {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}})",
+       table,
+       {},
+       "tensor 't': unknown key 'x'"},
       {R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
-       table, {}, "tensors 'a' and 'b' overlap in the data"},
+       table,
+       {},
+       "tensors 'a' and 'b' overlap in the data"},
       {R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "t": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})",
-       table, {}, "invalid JSON: key 't' appears twice in one object"},
-      {R"({"t": {"dtype": "F32", "shape": [4294967296, 4294967296, 4294967296], "data_offsets": [0, 16]}})", table, {},
+       table,
+       {},
+       "invalid JSON: key 't' appears twice in one object"},
+      {R"({"t": {"dtype": "F32", "shape": [4294967296, 4294967296, 4294967296], "data_offsets": [0, 16]}})",
+       table,
+       {},
        "overflows"},
       {R"({"t": )", table, {}, ": header: invalid JSON at line 1"},
       {R"([1, 2])", table, {}, "header: expected a JSON object, got an array"},
@@ -159,8 +188,9 @@ TEST_F(SafetensorsTest, TruncatedAndLyingFilesAreRefused) {
 
 TEST_F(SafetensorsTest, UnalignedDataHasNoViewButCopies) {
   // An F16 tensor of one element puts the F32 after it at an odd-by-two offset.
-  write(R"({"h": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]}, "f": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}})",
-        bytes_of(std::vector<uint16_t>{0x3c00}) + bytes_of(std::vector<float>{2.5f}));
+  write(
+      R"({"h": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]}, "f": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}})",
+      bytes_of(std::vector<uint16_t>{0x3c00}) + bytes_of(std::vector<float>{2.5f}));
   vle::SafetensorsFile f(file_);
   EXPECT_THROW(f.view("f"), vle::ArtifactError);
   EXPECT_EQ(f.to_float32("f").data_as<float>()[0], 2.5f);
