@@ -209,7 +209,7 @@ void bind_pipeline(py::module_& m) {
           [](const std::string& dir, const std::string& backend, const std::vector<std::string>& providers,
              const std::map<std::string, std::map<std::string, std::string>>& provider_options, int threads,
              int64_t max_context, const std::vector<std::string>& components, bool verify_hashes,
-             const std::string& onnxruntime_library) {
+             const std::string& onnxruntime_library, const std::map<std::string, double>& postprocess) {
             vle::LoadOptions o;
             o.backend = backend;
             o.providers = providers;
@@ -219,12 +219,13 @@ void bind_pipeline(py::module_& m) {
             o.components = components;
             o.verify_hashes = verify_hashes;
             o.onnxruntime_library = onnxruntime_library;
+            o.postprocess = postprocess;
             py::gil_scoped_release release;
             return vle::Pipeline::load(dir, o);
           },
           py::arg("artifact_dir"), py::arg("backend"), py::arg("providers"), py::arg("provider_options"),
           py::arg("threads"), py::arg("max_context"), py::arg("components"), py::arg("verify_hashes"),
-          py::arg("onnxruntime_library"))
+          py::arg("onnxruntime_library"), py::arg("postprocess"))
       .def(
           "run",
           [](vle::Pipeline& p, const py::object& image, const std::string& prompt, const py::dict& options,

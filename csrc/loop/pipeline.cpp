@@ -282,6 +282,22 @@ Pipeline Pipeline::load(const std::string& artifact_dir, const LoadOptions& opti
     }
   }
 
+  Postprocess& post = p.manifest.postprocess;
+  for (const auto& [name, value] : options.postprocess) {
+    if (name == "det_top_k") post.det_top_k = static_cast<int64_t>(value);
+    else if (name == "det_score_threshold") post.det_score_threshold = value;
+    else if (name == "nms_iou") post.nms_iou = value < 0 ? std::nullopt : std::optional<double>(value);
+    else if (name == "mask_threshold") post.mask_threshold = value;
+    else if (name == "seg_score_threshold") post.seg_score_threshold = value;
+    else if (name == "pose_top_k") post.pose_top_k = static_cast<int64_t>(value);
+    else if (name == "pose_score_threshold") post.pose_score_threshold = value;
+    else {
+      throw InputError("unknown post-processing setting '" + name + "' (known: det_top_k, det_score_threshold, "
+                       "nms_iou, mask_threshold, seg_score_threshold, pose_top_k, pose_score_threshold)");
+    }
+  }
+  if (post.det_top_k < 0 || post.pose_top_k < 0) throw InputError("det_top_k and pose_top_k must be >= 0");
+
   const Manifest& m = p.manifest;
   TokenizerFiles files;
   files.tokenizer_json = m.tokenizer.file.path;

@@ -134,6 +134,7 @@ class Pipeline:
         threads: int = 0,
         verify_hashes: bool = True,
         provider_options: dict[str, dict[str, str]] | None = None,
+        postprocess: dict[str, float] | None = None,
     ) -> Pipeline:
         """Opens an artifact folder.
 
@@ -147,6 +148,9 @@ class Pipeline:
             threads: intra-op threads per engine (0: ONNX Runtime's default).
             verify_hashes: check every file's sha256 against the manifest.
             provider_options: per-provider options, passed through to ONNX Runtime.
+            postprocess: overrides of the manifest's post-processing defaults (det_top_k,
+                det_score_threshold, nms_iou (None: off), mask_threshold, seg_score_threshold, pose_top_k,
+                pose_score_threshold).
         """
         folder = Path(artifact_dir)
         manifest = load_manifest(folder, verify_hashes=verify_hashes)
@@ -162,6 +166,7 @@ class Pipeline:
             list(components or ()),
             False,  # load_manifest above checked the hashes with the same C++ parser
             onnxruntime_library(),
+            {k: -1.0 if v is None else float(v) for k, v in (postprocess or {}).items()},
         )
         return cls(core, manifest)
 

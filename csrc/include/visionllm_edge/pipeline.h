@@ -1,7 +1,8 @@
 // The visionllm-edge C++ API: an exported artifact folder in, answers with boxes, masks, keypoints and
 // images out.
 //
-//   auto pipe = vle::Pipeline::load("artifact/", {.backend = "onnxruntime", .threads = 2});
+//   vle::LoadOptions options;  options.threads = 2;
+//   auto pipe = vle::Pipeline::load("artifact/", options);
 //   vle::Result r = pipe.run(vle::Image::rgb(pixels, width, height), "Please detect the person.");
 //   pipe.run(image, prompt, {}, [](std::string_view piece) { /* streamed text */ });
 //   auto chat = pipe.chat(image);  chat.ask("What is this?");  chat.ask("And on the left?");
@@ -81,6 +82,10 @@ struct LoadOptions {
   std::vector<std::string> components;      // load these now (vision, region, llm, det, pose, gen, edit)
   bool verify_hashes = true;                // check every file's sha256 against the manifest
   std::string onnxruntime_library;          // libonnxruntime to open; empty: the build's default
+  // Overrides of the manifest's post-processing defaults by name: det_top_k, det_score_threshold, nms_iou
+  // (a negative value switches NMS off), mask_threshold, seg_score_threshold, pose_top_k,
+  // pose_score_threshold. An unknown name is an InputError.
+  std::map<std::string, double> postprocess;
 };
 
 struct RunOptions {

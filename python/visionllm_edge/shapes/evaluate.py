@@ -108,13 +108,12 @@ class Runner(Protocol):
 
 
 class RuntimeRunner:
-    """The ONNX Runtime `Pipeline` (torch-free). Its post-processing is switched to `EVAL_POSTPROCESS`."""
+    """The ONNX Runtime `Pipeline` (torch-free), loaded with the post-processing of `EVAL_POSTPROCESS`."""
 
     backend = "onnxruntime"
 
     def __init__(self, pipeline):
         self.pipe = pipeline
-        self.pipe.post = {**pipeline.post, **EVAL_POSTPROCESS}
 
     @classmethod
     def load(cls, artifact, threads: int = 0, providers=None) -> RuntimeRunner:
@@ -134,7 +133,7 @@ class RuntimeRunner:
                 f"{artifact}: not an artifact folder (the onnxruntime backend evaluates a folder written by "
                 f"'visionllm-edge export'; '--backend reference' takes a checkpoint folder or 'shapes-tiny')"
             )
-        return cls(Pipeline.load(artifact, threads=threads, providers=providers))
+        return cls(Pipeline.load(artifact, threads=threads, providers=providers, postprocess=EVAL_POSTPROCESS))
 
     def detect(self, image, classes) -> Result:
         return self.pipe.detect(image, classes)
