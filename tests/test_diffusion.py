@@ -14,6 +14,7 @@ from visionllm_edge.export.models.diffusion import (
     DiffusionWithLLMEmb,
     build_diffusion,
     ddim_timesteps,
+    scheduler_facts,
 )
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden_dev"
@@ -127,6 +128,23 @@ def test_ddim_timesteps_match_diffusers(steps):
     scheduler.set_timesteps(steps)
     assert ddim_timesteps(steps) == scheduler.timesteps.tolist()
     assert DDIMSchedule(steps).timesteps == scheduler.timesteps.tolist()
+
+
+def test_scheduler_facts_are_the_diffusers_scheduler():
+    """What export writes as the `scheduler` facts is the DDIMScheduler this reference matches, setting by
+    setting (the C++ loop refuses any other value of the fixed ones)."""
+    scheduler = _diffusers_ddim()
+    facts = scheduler_facts()
+    names = {"train_timesteps": "num_train_timesteps"}
+    for key in facts.keys() - {"eta", "init_noise_sigma"}:
+        assert facts[key] == scheduler.config[names.get(key, key)], key
+        assert type(facts[key]) is type(scheduler.config[names.get(key, key)]), key
+    # eta is an argument of DDIMScheduler.step, 0 by default; init_noise_sigma an attribute.
+    assert facts["eta"] == 0.0 and facts["init_noise_sigma"] == scheduler.init_noise_sigma == 1.0
+    assert facts["set_alpha_to_one"] is False and facts["clip_sample"] is False
+    # set_alpha_to_one False: the last step lands on alphas_cumprod[0] (diffusers in float32).
+    final = DDIMSchedule(20).final_alpha_cumprod
+    assert float(scheduler.final_alpha_cumprod) == pytest.approx(final, rel=1e-6)
 
 
 def test_ddim_timesteps_examples():

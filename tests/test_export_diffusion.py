@@ -1,13 +1,15 @@
-"""The generation / editing exporters and the NumPy denoising loop, on tiny-random.
+"""The generation / editing exporters and the runtime's denoising loop, on tiny-random.
 
 Graphs are exported once per module into a temporary folder, checked with `onnx.checker` and run with ONNX
-Runtime (CPU) against the PyTorch reference. The NumPy loop (`visionllm_edge.diffusion`, what the runtime
-runs) is checked against the reference `DDIMSchedule` and `denoise`, both with the torch UNet and with the
-exported graphs end to end.
+Runtime (CPU) against the PyTorch reference. The C++ loop (`_core.denoise`, `_core.DDIMSchedule`,
+`_core.DDIMConfig`: what the runtime runs) is checked against the reference `DDIMSchedule` and `denoise`,
+both with the torch UNet and with the exported graphs end to end, and the scheduler facts the exporter
+writes are read back by the C++ reader.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import warnings
@@ -15,10 +17,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from visionllm_edge import contract
-from visionllm_edge import diffusion as loop
+from visionllm_edge import _core, contract
 from visionllm_edge.contract import compare
 from visionllm_edge.export.models import diffusion as reference
+from visionllm_edge.manifest import ManifestError
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -30,6 +32,25 @@ from visionllm_edge.export.onnx.diffusion import EditExporter, GenExporter  # no
 KINDS = ("gen", "edit")
 ATTRIBUTE = {"gen": "sd", "edit": "ip2p"}
 TOL = 1e-4
+#: The keys of the manifest's `scheduler` facts (diffusers' `DDIMScheduler` settings), in the order written.
+SCHEDULER_KEYS = (
+    "train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "prediction_type",
+    "clip_sample",
+    "eta",
+    "init_noise_sigma",
+)
+
+
+def _config_fields(config) -> dict:
+    """A `_core.DDIMConfig` as the facts dict it reads."""
+    return {key: getattr(config, key) for key in SCHEDULER_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +180,11 @@ def test_uncond_file_is_the_reference_embedding(model, exported, kind):
 def test_manifest_facts(model, kind):
     decoder = getattr(model, ATTRIBUTE[kind])
     facts = exporter_for(kind).manifest_facts(model, ExportSettings())
-    schedule = loop.DDIMConfig.from_facts(facts["scheduler"])
+    # What the exporter writes is what the C++ reader reads, key for key and value for value (through JSON,
+    # as the manifest carries it), and it is the scheduler of the reference the graphs are checked with.
+    assert tuple(facts["scheduler"]) == SCHEDULER_KEYS
+    schedule = _core.DDIMConfig.from_facts(json.loads(json.dumps(facts["scheduler"])))
+    assert _config_fields(schedule) == facts["scheduler"] == reference.scheduler_facts()
     assert (schedule.train_timesteps, schedule.beta_start, schedule.beta_end, schedule.steps_offset) == (
         reference.TRAIN_STEPS,
         reference.BETA_START,
@@ -167,58 +192,117 @@ def test_manifest_facts(model, kind):
         reference.STEPS_OFFSET,
     )
     assert schedule.timestep_spacing == "leading" and schedule.set_alpha_to_one is False
+    # SD-1.5's constants are also the C++ loop's defaults (what `_core.denoise` runs without a config).
+    assert _config_fields(_core.DDIMConfig()) == facts["scheduler"]
     assert facts["image_size"] == model.config.image_size_for(kind) == 32
     assert facts["latent_size"] == facts["image_size"] // decoder.vae_scale_factor
     assert facts["vae_scaling_factor"] == decoder.scaling_factor
     assert facts["latent_channels"] == 4 and facts["steps"] == 20 and facts["guidance_scale"] == 7.5
     assert facts["uncond_file"] == f"{kind}_uncond.safetensors" and facts["uncond_tensor"] == "uncond"
+    assert facts["uncond_file"] == contract.UNCOND_FILE.format(kind=kind)
+    assert facts["uncond_tensor"] == contract.UNCOND_TENSOR
     assert ("image_guidance_scale" in facts) == (kind == "edit")
     if kind == "edit":
         assert facts["image_guidance_scale"] == 1.5
 
 
-# --- the NumPy loop against the torch reference -------------------------------------------------------------
+# --- the C++ loop against the torch reference ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("steps", [1, 3, 20, 50, 999])
 def test_schedule_matches_the_reference(steps):
-    ours = loop.DDIMSchedule(steps)
+    ours = _core.DDIMSchedule(steps)
     ref = reference.DDIMSchedule(steps)
     assert ours.timesteps.dtype == np.int64
     assert ours.timesteps.tolist() == ref.timesteps == reference.ddim_timesteps(steps)
+    assert _core.ddim_timesteps(steps).tolist() == ref.timesteps
     np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-14, atol=0)
     assert ours.final_alpha_cumprod == pytest.approx(ref.final_alpha_cumprod, rel=1e-14)
+    for t in ref.timesteps:
+        assert ours.alphas(t) == pytest.approx(ref._alphas(t), rel=1e-14)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20, 50, 999])
+def test_every_step_matches_the_reference_step(steps):
+    """The C++ loop unguided (one UNet row per request) around a UNet that returns fixed noise per timestep:
+    the latents it hands the UNet at each step, and the final ones, are the reference `DDIMSchedule.step`
+    applied in turn."""
     rng = np.random.default_rng(steps)
-    x = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
-    eps = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
-    for t in ours.timesteps:
-        assert ours.step_coefficients(t) == pytest.approx(ref.step_coefficients(int(t)), rel=1e-12)
-        want = ref.step(torch.from_numpy(eps), int(t), torch.from_numpy(x)).numpy()
-        got = ours.step(eps, t, x)
-        assert got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    ref = reference.DDIMSchedule(steps)
+    noise = rng.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    cond = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    eps = {t: rng.standard_normal((2, 4, 3, 3)).astype(np.float32) for t in ref.timesteps}
+    seen = []
+
+    def unet(sample, timestep, context):
+        seen.append((timestep.copy(), sample.copy()))
+        return eps[int(timestep[0])]
+
+    got = _core.denoise(unet, cond, cond[:1], noise, steps, 1.0)
+    assert [t.tolist() for t, _ in seen] == [[t, t] for t in ref.timesteps]
+    want = torch.from_numpy(noise) * ref.init_noise_sigma
+    for (_, sample), t in zip(seen, ref.timesteps):
+        np.testing.assert_allclose(sample, want.numpy(), rtol=1e-5, atol=1e-5)
+        want = ref.step(torch.from_numpy(eps[t]), t, want)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_schedule_rejects_steps_past_the_end():
-    # Leading spacing with offset 1: 1000 steps would start at t = 1000 (the reference fails at step one).
+    # Leading spacing with offset 1: 1000 steps would start at t = 1000; the C++ schedule refuses it up front,
+    # the reference fails at its first step.
     with pytest.raises(ValueError, match=r"start at timestep 1000, outside \[0, 1000\)"):
-        loop.DDIMSchedule(1000)
+        _core.DDIMSchedule(1000)
+    with pytest.raises(ValueError, match=r"timestep must be in \[0, 1000\), got 1000"):
+        reference.DDIMSchedule(1000).step(torch.zeros(1), 1000, torch.zeros(1))
     with pytest.raises(ValueError, match="steps must be an int"):
-        loop.DDIMSchedule(0)
+        _core.DDIMSchedule(0)
 
 
-def test_guidance_combines():
-    rng = np.random.default_rng(0)
-    eps = rng.standard_normal((6, 4, 2, 2)).astype(np.float32)
-    u, c = eps[:3], eps[3:]
-    np.testing.assert_allclose(loop.cfg_combine(eps, 7.5), u + 7.5 * (c - u), rtol=1e-6)
-    ci, ui, u0 = eps[:2], eps[2:4], eps[4:]
-    want = u0 + 7.5 * (ci - ui) + 1.5 * (ui - u0)
-    np.testing.assert_allclose(loop.ip2p_combine(eps, 7.5, 1.5), want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="even size"):
-        loop.cfg_combine(eps[:3], 7.5)
-    with pytest.raises(ValueError, match="multiple of 3"):
-        loop.ip2p_combine(eps[:4], 7.5, 1.5)
+@pytest.mark.parametrize("kind", KINDS)
+def test_guidance_batch_and_combination(model, kind):
+    """Two guided steps around a UNet that returns one fixed noise batch: the C++ loop builds the UNet batch
+    the exporter's `guidance_batch` facts declare, and combines its rows with the pipelines' formulas."""
+    graphs = exporter_for(kind).graphs(model, ExportSettings())
+    (unet_graph,) = [g for g in graphs if g.name == f"{kind}_unet"]
+    layout = unet_graph.facts["guidance_batch"]
+    rng = np.random.default_rng(3)
+    n = 2
+    cond = rng.standard_normal((n, 5, 6)).astype(np.float32)
+    uncond = rng.standard_normal((1, 5, 6)).astype(np.float32)
+    noise = rng.standard_normal((n, 4, 3, 3)).astype(np.float32)
+    image = rng.standard_normal((n, 4, 3, 3)).astype(np.float32) if kind == "edit" else None
+    rows = len(layout["encoder_hidden_states"])
+    eps = rng.standard_normal((rows * n, 4, 3, 3)).astype(np.float32)
+    seen = []
+
+    def unet(sample, timestep, context):
+        seen.append((sample.copy(), context.copy()))
+        return eps
+
+    got = _core.denoise(unet, cond, uncond, noise, 2, 7.5, image, 1.5)
+    sample, context = seen[0]
+    contexts = {"cond": cond, "uncond": np.broadcast_to(uncond, cond.shape)}
+    np.testing.assert_array_equal(
+        context, np.concatenate([contexts[row] for row in layout["encoder_hidden_states"]])
+    )
+    np.testing.assert_array_equal(sample[:, :4], np.concatenate([noise] * rows))
+    if kind == "gen":
+        assert sample.shape[1] == 4
+        u, c = eps[:n], eps[n:]
+        guided = u + 7.5 * (c - u)
+    else:
+        images = {"image": image, "zeros": np.zeros_like(image)}
+        np.testing.assert_array_equal(
+            sample[:, 4:], np.concatenate([images[row] for row in layout["image_latents"]])
+        )
+        ci, ui, u0 = eps[:n], eps[n : 2 * n], eps[2 * n :]
+        guided = u0 + 7.5 * (ci - ui) + 1.5 * (ui - u0)
+    ref = reference.DDIMSchedule(2)
+    want = torch.from_numpy(noise)
+    for t in ref.timesteps:
+        want = ref.step(torch.from_numpy(guided), t, want)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def _torch_unet(decoder):
@@ -237,7 +321,7 @@ def _torch_unet(decoder):
 # The guided paths run end to end over the exported graphs below; the unguided ones (guidance <= 1; for
 # editing also image guidance < 1) run here with the torch UNet, which also isolates the loop from the export.
 @pytest.mark.parametrize("kind,guidance,image_guidance", [("gen", 1.0, 1.5), ("edit", 7.5, 0.5)])
-def test_numpy_loop_with_the_torch_unet_matches_reference_denoise(model, kind, guidance, image_guidance):
+def test_cpp_loop_with_the_torch_unet_matches_reference_denoise(model, kind, guidance, image_guidance):
     decoder = getattr(model, ATTRIBUTE[kind])
     rng = np.random.default_rng(1)
     cond = rng.standard_normal((2, 77, decoder.sd_hidden_size)).astype(np.float32)
@@ -253,13 +337,13 @@ def test_numpy_loop_with_the_torch_unet_matches_reference_denoise(model, kind, g
             image_latents=None if image is None else torch.from_numpy(image),
             image_guidance_scale=image_guidance,
         ).numpy()
-    got = loop.denoise(_torch_unet(decoder), cond, uncond, noise, 3, guidance, image, image_guidance)
+    got = _core.denoise(_torch_unet(decoder), cond, uncond, noise, 3, guidance, image, image_guidance)
     assert got.dtype == np.float32
     mismatch = compare(got, want, atol=TOL, rtol=TOL)
     assert mismatch is None, str(mismatch)
 
 
-def test_numpy_loop_rejects_bad_inputs():
+def test_cpp_loop_rejects_bad_inputs():
     cond = np.zeros((2, 77, 8), np.float32)
     noise = np.zeros((2, 4, 4, 4), np.float32)
 
@@ -267,49 +351,63 @@ def test_numpy_loop_rejects_bad_inputs():
         return np.zeros((sample.shape[0], 4, 4, 4), np.float32)
 
     with pytest.raises(ValueError, match="uncond must have shape"):
-        loop.denoise(unet, cond, np.zeros((3, 77, 8), np.float32), noise, 2, 7.5)
+        _core.denoise(unet, cond, np.zeros((3, 77, 8), np.float32), noise, 2, 7.5)
     with pytest.raises(ValueError, match="noise must have shape"):
-        loop.denoise(unet, cond, cond[:1], noise[:1], 2, 7.5)
+        _core.denoise(unet, cond, cond[:1], noise[:1], 2, 7.5)
     with pytest.raises(ValueError, match="image_latents must have the shape"):
-        loop.denoise(unet, cond, cond[:1], noise, 2, 7.5, image_latents=noise[:, :, :2])
+        image = np.ascontiguousarray(noise[:, :, :2])
+        _core.denoise(unet, cond, cond[:1], noise, 2, 7.5, image_latents=image)
     with pytest.raises(ValueError, match="steps must be"):
-        loop.denoise(unet, cond, cond[:1], noise, 0, 7.5)
+        _core.denoise(unet, cond, cond[:1], noise, 0, 7.5)
     with pytest.raises(ValueError, match=r"unet_fn returned shape \[4, 4, 2, 2\]"):
-        loop.denoise(lambda s, t, c: np.zeros((4, 4, 2, 2), np.float32), cond, cond[:1], noise, 2, 7.5)
+        _core.denoise(lambda s, t, c: np.zeros((4, 4, 2, 2), np.float32), cond, cond[:1], noise, 2, 7.5)
 
 
 def test_scheduler_facts_are_parsed_strictly():
-    facts = loop.DDIMConfig().to_facts()
-    assert loop.DDIMConfig.from_facts(facts) == loop.DDIMConfig()
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['eta2'\]"):
-        loop.DDIMConfig.from_facts({**facts, "eta2": 0.0})
-    with pytest.raises(ValueError, match=r"missing key\(s\) \['steps_offset'\]"):
-        loop.DDIMConfig.from_facts({k: v for k, v in facts.items() if k != "steps_offset"})
-    with pytest.raises(ValueError, match="'set_alpha_to_one' must be bool, got int"):
-        loop.DDIMConfig.from_facts({**facts, "set_alpha_to_one": 0})
-    with pytest.raises(ValueError, match="'train_timesteps' must be int, got float"):
-        loop.DDIMConfig.from_facts({**facts, "train_timesteps": 1000.0})
-    with pytest.raises(ValueError, match="timestep_spacing must be 'leading'"):
-        loop.DDIMConfig.from_facts({**facts, "timestep_spacing": "trailing"})
+    facts = reference.scheduler_facts()
+    assert _config_fields(_core.DDIMConfig.from_facts(facts)) == facts
+    with pytest.raises(ManifestError, match=r"unknown key\(s\) \['eta2'\]"):
+        _core.DDIMConfig.from_facts({**facts, "eta2": 0.0})
+    with pytest.raises(ManifestError, match=r"missing key\(s\) \['steps_offset'\]"):
+        _core.DDIMConfig.from_facts({k: v for k, v in facts.items() if k != "steps_offset"})
+    with pytest.raises(ManifestError, match="'set_alpha_to_one' must be bool, got int"):
+        _core.DDIMConfig.from_facts({**facts, "set_alpha_to_one": 0})
+    with pytest.raises(ManifestError, match="'train_timesteps' must be int, got float"):
+        _core.DDIMConfig.from_facts({**facts, "train_timesteps": 1000.0})
+    with pytest.raises(ManifestError, match="timestep_spacing must be 'leading'"):
+        _core.DDIMConfig.from_facts({**facts, "timestep_spacing": "trailing"})
 
 
-def test_loop_module_is_torch_free():
-    code = "import sys, visionllm_edge.diffusion; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_runtime_loop_is_torch_free():
+    # The runtime's side of this module (the contract's names, the facts reader, the loop) runs without torch.
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from visionllm_edge import _core, contract\n"
+        "import json\n"
+        "config = _core.DDIMConfig.from_facts(json.loads(sys.argv[1]))\n"
+        "x = np.ones((1, 4, 2, 2), np.float32)\n"
+        "c = np.ones((1, 3, 2), np.float32)\n"
+        "unet = lambda s, t, e: np.full((s.shape[0], 4, 2, 2), 0.5, np.float32)\n"
+        "out = _core.denoise(unet, c, c, x, 2, 7.5, config=config)\n"
+        "assert out.shape == x.shape and contract.UNCOND_TENSOR == 'uncond'\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code, json.dumps(reference.scheduler_facts())], check=True)
 
 
 # --- end to end: the runtime's loop over the exported graphs ------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_numpy_loop_over_exported_graphs_matches_reference(model, exported, kind):
-    """Link states -> mapper -> 3 DDIM steps with guidance -> VAE decode, all through ONNX Runtime and NumPy,
-    against the reference `map_queries`, `denoise` and `decode_latents` with the same explicit noise."""
+def test_cpp_loop_over_exported_graphs_matches_reference(model, exported, kind):
+    """Link states -> mapper -> 3 DDIM steps with guidance -> VAE decode, through ONNX Runtime and the C++
+    loop, against the reference `map_queries`, `denoise` and `decode_latents` with the same explicit noise."""
     from safetensors.numpy import load_file
 
     decoder = getattr(model, ATTRIBUTE[kind])
     graphs = {name.split("_", 1)[1]: _session(path) for name, path in exported[kind]["graphs"].items()}
-    uncond = load_file(str(exported[kind]["extra"][f"{kind}_uncond"]))["uncond"]
+    uncond = load_file(str(exported[kind]["extra"][f"{kind}_uncond"]))[contract.UNCOND_TENSOR]
     rng = np.random.default_rng(7)
     n = 2
     latent = model.config.image_size_for(kind) // decoder.vae_scale_factor
@@ -330,7 +428,7 @@ def test_numpy_loop_over_exported_graphs_matches_reference(model, exported, kind
         )
         return out
 
-    latents = loop.denoise(unet, cond, uncond, noise, 3, 7.5, image_latents, 1.5)
+    latents = _core.denoise(unet, cond, uncond, noise, 3, 7.5, image_latents, 1.5)
     (images,) = graphs["vae_decoder"].run(None, {"latents": latents})
 
     with torch.no_grad():

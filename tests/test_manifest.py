@@ -907,6 +907,8 @@ def test_cpp_contract_table_equals_contract_py():
     for name in ("ROUTING_TOKENS", "QUERY_TABLE", "DECODER_OF_KIND", "COMPONENT_GRAPHS"):
         assert list(table[name].items()) == list(getattr(contract, name).items()), name
     assert table.pop("VERSION") == __version__
+    # The diffusion decoders' constant file and tensor (what export writes, what the C++ loop reads) included.
+    assert {"UNCOND_FILE", "UNCOND_TENSOR"} <= set(table)
     for name, value in table.items():
         assert value == getattr(contract, name), name
-    assert len(table) >= 35
+    assert len(table) >= 37

@@ -17,6 +17,10 @@ inline constexpr const char* kTokenizerFile = "tokenizer.json";
 inline constexpr const char* kSentencePieceFile = "tokenizer.model";
 inline constexpr const char* kEmbeddingsFile = "embeddings.safetensors";
 inline constexpr const char* kValidationFile = "validation.json";
+// The unconditional (empty-prompt) context of each diffusion decoder: one float32 tensor [1, 77, D] in
+// "<kind>_uncond.safetensors" ("{kind}" stands for gen or edit).
+inline constexpr const char* kUncondFile = "{kind}_uncond.safetensors";
+inline constexpr const char* kUncondTensor = "uncond";
 
 // --- the manifest format ----------------------------------------------------------------------------------
 // The schema version this build writes and reads, and the oldest one it still reads (older artifacts must be

@@ -66,8 +66,9 @@ py::dict to_python(const vle::Manifest& m, const nlohmann::ordered_json& documen
   paths["graphs"] = graphs;
   paths["embeddings"] = m.embeddings.file.path.string();
   paths["tokenizer"] = m.tokenizer.file.path.string();
-  paths["sentencepiece"] = m.tokenizer.sentencepiece ? py::object(py::str(m.tokenizer.sentencepiece->path.string()))
-                                                     : py::object(py::none());
+  paths["sentencepiece"] = m.tokenizer.sentencepiece
+                               ? py::object(py::str(m.tokenizer.sentencepiece->path.string()))
+                               : py::object(py::none());
   paths["extra_files"] = extra;
   py::dict out;
   out["artifact_dir"] = m.artifact_dir.string();
@@ -105,10 +106,12 @@ py::dict contract_table() {
   py::dict graphs;  // in contract order
   for (const std::string& name : c::graph_names()) {
     const c::GraphNames& g = c::graphs().at(name);
-    graphs[py::str(name)] = py::make_tuple(g.file, py::tuple(py::cast(g.inputs)), py::tuple(py::cast(g.outputs)));
+    graphs[py::str(name)] =
+        py::make_tuple(g.file, py::tuple(py::cast(g.inputs)), py::tuple(py::cast(g.outputs)));
   }
   py::dict components;
-  for (const auto& [name, members] : c::component_graphs()) components[py::str(name)] = py::tuple(py::cast(members));
+  for (const auto& [name, members] : c::component_graphs())
+    components[py::str(name)] = py::tuple(py::cast(members));
   py::dict routing_tokens, query_table, decoder_of;
   for (const auto& [token, kind] : c::routing_tokens()) {
     routing_tokens[py::str(token)] = kind;
@@ -121,6 +124,8 @@ py::dict contract_table() {
   out["SENTENCEPIECE_FILE"] = c::kSentencePieceFile;
   out["EMBEDDINGS_FILE"] = c::kEmbeddingsFile;
   out["VALIDATION_FILE"] = c::kValidationFile;
+  out["UNCOND_FILE"] = c::kUncondFile;
+  out["UNCOND_TENSOR"] = c::kUncondTensor;
   out["MANIFEST_SCHEMA_VERSION"] = c::kManifestSchemaVersion;
   out["MANIFEST_MIN_SCHEMA_VERSION"] = c::kManifestMinSchemaVersion;
   out["PRODUCER_NAME"] = c::kProducerName;
@@ -163,7 +168,8 @@ void bind(py::module_& m) {
         "Reads and checks <artifact_dir>/manifest.json; {'artifact_dir', 'data', 'paths'}.");
   m.def("parse_manifest", &parse, py::arg("text"), py::arg("artifact_dir"), py::arg("source"),
         py::arg("verify_hashes") = true, "Checks a manifest's JSON text against the files in artifact_dir.");
-  m.def("artifact_contract", &contract_table, "The C++ contract table (artifact/contract.h) by contract.py name.");
+  m.def("artifact_contract", &contract_table,
+        "The C++ contract table (artifact/contract.h) by contract.py name.");
 }
 
 const vle::BindRegistration registration(&bind);

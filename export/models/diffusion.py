@@ -60,6 +60,28 @@ BETA_END = 0.012
 STEPS_OFFSET = 1
 
 
+def scheduler_facts() -> dict:
+    """The scheduler this module implements, as the manifest's `scheduler` facts of each decoder.
+
+    The keys are diffusers' `DDIMScheduler` settings; the C++ loop reads them back strictly
+    (`DDIMConfig::from_facts` in csrc/loop/diffusion.h) and refuses any value it does not implement. Written
+    from this module's own constants, so what the export declares is the loop this reference runs.
+    """
+    return {
+        "train_timesteps": TRAIN_STEPS,
+        "beta_start": BETA_START,
+        "beta_end": BETA_END,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "leading",
+        "steps_offset": STEPS_OFFSET,
+        "set_alpha_to_one": False,
+        "prediction_type": "epsilon",
+        "clip_sample": False,
+        "eta": 0.0,
+        "init_noise_sigma": DDIMSchedule.init_noise_sigma,
+    }
+
+
 def ddim_timesteps(steps: int, train_steps: int = TRAIN_STEPS, steps_offset: int = STEPS_OFFSET) -> list[int]:
     """The DDIM timesteps for `steps` inference steps, highest first ("leading" spacing).
 

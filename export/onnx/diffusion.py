@@ -1,7 +1,7 @@
 """ONNX export of the generation (`[GEN]`, SD-1.5) and editing (`[EDIT]`, InstructPix2Pix) decoders.
 
-Each decoder becomes the graphs the runtime's NumPy loop (`visionllm_edge.diffusion.denoise`) drives, plus one
-constant file:
+Each decoder becomes the graphs the runtime's C++ denoising loop (`denoise` in csrc/loop/diffusion.h) drives,
+plus one constant file:
 
 * `<kind>_mapper.onnx`: link states `[n, N, Hl]` -> UNet context `[n, 77, D]` (`map_queries`).
 * `<kind>_unet.onnx`: one UNet call. `sample [b, C, h, w]`, `timestep [b]` int64, `encoder_hidden_states
@@ -19,7 +19,7 @@ constant file:
   by `extra_files()`, which the orchestrator calls next to `graphs()`.
 
 Every graph calls the reference method itself, so the export and the reference cannot drift apart. Scheduler
-constants and defaults go into the manifest facts (`manifest_facts`).
+constants (the reference's own, `scheduler_facts`) and defaults go into the manifest facts (`manifest_facts`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 from visionllm_edge import contract
-from visionllm_edge.diffusion import UNCOND_FILE, UNCOND_TENSOR, DDIMConfig, ddim_timesteps
 from visionllm_edge.export.models import diffusion as reference
 from visionllm_edge.export.onnx.base import (
     ComponentExporter,
@@ -280,10 +279,10 @@ class _DiffusionExporter(ComponentExporter):
         """
         from safetensors.numpy import save_file
 
-        path = Path(out_dir) / UNCOND_FILE.format(kind=self.kind)
+        path = Path(out_dir) / contract.UNCOND_FILE.format(kind=self.kind)
         uncond = self.decoder(model).unconditional_embedding().detach().float().cpu().numpy()
         save_file(
-            {UNCOND_TENSOR: np.ascontiguousarray(uncond)},
+            {contract.UNCOND_TENSOR: np.ascontiguousarray(uncond)},
             str(path),
             metadata={"content": "CLIP text encoder last_hidden_state of the empty prompt"},
         )
@@ -294,14 +293,8 @@ class _DiffusionExporter(ComponentExporter):
     def manifest_facts(self, model, settings: ExportSettings) -> dict:
         decoder = self.decoder(model)
         post = PostProcessSettings.for_model(model.config)
-        schedule = DDIMConfig(
-            train_timesteps=reference.TRAIN_STEPS,
-            beta_start=reference.BETA_START,
-            beta_end=reference.BETA_END,
-            steps_offset=reference.STEPS_OFFSET,
-        )
         facts = {
-            "scheduler": schedule.to_facts(),
+            "scheduler": reference.scheduler_facts(),
             "steps": post.gen_steps,
             "guidance_scale": post.guidance_scale,
             "image_size": model.config.image_size_for(self.kind),
@@ -309,8 +302,8 @@ class _DiffusionExporter(ComponentExporter):
             "latent_channels": decoder.latent_channels,
             "vae_scale_factor": decoder.vae_scale_factor,
             "vae_scaling_factor": decoder.scaling_factor,
-            "uncond_file": UNCOND_FILE.format(kind=self.kind),
-            "uncond_tensor": UNCOND_TENSOR,
+            "uncond_file": contract.UNCOND_FILE.format(kind=self.kind),
+            "uncond_tensor": contract.UNCOND_TENSOR,
         }
         if self.kind == "edit":
             facts["image_guidance_scale"] = post.image_guidance_scale
@@ -327,7 +320,7 @@ class _DiffusionExporter(ComponentExporter):
         # A second latent side proves the dynamic h, w (the next size the UNet accepts).
         other = latent + self.latent_multiple(decoder)
         f = decoder.vae_scale_factor
-        steps = ddim_timesteps(PostProcessSettings().gen_steps)
+        steps = reference.ddim_timesteps(PostProcessSettings().gen_steps)
         early, middle, last = int(steps[0]), int(steps[len(steps) // 2]), int(steps[-1])
 
         def normal(*shape) -> np.ndarray:

@@ -211,6 +211,10 @@ TOKENIZER_FILE = "tokenizer.json"
 #: Llama's SentencePiece model, beside `tokenizer.json`, for the C++ tokenizer.
 SENTENCEPIECE_FILE = "tokenizer.model"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+#: The unconditional (empty-prompt) context of each diffusion decoder: one float32 tensor `[1, 77, D]` in
+#: `<kind>_uncond.safetensors` (kind gen or edit).
+UNCOND_FILE = "{kind}_uncond.safetensors"
+UNCOND_TENSOR = "uncond"
 PRODUCER_NAME = "visionllm-edge"
 
 #: Values the manifest allows, in the order its messages list them.
