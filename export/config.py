@@ -6,7 +6,7 @@ file: the Swin sizes of the keypoint decoder (the official code takes them from 
 diffusion components' architectures (the official code reads them from a local folder), and our
 preprocessing settings.
 
-Named configurations (DESIGN.md §6): `visionllmv2-7b` (the release) and `tiny-random` (the same
+Named configurations (docs/architecture.md §6): `visionllmv2-7b` (the release) and `tiny-random` (the same
 architecture at test sizes).
 """
 

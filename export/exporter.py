@@ -1,4 +1,4 @@
-"""`visionllm-edge export`: the reference model to one artifact folder (DESIGN.md §2).
+"""`visionllm-edge export`: the reference model to one artifact folder (docs/architecture.md §2).
 
 Everything is written into a hidden partial folder beside the target (`.NAME.partial-XXXX`) and renamed into
 place only when complete and valid; `manifest.json` is the last file written, so an interrupted export never
@@ -472,7 +472,7 @@ def build_manifest_dict(
     settings: ExportSettings,
     folder: Path,
 ) -> dict:
-    """The manifest of DESIGN.md §2 for what was written into `folder`."""
+    """The manifest of docs/architecture.md §2 for what was written into `folder`."""
     from visionllm_edge.export import preprocess as pp
     from visionllm_edge.manifest import file_entry
 

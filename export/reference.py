@@ -3,7 +3,7 @@
 One request: preprocess -> vision (+ regions) -> template and tokens -> `inputs_embeds` with image, region
 and super-link query rows -> prefill -> decode with a KV cache, where a routing token's step is the 1 + N
 rows `[E(token); Q_kind]` at consecutive positions and the N query rows' post-norm hidden states become that
-group's link -> dispatch the groups to their decoders (DESIGN.md §3.7) -> post-process.
+group's link -> dispatch the groups to their decoders (docs/architecture.md §3 step 7) -> post-process.
 
 `forward_answer` runs the same conversation teacher-forced in one pass (the official evaluation path) and
 must give the same link states and decoder outputs as `run` with that answer. Nothing here imports the
@@ -63,7 +63,7 @@ class PostProcessSettings:
 
 @dataclass
 class ForwardOutput:
-    """The teacher-forced pass over prompt + answer (DESIGN.md §9).
+    """The teacher-forced pass over prompt + answer (docs/architecture.md §9).
 
     Attributes:
         input_ids: `[S]` int64, placeholders included.
@@ -136,7 +136,7 @@ _GROUNDING_QUESTION = re.compile(
 
 
 def answer_labels(answer: str, question: str, instruction: str | None = None) -> list[tuple[str, str]]:
-    """(kind, label) of every routing token in `answer`, by the label rule of DESIGN.md §9.
+    """(kind, label) of every routing token in `answer`, by the label rule of docs/architecture.md §9.
 
     `[DET]`/`[SEG]`/`[POSE]`: the text between the nearest preceding delimiter (the answer's start, the end
     of the previous group, ", ", ". ", ": ", " for ", " and ", " of ") and the token, stripped;

@@ -953,7 +953,7 @@ def trt_report(
 
 
 def _artifact_facts(manifest: dict) -> dict:
-    """Artifact-level numbers the profiles need, from a manifest (DESIGN.md §2)."""
+    """Artifact-level numbers the profiles need, from a manifest (docs/architecture.md §2)."""
     out: dict = {}
     model = manifest.get("model") or {}
     clip = (manifest.get("preprocess") or {}).get("clip") or {}

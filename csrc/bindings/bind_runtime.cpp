@@ -150,7 +150,7 @@ py::object optional_str(const std::string& s) { return s.empty() ? py::object(py
 
 void bind_kv_arena(py::module_& m) {
   py::class_<vle::KVArena>(
-      m, "KVArena", "Sequence-major [capacity, kv_heads, head_dim] K and V arenas per layer (DESIGN.md §4).")
+      m, "KVArena", "Sequence-major [capacity, kv_heads, head_dim] K and V arenas per layer (docs/architecture.md §4).")
       .def(py::init([](int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t head_dim,
                        const std::string& dtype) {
              return std::make_unique<vle::KVArena>(num_layers, capacity, kv_heads, head_dim,
@@ -266,7 +266,7 @@ void bind_assemble(py::module_& m) {
       py::arg("region_rows"), py::arg("region_token_id"), py::arg("query_tables"), py::arg("routing_kinds"),
       py::arg("placeholder_ids"),
       "inputs_embeds [S, H]: token rows, image rows in the <im_patch> slots, region rows in the <region> "
-      "slots, query rows after each routing token followed by its N placeholders (DESIGN.md §3.4).");
+      "slots, query rows after each routing token followed by its N placeholders (docs/architecture.md §3 step 4).");
 }
 
 void bind_router(py::module_& m) {
@@ -345,7 +345,7 @@ void bind_router(py::module_& m) {
       });
 
   py::class_<vle::SuperLinkRouter>(
-      m, "SuperLinkRouter", "Plans decode steps around routing tokens, keeps their links (DESIGN.md §3.6).")
+      m, "SuperLinkRouter", "Plans decode steps around routing tokens, keeps their links (docs/architecture.md §3 step 6).")
       .def(py::init<std::vector<vle::Route>, int64_t>(), py::arg("routes"), py::arg("eos_id"))
       .def_property_readonly("routes", &vle::SuperLinkRouter::routes)
       .def_property_readonly("eos_id", &vle::SuperLinkRouter::eos_id)
@@ -412,9 +412,6 @@ void bind_router(py::module_& m) {
   m.def("label_groups", &vle::label_groups, py::arg("answer_text"), py::arg("question_text"),
         py::arg("instruction") = py::none(),
         "(kind, label) of every routing token in the answer, by the label rule of loop/labels.h.");
-  m.attr("ROUTING_TOKEN_KINDS") = py::cast(vle::routing_token_kinds());
-  m.attr("LABEL_DELIMITERS") = py::cast(vle::label_delimiters());
-  m.attr("PLACEHOLDER_TOKENS") = py::cast(vle::placeholder_tokens());
 }
 
 void bind_sampling(py::module_& m) {

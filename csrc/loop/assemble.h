@@ -1,4 +1,4 @@
-// Embedding assembly (DESIGN.md §3.4): `inputs_embeds = table[ids]`, with the image rows written into the
+// Embedding assembly (docs/architecture.md §3 step 4): `inputs_embeds = table[ids]`, with the image rows written into the
 // `<im_patch>` slots, the region rows into the `<region>` slots and, after every routing token followed by
 // its N placeholders, that kind's super-link query rows. Same rule as the reference loop's `_embed`.
 #pragma once

@@ -10,7 +10,7 @@
 //   unless g > 1 and g_img >= 1.
 //
 // The schedule is computed in float64 and every tensor operation in float32, one rounding per operation in
-// the order the Python loop (visionllm_edge.diffusion) and the PyTorch reference use, so all three agree to
+// the order the PyTorch reference (export/models/diffusion.py) uses, so the two agree to
 // float32 rounding.
 #pragma once
 

@@ -1,27 +1,11 @@
 #include "loop/labels.h"
 
+#include "artifact/contract.h"
+
 #include <cstddef>
 #include <string_view>
 
 namespace vle {
-
-const std::vector<std::pair<std::string, std::string>>& routing_token_kinds() {
-  static const std::vector<std::pair<std::string, std::string>> table = {
-      {"[DET]", "det"},   {"[GRD]", "grd"}, {"[SEG]", "seg"},
-      {"[POSE]", "pose"}, {"[GEN]", "gen"}, {"[EDIT]", "edit"}};
-  return table;
-}
-
-const std::vector<std::string>& label_delimiters() {
-  static const std::vector<std::string> delimiters = {", ", ". ", ": ", " for ", " and ", " of "};
-  return delimiters;
-}
-
-const std::vector<std::string>& placeholder_tokens() {
-  static const std::vector<std::string> tokens = {"[EMB]",  "[EMB2]", "[EMB3]", "[EMB4]",
-                                                  "[EMB5]", "[EMB6]", "[EMB7]", "[EMB8]"};
-  return tokens;
-}
 
 namespace {
 
@@ -140,7 +124,7 @@ std::string remove_placeholders(std::string_view s) {
   out.reserve(s.size());
   size_t i = 0;
   while (i < s.size()) {
-    if (const std::string* token = one_of_at(s, i, placeholder_tokens())) {
+    if (const std::string* token = one_of_at(s, i, contract::placeholders())) {
       i += token->size();
     } else {
       out.push_back(s[i++]);
@@ -157,7 +141,7 @@ std::string_view after_last_delimiter(std::string_view segment) {
   size_t piece = 0;
   size_t i = 0;
   while (i < segment.size()) {
-    if (const std::string* d = one_of_at(segment, i, label_delimiters())) {
+    if (const std::string* d = one_of_at(segment, i, contract::label_delimiters())) {
       i += d->size();
       piece = i;
     } else {
@@ -333,7 +317,7 @@ std::vector<std::pair<std::string, std::string>> label_groups(const std::string&
   size_t i = 0;
   while (i < view.size()) {
     const std::pair<std::string, std::string>* token = nullptr;
-    for (const auto& t : routing_token_kinds()) {
+    for (const auto& t : contract::routing_tokens()) {
       if (starts_with_at(view, i, t.first)) {
         token = &t;
         break;

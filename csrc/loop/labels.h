@@ -20,11 +20,7 @@
 
 namespace vle {
 
-// Routing token spellings and kinds, label delimiters and placeholder tokens, as the contract defines them
-// (a test checks they agree with `visionllm_edge.contract`).
-const std::vector<std::pair<std::string, std::string>>& routing_token_kinds();
-const std::vector<std::string>& label_delimiters();
-const std::vector<std::string>& placeholder_tokens();
+// The routing tokens, delimiters and placeholders the rule reads come from artifact/contract.h.
 
 // (kind, label) of every routing token in `answer`, in answer order. `question` is the user's turn
 // (`<image>` tokens are ignored); `instruction`, when given, labels [GEN]/[EDIT] groups instead of it.

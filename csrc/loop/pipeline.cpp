@@ -41,6 +41,11 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The decoders the routing table names (contract::decoder_of): the object decoder takes [DET] [GRD] [SEG]
+// groups, the keypoint decoder [POSE] groups; gen and edit are named like their kinds.
+const std::string kObjectDecoder = contract::decoder_of("det");
+const std::string kPoseDecoder = contract::decoder_of("pose");
+
 double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
@@ -897,8 +902,8 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
     return it == labels.end() ? std::string() : it->second;
   };
   const Postprocess& post = manifest.postprocess;
-  if (decoders.count("object")) {
-    const std::vector<DecoderGroup> groups = router->groups_for("object").at(0).second;
+  if (decoders.count(kObjectDecoder)) {
+    const std::vector<DecoderGroup> groups = router->groups_for(kObjectDecoder).at(0).second;
     if (!groups.empty()) {
       const DetectionInput& det = frame_detection_input(f, o);
       const GraphEntry& g = graph(contract::graph::kDet);
@@ -944,7 +949,8 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
         return out;
       };
       Array all_logits = stack(logits), all_boxes = stack(boxes), all_masks = stack(masks);
-      result.decoders["object"] = {{"logits", all_logits}, {"pred_boxes", all_boxes}, {"pred_masks", all_masks}};
+      result.decoders[kObjectDecoder] = {{contract::io::kLogits, all_logits}, {contract::io::kPredBoxes, all_boxes},
+                                         {contract::io::kPredMasks, all_masks}};
       std::vector<ObjectGroup> object_groups;
       for (const DecoderGroup& dg : groups) object_groups.push_back({dg.link.kind, label_of(dg.link.position), dg.index});
       StageTimer t(result, "postprocess");
@@ -952,8 +958,8 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
                      post, result);
     }
   }
-  if (decoders.count("pose")) {
-    const DecoderGroups pose_groups = router->groups_for("pose");
+  if (decoders.count(kPoseDecoder)) {
+    const DecoderGroups pose_groups = router->groups_for(kPoseDecoder);
     std::vector<std::pair<int64_t, const std::vector<float>*>> objects;  // (position, states)
     for (const DecoderGroup& g : pose_groups.at(0).second) objects.emplace_back(g.link.position, g.link.states.get());
     if (objects.empty()) {
@@ -996,7 +1002,8 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
                        {}, {contract::io::kPredLogits, contract::io::kPredBoxes, contract::io::kPredKeypoints});
       }
       Array pl = to_array(out[0]), pb = to_array(out[1]), pk = to_array(out[2]);
-      result.decoders["pose"] = {{"pred_logits", pl}, {"pred_boxes", pb}, {"pred_keypoints", pk}};
+      result.decoders[kPoseDecoder] = {{contract::io::kPredLogits, pl}, {contract::io::kPredBoxes, pb},
+                                       {contract::io::kPredKeypoints, pk}};
       std::vector<std::string> object_labels, keypoint_names;
       for (const auto& [position, states] : objects) object_labels.push_back(label_of(position));
       for (const DecoderGroup& k : keypoints) keypoint_names.push_back(label_of(k.link.position));
@@ -1025,7 +1032,7 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
                                    {contract::io::kConditioning});
   Array cond = to_array(mapped[0]);
   auto& raw = result.decoders[kind];
-  raw["conditioning"] = cond;
+  raw[contract::io::kConditioning] = cond;
   if (!o.decode_images) return;
 
   const std::string unet_name = kind + contract::graph::kUnetSuffix;
@@ -1036,7 +1043,7 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
     throw ArtifactError(manifest.manifest_file.string() + ": extra_files." + kind + "_uncond: missing (needed by [" +
                         kind + "])");
   }
-  std::string uncond_name = "uncond";
+  std::string uncond_name = contract::kUncondTensor;
   if (const auto it = unet_graph.facts.find("uncond_tensor"); it != unet_graph.facts.end() && it->is_string()) {
     uncond_name = it->get<std::string>();
   }
@@ -1091,9 +1098,9 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
                      .run({{contract::io::kLatents, latents.view()}}, {},
                           {contract::io::kImages});
   Array images = to_array(decoded[0]);
-  raw["noise"] = noise;
-  raw["latents"] = to_array(latents);
-  raw["images"] = images;
+  raw["noise"] = noise;  // the initial latents (not a graph tensor)
+  raw[contract::io::kLatents] = to_array(latents);
+  raw[contract::io::kImages] = images;
   for (Array& im : images_to_uint8(images)) result.images.push_back(std::move(im));
 }
 

@@ -1,4 +1,4 @@
-// Next-token choice (DESIGN.md §3.6) with the reference loop's `_sample` semantics: HF-style repetition
+// Next-token choice (docs/architecture.md §3 step 6) with the reference loop's `_sample` semantics: HF-style repetition
 // penalty over the ids the caller names, then greedy argmax, or temperature -> top-k (ties with the k-th
 // value kept) -> softmax -> top-p (a token is dropped when the probability mass before it already exceeds
 // top_p) -> a draw. The draw uses our own seeded PRNG, not torch's: the same seed gives the same sequence

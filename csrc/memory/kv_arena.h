@@ -1,4 +1,4 @@
-// The LLM's KV cache (DESIGN.md §4): one sequence-major arena per layer for K and one for V, each
+// The LLM's KV cache (docs/architecture.md §4): one sequence-major arena per layer for K and one for V, each
 // `[capacity, kv_heads, head_dim]`, allocated once. The past of a step is the contiguous prefix
 // `[0:length]`, handed to an engine without a copy; the step's new rows are written at
 // `[length:length+n]` (in place by the engine, or copied in by `append`) and then committed.

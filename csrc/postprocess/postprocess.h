@@ -1,4 +1,4 @@
-// Decoder post-processing of the runtime (DESIGN.md §3 step 8), matching the reference
+// Decoder post-processing of the runtime (docs/architecture.md §3 step 8), matching the reference
 // (`ReferencePipeline._postprocess` and helpers in export/reference.py): top-k over query x class, boxes to
 // pixels, class-aware NMS, mask upsampling (PyTorch's bilinear, align_corners=False) and threshold, the
 // semantic map, and the pose branch's keypoints to pixels.

@@ -1,4 +1,4 @@
-// Image preprocessing of the runtime (DESIGN.md §3 step 1), bit-compatible with the reference in
+// Image preprocessing of the runtime (docs/architecture.md §3 step 1), bit-compatible with the reference in
 // export/preprocess.py: PIL's bicubic / bilinear resampling, CLIP anyres tiles, the decoders' padded
 // ImageNet-normalised image and the rasterised visual prompts.
 //

@@ -1,6 +1,6 @@
 // The DDIM schedule against its formulas (computed here, in long double), the scheduler facts parser, and
 // the loop's wiring: which batch, context and image channels the UNet sees, how guidance combines them, and
-// what the loop refuses. tests/test_core_diffusion.py checks the loop's numbers against the Python loop.
+// what the loop refuses. tests/test_core_diffusion.py checks the loop's numbers against the torch reference.
 #include <gtest/gtest.h>
 
 #include <cmath>

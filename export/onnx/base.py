@@ -88,7 +88,7 @@ class ComponentExporter(ABC):
 
     #: component name, as `--components` spells it
     name: str = ""
-    #: parity tolerance in fp32 (DESIGN.md §7: 1e-4); fp16 graphs use `fp16_tolerance`
+    #: parity tolerance in fp32 (docs/architecture.md §7: 1e-4); fp16 graphs use `fp16_tolerance`
     atol: float = 1e-4
     rtol: float = 1e-4
     fp16_tolerance: float = 1e-2

@@ -2,7 +2,7 @@
 
 Only MatMuls whose B input is a constant weight are touched. The attention MatMuls (queries against the past
 K/V) stay float: quantizing them would quantize the KV arena on every step, which costs a full read and write
-of the past and breaks the in-place read of the sequence-major past (DESIGN.md §4).
+of the past and breaks the in-place read of the sequence-major past (docs/architecture.md §4).
 
 Both functions read graphs that keep their weights in external data, and write the result in one file when
 it fits a 2 GB protobuf (a 2-layer 7B-width LLM does: 0.54 GB int8, 0.34 GB int4), else with its external

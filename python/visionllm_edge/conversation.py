@@ -69,7 +69,7 @@ def insert_placeholders(answer: str, num_embs: int, num_embs_gen: int) -> str:
 
 
 def normalise_prompt(prompt: str) -> str:
-    """Puts `<image>\\n` in front of a prompt that has no `<image>` (DESIGN.md §9)."""
+    """Puts `<image>\\n` in front of a prompt that has no `<image>` (docs/architecture.md §9)."""
     if contract.IMAGE_TOKEN not in prompt:
         return contract.IMAGE_TOKEN + "\n" + prompt
     return prompt

@@ -1,4 +1,4 @@
-"""Result types shared by the reference pipeline and the runtime (DESIGN.md §9). Torch-free."""
+"""Result types shared by the reference pipeline and the runtime (docs/architecture.md §9). Torch-free."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class Link:
 
     Attributes:
         kind: lower-case routing kind, one of `det grd seg pose gen edit`.
-        label: the phrase the group stands for (DESIGN.md §9 label rule).
+        label: the phrase the group stands for (docs/architecture.md §9 label rule).
         position: sequence position of the routing token.
         states: `[N, H]` post-final-norm hidden states of the query rows (None in a lightweight result).
     """
