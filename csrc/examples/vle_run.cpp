@@ -325,7 +325,9 @@ int run(const Args& a) {
   const vle::Image image = vle::Image::load(a.image);
   vle::Pipeline pipe = vle::Pipeline::load(a.artifact, a.load);
   const vle::Result result = pipe.run(image, a.prompt, a.run);
-  std::printf("%s\n", result.text.c_str());
+  // The text may hold a NUL (a byte token): written whole, as Python's print writes it.
+  std::fwrite(result.text.data(), 1, result.text.size(), stdout);
+  std::fputc('\n', stdout);
   std::printf("stop: %s, %zu tokens\n", result.stop_reason.c_str(), result.token_ids.size());
   print_summary(result);
   if (a.timings) print_timings(result);
