@@ -36,9 +36,9 @@ const GraphEntry& Manifest::graph(const std::string& name) const {
   if (it == graphs.end()) {
     std::vector<std::string> held;
     for (const auto& entry : graphs) held.push_back(entry.first);
-    throw ArtifactError(artifact_dir.string() + ": the artifact holds no graph " + quote_text(name) +
-                        " (it holds: " + (held.empty() ? "none" : joined(held)) +
-                        "); export the component that needs it");
+    throw ArtifactError(artifact_dir.string() + ": this artifact has no " + quote_text(name) +
+                        " graph (it holds: " + (held.empty() ? "none" : joined(held)) +
+                        "); export it with its component");
   }
   return it->second;
 }

@@ -268,7 +268,7 @@ TEST_F(ManifestTest, ASubsetOfGraphsAndRoutesIsValid) {
     m.graph("det");
     FAIL() << "no error";
   } catch (const vle::ArtifactError& e) {
-    EXPECT_NE(std::string(e.what()).find("holds no graph 'det' (it holds: llm, vision)"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("this artifact has no 'det' graph (it holds: llm, vision)"), std::string::npos)
         << e.what();
   }
 }
