@@ -1,46 +1,57 @@
-"""The runtime `Pipeline` (ONNX Runtime + C++ core) against the eager `ReferencePipeline`, in one process.
+"""The runtime `Pipeline` (the C++ request loop on ONNX Runtime) against the eager `ReferencePipeline`, in one
+process.
+
+The runtime is used through its public Python API only. What happens inside a request is read from what the
+C++ loop hands out with every result: `result.timings` (ms per stage: preprocess, vision, region, tokenize,
+prefill, decode, object_decoder, pose_decoder, gen_decoder / edit_decoder, postprocess, total) and
+`result.raw["stats"]` (`reused_rows`, `decode_steps`, `decode_engine_ms`, `decode_overhead_us_median`,
+`decode_overhead_us_max`). Nothing here copies the loop; `benchmarks/decode_overhead.py` is the benchmark
+for the loop's own work per decode step.
 
 Both sides run the same requests on the same inputs (images, prompts, regions, diffusion noise) in
 interleaved rounds, so that load from other jobs on the machine falls on both alike. Measured:
 
-1. **Per-step runtime overhead of decoding**: what a decode step costs outside the LLM engine call,
-   `(timings["decode"] - stats["decode_engine_ms"]) / stats["decode_steps"]` of real requests, in µs (target
-   ≤ 60 µs); then an instrumented copy of `Pipeline._decode` splits a step into sampling, router plan, step
-   embeddings, arena views, IO binding, the ONNX Runtime call, output fetch, router observe and the
-   repetition-penalty update (its tokens are checked against the pipeline's). Also at 1 ORT thread.
-2. **Decode tokens/s**: free generation of 64 new tokens, greedy with repetition_penalty 1.3 (so that the
-   random weights do not loop), runtime vs reference; the token ids must match.
-3. **End-to-end latency per task**: chat (free generation), detect, ground, segment, pose, region prompt,
-   generate_image and edit_image (20 diffusion steps). The runtime uses its task shortcuts (one prefill of the
-   official template's forced answer, `visionllm_edge.templates`); the reference runs `ReferencePipeline.run`
-   with the same template answer given as `answer_prefix` and `max_new_tokens=1` (prefill, one greedy token
-   that is not fed back, decoders, post-processing). For the perception tasks, `forward_answer` (the official
-   teacher-forced pass: decoders, no post-processing) is timed too. The runtime runs each request twice per
-   round: on a fresh frame (its per-frame cache cleared: vision, detection input and KV prefix recomputed, as
-   the reference always does) and again on the same frame (cache hit); a second runtime loaded with 1 ORT
-   thread runs it on a fresh frame too. Detect is also run by free generation with an answer prefix, next to
-   the shortcut. Section 4 splits every row into the stages of `result.timings`.
-4. **The decoder graphs alone** (object, keypoint): the pipeline's C++ engine, ORT's Python sessions (2
-   threads without spinning; 1 thread) against the torch modules at 2 and 1 threads, on the same inputs.
+1. **Decode tokens/s**: free generation of 64 new tokens, greedy with repetition_penalty 1.3 (so that the
+   random weights do not loop), runtime vs reference; the token ids must match. The runtime rows add the
+   loop's own work per decode step and the engine call per step, from the loop's stats.
+2. **End-to-end latency per task**: chat (free generation), detect, ground, segment, pose, region prompt,
+   generate_image and edit_image (20 diffusion steps). The runtime uses its task shortcuts (one prefill of
+   the official template's forced answer); the reference runs `ReferencePipeline.run` with the same template
+   answer given as `answer_prefix` and `max_new_tokens=1` (prefill, one greedy token that is not fed back,
+   decoders, post-processing). For the perception tasks, `forward_answer` (the official teacher-forced pass:
+   decoders, no post-processing) is timed too. The runtime runs each request twice per round: on a fresh
+   frame and again on the same frame (cache hit); a second runtime loaded with 1 ORT thread runs it on a
+   fresh frame too. Detect is also run by free generation with an answer prefix, next to the shortcut.
+   *Fresh frame*: the runtime keeps one frame (the last picture's vision outputs and KV rows); an untimed
+   request on another input (no image, or for a request without an image a small other picture) replaces
+   it, so the timed request recomputes vision and its whole prefix, as the reference always does. The
+   script checks this from the stats (`reused_rows` 0 and a `vision` stage on the fresh rows).
+3. **Stages**: every row split into the stages of each side's own `result.timings`.
+4. **The decoder graphs alone** (object, keypoint): the C++ engine (`visionllm_edge.runtime.engine.
+   make_engine`, as the pipeline makes its engines: spinning off) at `--threads` and 1 thread, and with
+   spinning on, against the torch modules at `--threads` and 1 thread, on the same inputs: the runtime's
+   detection input for the benchmark picture (`Pipeline.detection_input`) and seeded random query states.
 
-Threads: ONNX Runtime `intra_op_num_threads` and `torch.set_num_threads` are both set to `--threads` (2).
-Timings are wall-clock medians, min and max over `--repeats` calls after `--warmup` rounds. Next to each
-row, `wait` is the median share of the call's wall time that this process's threads spent runnable but
-waiting for a CPU (`/proc/<pid>/task/*/schedstat`): other jobs on the machine, or this process's own surplus
-threads (ORT keeps one intra-op pool per session, and its workers spin after each run). `/proc/loadavg` is
-printed at the start and the end.
+What the earlier version of this script measured and this one does not: the split of one decode step into
+its pieces (sampling, plan, embeddings, binding, ...). That came from a Python copy of the decode loop,
+which no longer exists; the loop now reports its own work per step as one figure, measured in C++.
+
+Threads: the runtime's intra-op threads and `torch.set_num_threads` are both `--threads` (2). Timings are
+wall-clock medians, min and max over `--repeats` calls after `--warmup` rounds. Next to each row, `wait` is
+the median share of the call's wall time that this process's threads spent runnable but waiting for a CPU
+(`/proc/<pid>/task/*/schedstat`): other jobs on the machine, or this process's own surplus threads (one
+intra-op pool per engine). `/proc/loadavg` is printed at the start and the end.
 
     python3 benchmarks/runtime_vs_reference.py [ARTIFACT_DIR] [--repeats 5] [--warmup 2] [--threads 2]
 
 Without ARTIFACT_DIR, tiny-random is exported into a temporary folder first (~2-3 min on 2 cores). The
-reference is `load_reference("tiny-random")`; an artifact of another model is refused. The table is printed
-and written to `benchmarks/results/runtime_vs_reference.md` (`--out`).
+reference is `load_reference("tiny-random")`; an artifact of another model is refused. The tables are
+printed and written to `benchmarks/results/runtime_vs_reference.md` (`--out`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -51,47 +62,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from _common import date_line, fmt, loadavg, machine_line, markdown_table, scene, stats_row, timed_call
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "runtime_vs_reference.md"
-OVERHEAD_TARGET_US = 60.0
 
-# --- measurement helpers --------------------------------------------------------------------------------
-
-
-def _loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
-
-
-def _runqueue_wait_ns() -> int | None:
-    """Nanoseconds all threads of this process have spent runnable but not running (schedstat field 2)."""
-    total = 0
-    try:
-        for task in os.scandir("/proc/self/task"):
-            try:
-                with open(f"{task.path}/schedstat") as f:
-                    total += int(f.read().split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    except OSError:
-        return None
-    return total
-
-
-def _thread_wait_ns() -> int | None:
-    """The same for the calling thread only (cheap enough to read once per decode run)."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+STAGES = [
+    "preprocess",
+    "vision",
+    "region",
+    "tokenize",
+    "prefill",
+    "decode",
+    "object_decoder",
+    "pose_decoder",
+    "gen_decoder",
+    "edit_decoder",
+    "postprocess",
+]
 
 
 @dataclass
 class Samples:
-    """Wall times (ms) of one row, with the wait share and stage timings of each call."""
+    """Wall times (ms) of one row, with the wait share, the stage timings and the result of each call."""
 
     wall_ms: list[float] = field(default_factory=list)
     wait: list[float] = field(default_factory=list)
@@ -114,255 +106,7 @@ class Samples:
         return {k: statistics.median(s.get(k, 0.0) for s in self.stages) for k in keys}
 
 
-def timed_call(fn) -> tuple[float, float | None, object]:
-    w0 = _runqueue_wait_ns()
-    t0 = time.perf_counter()
-    out = fn()
-    wall = time.perf_counter() - t0
-    w1 = _runqueue_wait_ns()
-    wait = None if w0 is None or w1 is None else (w1 - w0) * 1e-9 / wall
-    return wall * 1e3, wait, out
-
-
-def fmt(x: float, digits: int = 1) -> str:
-    if x >= 1000:
-        return f"{x:,.0f}"
-    if x >= 100:
-        return f"{x:.0f}"
-    return f"{x:.{digits}f}"
-
-
-def stats_row(values: list[float], digits: int = 1) -> list[str]:
-    return [fmt(statistics.median(values), digits), fmt(min(values), digits), fmt(max(values), digits)]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-# --- inputs -----------------------------------------------------------------------------------------------
-
-
-def scene(seed: int, width: int, height: int) -> np.ndarray:
-    """A deterministic test image: gradients plus noise (as in tests/test_runtime.py)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), (xx + yy) % 256], -1)
-    img = img.astype(np.float64) * 0.6 + rng.uniform(0, 255, (height, width, 3)) * 0.4
-    return img.astype(np.uint8)
-
-
-def fresh_frame(pipe) -> None:
-    """Forgets the runtime's per-frame cache (vision outputs, detection input, KV prefix), so that the next
-    request recomputes everything as the reference does. Private state: benchmark use only."""
-    pipe._frame = None
-    pipe._cached_ids = []
-
-
-# --- 1. per-step overhead -----------------------------------------------------------------------------------
-
-#: Pieces of one decode step, in loop order; `engine` pieces are the ones `Pipeline._llm_step` covers.
-PIECES = [
-    ("sample", "`Sampler.sample` (greedy + repetition penalty)", False),
-    ("plan", "`SuperLinkRouter.plan`", False),
-    ("ids", "`ids.extend` (+ stop checks)", False),
-    ("embed", "`router.step_embeddings` -> numpy", False),
-    ("views", "input dict: embeds, positions, arena past/new-row views", True),
-    ("run", "`Engine.run_bound` (C++: input check, bind by pointer, ORT run, outputs as numpy)", True),
-    ("fetch", "`arena.commit`, astype", True),
-    ("observe", "`router.observe` (+ contiguous hidden)", False),
-    ("penalty", "`np.union1d` of penalized ids", False),
-]
-
-
-def instrumented_decode(pipe, image, prompt: str, max_new_tokens: int, repetition_penalty: float):
-    """`Pipeline._decode` for one request, with a timer around each piece (same calls, same order).
-
-    Besides wall time, the main thread's CPU time (`time.thread_time`) is read before and after the engine
-    segment of each step: CPU time outside the engine does not count time the thread was preempted, so it
-    stays meaningful on a loaded machine.
-
-    Returns (per-step µs lists by piece, including `loop`, `outside_engine`, `outside_ort` (outside the
-    `run_bound` call), `rest` and
-    `cpu_outside_engine`; the ids; the main thread's runqueue wait µs per step).
-    """
-    from visionllm_edge import _core
-
-    pc = time.perf_counter
-    timings: dict[str, float] = {}
-    stats: dict = {}
-    frame = pipe._frame_for(image, None, "image", False, timings)
-    seq = pipe._sequence(frame, prompt, (), None, None)
-    logits = pipe._prefill(seq, frame, timings, stats)
-    sampler = _core.Sampler(0)
-    params = _core.SamplingParams(
-        do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=repetition_penalty
-    )
-    ids = seq.ids
-    penalized = np.asarray(
-        sorted({t for t in ids if t not in pipe.placeholder_ids and t != pipe.patch_id}), np.int64
-    )
-    router, arena = pipe.router, pipe.arena
-    engine = pipe.engine("llm")
-    per: dict[str, list[float]] = defaultdict(list)
-    generated = 0
-    wait0 = _thread_wait_ns()
-    while generated < max_new_tokens:
-        c0 = time.thread_time()
-        t0 = pc()
-        token = int(sampler.sample(logits, params, penalized))
-        t1 = pc()
-        generated += 1
-        plan = router.plan(token, arena, generated == max_new_tokens)
-        t2 = pc()
-        ids.extend(plan.ids)
-        t3 = pc()
-        if not plan.feed:  # the last token: sampled, not fed back (as in the pipeline)
-            break
-        rows = np.asarray(router.step_embeddings(plan, pipe.token_table))
-        c4 = time.thread_time()
-        t4 = pc()
-        # --- Pipeline._llm_step, inlined to split it ---
-        s = rows.shape[0]
-        past = arena.length()
-        inputs = {
-            "inputs_embeds": np.ascontiguousarray(rows[None], dtype=pipe.embed_dtype),
-            "position_ids": np.arange(past, past + s, dtype=np.int64),
-            "output_rows": np.asarray(list(plan.output_rows), dtype=np.int64),
-        }
-        outputs = {}
-        for i in range(arena.num_layers()):
-            inputs[f"past_key.{i}"] = arena.past_key(i)
-            inputs[f"past_value.{i}"] = arena.past_value(i)
-            outputs[f"present_key.{i}"] = arena.new_rows_key(i, s)
-            outputs[f"present_value.{i}"] = arena.new_rows_value(i, s)
-        t6 = pc()
-        got = engine.run_bound(inputs, outputs, fetch=["logits", "hidden"])
-        t7 = pc()
-        arena.commit(s)
-        step_logits = got["logits"].astype(np.float32, copy=False)
-        hidden = got["hidden"].astype(np.float32, copy=False)
-        t8 = pc()
-        c8 = time.thread_time()
-        router.observe(plan, np.ascontiguousarray(hidden))
-        logits = step_logits[-1]
-        t9 = pc()
-        if params.repetition_penalty != 1.0:
-            penalized = np.union1d(penalized, [token]).astype(np.int64)
-        t10 = pc()
-        stop = plan.stop_reason
-        t11 = pc()
-        c11 = time.thread_time()
-        for key, a, b in (
-            ("sample", t0, t1),
-            ("plan", t1, t2),
-            ("ids", t2, t3),
-            ("embed", t3, t4),
-            ("views", t4, t6),
-            ("run", t6, t7),
-            ("fetch", t7, t8),
-            ("observe", t8, t9),
-            ("penalty", t9, t10),
-        ):
-            per[key].append((b - a) * 1e6)
-        per["loop"].append((t11 - t0) * 1e6)
-        per["outside_engine"].append(((t11 - t0) - (t8 - t4)) * 1e6)
-        per["outside_ort"].append(((t11 - t0) - (t7 - t6)) * 1e6)
-        per["rest"].append((t11 - t10) * 1e6)
-        per["cpu_outside_engine"].append(((c11 - c0) - (c8 - c4)) * 1e6)
-        if stop:
-            break
-    wait1 = _thread_wait_ns()
-    pipe._cached_ids = ids[: arena.length()]
-    steps = len(per["loop"])
-    wait_us = None if wait0 is None or wait1 is None else (wait1 - wait0) / 1e3 / max(steps, 1)
-    return per, list(ids), wait_us
-
-
-def overhead_section(pipe, pipe_1t, image, prompt, args, log) -> str:
-    """Per-step overhead from the pipeline's own stats (2 and 1 ORT threads) and the instrumented split."""
-    kw = dict(max_new_tokens=args.new_tokens, repetition_penalty=1.3)
-    real: dict[str, list[float]] = defaultdict(list)
-    run_means: dict[str, list[float]] = defaultdict(list)  # per request: the mean over its steps
-    all_steps: dict[str, list[float]] = defaultdict(list)  # every step of every request
-    last = {}
-    for r in range(args.warmup + args.overhead_runs):
-        record = r >= args.warmup
-        for name, p in (("2t", pipe), ("1t", pipe_1t)):
-            fresh_frame(p)
-            p(image, prompt, **kw)  # primes the frame; the timed request reuses its prefix, as chat does
-            res = p(image, prompt, **kw)
-            st = res.raw["stats"]
-            steps = st["decode_steps"]
-            if record:
-                real[f"overhead_{name}"].append(
-                    (res.timings["decode"] - st["decode_engine_ms"]) * 1e3 / steps
-                )
-                real[f"engine_{name}"].append(st["decode_engine_ms"] * 1e3 / steps)
-            last[name] = res
-        per, ids, wait_us = instrumented_decode(pipe, image, prompt, args.new_tokens, 1.3)
-        if record:
-            for k, v in per.items():
-                run_means[k].append(statistics.fmean(v))
-                all_steps[k].extend(v)
-            if wait_us is not None:
-                run_means["wait"].append(wait_us)
-        last["ids"] = ids
-    same = last["ids"] == list(last["2t"].raw["input_ids"])
-    log(f"  overhead: instrumented loop reproduces the pipeline's ids: {same}")
-    target = statistics.median(real["overhead_2t"]) <= OVERHEAD_TARGET_US
-
-    def row(label, key, note=""):
-        typical = fmt(statistics.median(all_steps[key])) if key in all_steps else "–"
-        return [label, *stats_row(run_means[key]), typical, note]
-
-    rows = [
-        [
-            "**pipeline: (decode − engine) / steps, ORT 2 threads**",
-            *stats_row(real["overhead_2t"]),
-            "–",
-            f"target ≤ {OVERHEAD_TARGET_US:.0f} µs: "
-            + ("**met** (median)" if target else "**not met** (median)"),
-        ],
-        ["pipeline: (decode − engine) / steps, ORT 1 thread", *stats_row(real["overhead_1t"]), "–", ""],
-        [
-            "pipeline: engine call (`_llm_step`) per step, ORT 2 threads",
-            *stats_row(real["engine_2t"]),
-            "–",
-            "views + bind + ORT + fetch",
-        ],
-        ["pipeline: engine call per step, ORT 1 thread", *stats_row(real["engine_1t"]), "–", ""],
-        row("instrumented: outside the engine call (the pipeline's definition)", "outside_engine"),
-        row(
-            "instrumented: same, main-thread **CPU time** (preemption excluded)",
-            "cpu_outside_engine",
-            "robust to load",
-        ),
-        row("instrumented: outside the engine's `run_bound` call (adds views, fetch)", "outside_ort"),
-    ]
-    for key, desc, eng in PIECES:
-        rows.append(row(f"&nbsp;&nbsp;{key}{' (engine)' if eng else ''}: {desc}", key))
-    rows.append(row("&nbsp;&nbsp;rest: stop check", "rest"))
-    rows.append(row("instrumented: whole step", "loop"))
-    if run_means["wait"]:
-        rows.append(
-            ["main thread's runqueue wait per step (contention)", *stats_row(run_means["wait"]), "–", ""]
-        )
-    return (
-        f"### 1. Per-step runtime overhead of decoding (µs per step)\n\n"
-        f"Free generation of {args.new_tokens} new tokens (greedy, repetition_penalty 1.3, "
-        f"{last['2t'].raw['stats']['decode_steps']} engine steps), on a frame whose prompt prefix is cached. "
-        f"median / min / max over {args.overhead_runs} requests of each request's mean per step; "
-        "*typical step* = median over all steps of all requests (preemption spikes fall out).\n\n"
-        + markdown_table(["measure", "median", "min", "max", "typical step", "note"], rows)
-        + f"\n\nThe instrumented loop (a copy of `Pipeline._decode` with `_llm_step`/`run_bound` inlined) "
-        f"reproduces the pipeline's token ids: {'yes' if same else '**NO**'}.\n"
-    )
-
-
-# --- 2./3. cases ------------------------------------------------------------------------------------------
+# --- cases ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -376,6 +120,7 @@ class Case:
     note: str = ""
     tokens: bool = False  # free generation: compare token ids, report tokens/s
     prefixed: bool = False  # an answer prefix: the answer's tokens are not all new (no tokens/s row)
+    has_image: bool = True
 
 
 def build_cases(pipe, ref, templates, args) -> list[Case]:
@@ -456,6 +201,7 @@ def build_cases(pipe, ref, templates, args) -> list[Case]:
             lambda p: p.generate_image("a large red circle", noise=noise),
             lambda: ref.run(None, q_gen, answer_prefix=a_gen, noise=noise, **forced),
             note="no image; 20 DDIM steps, same noise",
+            has_image=False,
         ),
         Case(
             "edit_image",
@@ -468,9 +214,20 @@ def build_cases(pipe, ref, templates, args) -> list[Case]:
     return [c for c in cases if wanted is None or any(w in c.task for w in wanted)]
 
 
+_OTHER_PICTURE = scene(99, 32, 32)
+
+
+def replace_frame(pipe, case: Case) -> None:
+    """An untimed request on another input, so that the runtime's one cached frame is no longer the case's."""
+    if case.has_image:
+        pipe(None, "Hi.", max_new_tokens=1)
+    else:
+        pipe(_OTHER_PICTURE, "Hi.", max_new_tokens=1)
+
+
 RT_FRESH = "runtime, fresh frame"
 RT_SAME = "runtime, same frame"
-RT_1T = "runtime, fresh frame, ORT 1 thread"
+RT_1T = "runtime, fresh frame, 1 thread"
 REF_RUN = "reference `run`"
 REF_FORWARD = "reference `forward_answer` (no post-proc.)"
 ROW_ORDER = [RT_FRESH, RT_SAME, RT_1T, REF_RUN, REF_FORWARD]
@@ -495,7 +252,7 @@ def run_cases(cases: list[Case], pipe, pipe_1t, args, log) -> dict[str, dict[str
             for name, p, fresh in order:
                 if p is not None:
                     if fresh:
-                        fresh_frame(p)  # not timed
+                        replace_frame(p, case)  # not timed
                     wall, wait, res = timed_call(lambda p=p, fn=case.runtime: fn(p))
                 else:
                     wall, wait, res = timed_call(case.reference if name == REF_RUN else case.forward)
@@ -504,19 +261,39 @@ def run_cases(cases: list[Case], pipe, pipe_1t, args, log) -> dict[str, dict[str
                     out[case.task][name].add(wall, wait, stages, res)
         log(
             f"  round {r + 1}/{total_rounds} ({'warm-up' if r < args.warmup else 'timed'}) "
-            f"{time.perf_counter() - t_round:.1f} s, loadavg {_loadavg()}"
+            f"{time.perf_counter() - t_round:.1f} s, loadavg {loadavg()}"
         )
     return out
 
 
+def frame_check(case: Case, rows: dict[str, Samples]) -> list[str]:
+    """Whether the fresh rows recomputed the frame and the same-frame rows hit the cache (from the stats)."""
+    notes = []
+    for name in (RT_FRESH, RT_1T):
+        if name not in rows:
+            continue
+        results = rows[name].results
+        reused = [r.raw["stats"].get("reused_rows", 0) for r in results]
+        vision = [r.timings.get("vision", 0.0) > 0 for r in results]
+        if any(reused) or (case.has_image and not all(vision)):
+            notes.append(f"**{name}: not fresh (reused rows {reused})**")
+    if RT_SAME in rows:
+        reused = rows[RT_SAME].results[-1].raw["stats"].get("reused_rows")
+        if reused is not None:
+            notes.append(f"same frame reuses {reused:.0f} rows")
+    return notes
+
+
 def check_case(case: Case, rows: dict[str, Samples]) -> str:
-    """Agreement notes: same tokens (free generation) or same link kinds (forced answers)."""
+    """Agreement notes: same tokens (free generation) or same link kinds (forced answers), cache checks."""
     rt = rows[RT_FRESH].results[-1]
     rf = rows[REF_RUN].results[-1]
     notes = []
     if case.tokens and case.prefixed:
         # Sampled tokens: one per engine step, plus the last one (EOS or the limit), which is not fed.
-        notes.append(f"{rt.raw['stats']['decode_steps'] + 1} new tokens after the prefix ({rt.stop_reason})")
+        notes.append(
+            f"{rt.raw['stats']['decode_steps'] + 1:.0f} new tokens after the prefix ({rt.stop_reason})"
+        )
     elif case.tokens:
         notes.append(f"{len(rt.token_ids)} new tokens ({rt.stop_reason})")
     if case.tokens:
@@ -527,10 +304,11 @@ def check_case(case: Case, rows: dict[str, Samples]) -> str:
         notes.append(f"**links differ: {rk} vs {fk}**")
     elif rk:
         notes.append(f"links {'/'.join(sorted(set(rk)))}×{len(rk)}")
-    reused = rows[RT_SAME].results[-1].raw["stats"].get("reused_rows")
-    if reused is not None:
-        notes.append(f"same frame reuses {reused} rows")
+    notes += frame_check(case, rows)
     return "; ".join(notes)
+
+
+# --- 1. decode throughput ---------------------------------------------------------------------------------
 
 
 def decode_section(cases, results, args) -> str:
@@ -538,20 +316,28 @@ def decode_section(cases, results, args) -> str:
     for case in cases:
         if not case.tokens or case.prefixed:
             continue
-        for name in (RT_FRESH, RT_1T, REF_RUN):
+        for name in (RT_FRESH, RT_SAME, RT_1T, REF_RUN):
             if name not in results[case.task]:
                 continue
             s = results[case.task][name]
             tps = [len(r.token_ids) / (r.timings["decode"] / 1e3) for r in s.results]
             ms_step = [r.timings["decode"] / max(len(r.token_ids), 1) for r in s.results]
-            rows.append(
-                [
-                    case.task,
-                    {RT_FRESH: "runtime", RT_1T: "runtime, ORT 1 thread", REF_RUN: "reference"}[name],
-                    *stats_row(tps),
-                    fmt(statistics.median(ms_step), 2),
-                ]
-            )
+            own = engine = "–"
+            if name != REF_RUN:
+                stats = [r.raw["stats"] for r in s.results if r.raw["stats"].get("decode_steps")]
+                if stats:
+                    own = fmt(statistics.median(st["decode_overhead_us_median"] for st in stats), 1)
+                    engine = fmt(
+                        statistics.median(st["decode_engine_ms"] * 1e3 / st["decode_steps"] for st in stats),
+                        0,
+                    )
+            label = {
+                RT_FRESH: "runtime, fresh frame",
+                RT_SAME: "runtime, same frame",
+                RT_1T: "runtime, 1 thread",
+                REF_RUN: "reference",
+            }[name]
+            rows.append([case.task, label, *stats_row(tps), fmt(statistics.median(ms_step), 2), own, engine])
         rt = [len(r.token_ids) / r.timings["decode"] for r in results[case.task][RT_FRESH].results]
         rf = [len(r.token_ids) / r.timings["decode"] for r in results[case.task][REF_RUN].results]
         rows.append(
@@ -559,17 +345,34 @@ def decode_section(cases, results, args) -> str:
                 case.task,
                 "**runtime ÷ reference**",
                 f"**{statistics.median(rt) / statistics.median(rf):.1f}×**",
-                "",
-                "",
-                "",
+                *[""] * 5,
             ]
         )
     return (
-        "### 2. Decode throughput (new tokens / decode-stage time; the stage includes sampling of every "
+        "### 1. Decode throughput (new tokens / decode-stage time; the stage includes sampling of every "
         "token)\n\n"
-        + markdown_table(["request", "side", "tok/s median", "min", "max", "ms/token"], rows)
+        "*own work / step*: the loop's work per fed decode step outside the engine call, median of each "
+        "request's median step (the loop's `decode_overhead_us_median`); *engine / step*: "
+        "`decode_engine_ms / decode_steps`. Both are measured by the C++ loop; see "
+        "`benchmarks/decode_overhead.py` for the full table.\n\n"
+        + markdown_table(
+            [
+                "request",
+                "side",
+                "tok/s median",
+                "min",
+                "max",
+                "ms/token",
+                "own work / step µs",
+                "engine / step µs",
+            ],
+            rows,
+        )
         + "\n"
     )
+
+
+# --- 2./3. latency and stages -----------------------------------------------------------------------------
 
 
 def latency_section(cases, results) -> str:
@@ -592,72 +395,57 @@ def latency_section(cases, results) -> str:
                     str(len(s.wall_ms)),
                 ]
             )
-        rows.append(
-            ["", f"*{case.note + '; ' if case.note else ''}{check_case(case, rs)}*", "", "", "", "", "", ""]
-        )
+        rows.append(["", f"*{case.note + '; ' if case.note else ''}{check_case(case, rs)}*", *[""] * 6])
     return (
-        "### 3. End-to-end latency per request (ms, wall clock around the call)\n\n"
+        "### 2. End-to-end latency per request (ms, wall clock around the call)\n\n"
         "`speed-up` = reference `run` median ÷ row median. `wait` = runqueue wait of all this process's "
         "threads ÷ the call's wall time (median; above 100 % when several threads waited at once): CPUs "
-        "held by other jobs *or* by this process's own surplus threads (e.g. spinning ORT pools, one per "
-        "session).\n\n"
+        "held by other jobs *or* by this process's own surplus threads (one intra-op pool per engine).\n\n"
         + markdown_table(["task", "side", "median", "min", "max", "speed-up", "wait", "n"], rows)
         + "\n"
     )
 
 
 def stage_section(cases, results) -> str:
-    order = [
-        "preprocess",
-        "vision",
-        "region",
-        "tokenize",
-        "prefill",
-        "decode",
-        "object_decoder",
-        "pose_decoder",
-        "gen_decoder",
-        "edit_decoder",
-        "postprocess",
-    ]
     rows = []
+    labels = {
+        RT_FRESH: "runtime",
+        RT_SAME: "runtime (same frame)",
+        RT_1T: "runtime, 1 thread",
+        REF_RUN: "reference",
+    }
     for case in cases:
-        labels = {
-            RT_FRESH: "runtime",
-            RT_SAME: "runtime (same frame)",
-            RT_1T: "runtime, ORT 1 thread",
-            REF_RUN: "reference",
-        }
         for name, label in labels.items():
             if name not in results[case.task]:
                 continue
             med = results[case.task][name].stage_medians()
-            cells = [fmt(med[k], 1) if k in med else "–" for k in order]
-            rows.append([case.task if name == RT_FRESH else "", label, *cells])
+            cells = [fmt(med[k], 1) if k in med else "–" for k in STAGES]
+            total = fmt(med["total"], 1) if "total" in med else "–"
+            rows.append([case.task if name == RT_FRESH else "", label, *cells, total])
     return (
-        "### 4. Where the time goes: stage medians (ms, each side's own `result.timings`)\n\n"
-        + markdown_table(["task", "side", *order], rows)
+        "### 3. Where the time goes: stage medians (ms, each side's own `result.timings`)\n\n"
+        "A stage a request did not run is `–` (a cached frame has no vision stage; its preprocess is the "
+        "hash of the picture that finds it).\n\n"
+        + markdown_table(["task", "side", *STAGES, "total"], rows)
         + "\n"
     )
 
 
-# --- 5. decoder graphs alone ---------------------------------------------------------------------------
+# --- 4. decoder graphs alone ------------------------------------------------------------------------------
 
 
-def graphs_section(pipe, ref, artifact, args, log) -> str:
-    """The object and keypoint decoders alone, same inputs, ORT vs torch at 2 and 1 threads.
+def graphs_section(pipe, ref, args, log) -> str:
+    """The object and keypoint decoders alone, same inputs: the C++ engine against torch, 2 and 1 threads.
 
-    Separates the graphs' own speed from what surrounds them in a request (other sessions' thread pools,
-    post-processing). Query states are seeded random arrays of the runtime's shapes; the detection input is
-    the runtime's own for the benchmark image.
+    Separates the graphs' own speed from what surrounds them in a request (other engines' thread pools,
+    post-processing). Query states are seeded random arrays of the shapes the manifest gives; the detection
+    input is the runtime's own for the benchmark picture.
     """
-    import onnxruntime as ort
     import torch
+    from visionllm_edge.runtime.engine import make_engine
 
     image = scene(1, 160, 120)
-    fresh_frame(pipe)
-    pipe.detect(image, ["circle", "square"])
-    pixels, mask, _ = pipe._frame.det
+    pixels, mask, _resized = pipe.detection_input(image)
     hidden = pipe.manifest.model.hidden_size
     n_det = pipe.manifest.routing["det"].queries
     n_pose = pipe.manifest.routing["pose"].queries
@@ -688,16 +476,6 @@ def graphs_section(pipe, ref, artifact, args, log) -> str:
     }
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in {**det_feeds, **pose_feeds}.items()}
 
-    def session(graph: str, threads: int, spinning: bool):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        return ort.InferenceSession(
-            str(Path(artifact) / f"{graph}.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
-
     def torch_call(fn, threads):
         def call():
             before = torch.get_num_threads()
@@ -710,32 +488,33 @@ def graphs_section(pipe, ref, artifact, args, log) -> str:
 
         return call
 
-    gdino = lambda: ref.model.gdino(  # noqa: E731
-        t["pixel_values"], t["pixel_mask"], t["text_query"], t["text_query_mask"]
-    )
-    unipose = lambda: ref.model.unipose(  # noqa: E731
-        t["pixel_values"],
-        ~t["pixel_mask"],
-        t["object_query"],
-        t["object_query_mask"],
-        t["keypoint_query"],
-        t["keypoint_query_mask"],
-    )
+    def gdino():
+        return ref.model.gdino(t["pixel_values"], t["pixel_mask"], t["text_query"], t["text_query_mask"])
+
+    def unipose():
+        return ref.model.unipose(
+            t["pixel_values"],
+            ~t["pixel_mask"],
+            t["object_query"],
+            t["object_query_mask"],
+            t["keypoint_query"],
+            t["keypoint_query_mask"],
+        )
+
     rows = []
     for graph, feeds, module in (("det", det_feeds, gdino), ("pose", pose_feeds, unipose)):
+        path = pipe.manifest.graphs[graph].path
 
-        def ort_call(sess, feeds=feeds):
-            return lambda: sess.run(None, feeds)
-
-        def engine_call(engine, feeds=feeds):
+        def engine_call(threads, spin, feeds=feeds, path=path, graph=graph):
+            engine = make_engine(path, "onnxruntime", None, threads, graph, spin=spin)
             return lambda: engine.run(feeds)
 
         variants = {
-            f"the pipeline's C++ engine ({args.threads} threads, spinning off)": engine_call(
-                pipe.engine(graph)
+            f"C++ engine, {args.threads} threads, spinning off (as in the pipeline)": engine_call(
+                args.threads, False
             ),
-            f"ORT, {args.threads} threads, spinning off": ort_call(session(graph, args.threads, False)),
-            "ORT, 1 thread": ort_call(session(graph, 1, True)),
+            f"C++ engine, {args.threads} threads, spinning on": engine_call(args.threads, True),
+            "C++ engine, 1 thread": engine_call(1, False),
             f"torch eager, {args.threads} threads": torch_call(module, args.threads),
             "torch eager, 1 thread": torch_call(module, 1),
         }
@@ -758,8 +537,10 @@ def graphs_section(pipe, ref, artifact, args, log) -> str:
             )
         log(f"  graphs alone: {graph} done")
     return (
-        "### 5. The decoder graphs alone (ms per call, same inputs; seeded random query states)\n\n"
-        f"`vs torch` = torch eager {args.threads}-thread median ÷ row median.\n\n"
+        "### 4. The decoder graphs alone (ms per call, same inputs; seeded random query states)\n\n"
+        f"`vs torch` = torch eager {args.threads}-thread median ÷ row median. Spinning: idle intra-op "
+        "workers busy-wait for the next run; it helps a lone engine and hurts a pipeline whose engines share "
+        "the cores, so the pipeline's engines have it off.\n\n"
         + markdown_table(["graph", "engine", "median", "min", "max", "vs torch"], rows)
         + "\n"
     )
@@ -773,13 +554,12 @@ def main(argv=None) -> int:
     ap.add_argument("artifact", nargs="?", help="artifact folder of tiny-random (default: export one now)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--overhead-runs", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--tasks", nargs="*", help="substrings of task names to run (default: all)")
     ap.add_argument("--no-forward", action="store_true", help="skip the reference forward_answer rows")
-    ap.add_argument("--no-graphs", action="store_true", help="skip section 5 (decoder graphs alone)")
-    ap.add_argument("--no-1t", action="store_true", help="skip the 1-thread runtime rows of section 3")
+    ap.add_argument("--no-graphs", action="store_true", help="skip section 4 (decoder graphs alone)")
+    ap.add_argument("--no-1t", action="store_true", help="skip the 1-thread runtime rows")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     if args.repeats < 5:
@@ -788,16 +568,16 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    load_start = _loadavg()
+    load_start = loadavg()
     t_start = time.perf_counter()
     log(f"loadavg at start: {load_start}")
-    import onnxruntime as ort
     import torch
 
     torch.set_num_threads(args.threads)
-    from visionllm_edge import _core, templates
+    from visionllm_edge import Pipeline, templates
+    from visionllm_edge.contract import COMPONENT_GRAPHS
     from visionllm_edge.export import ReferencePipeline, load_reference
-    from visionllm_edge.pipeline import Pipeline
+    from visionllm_edge.manifest import load_manifest
 
     model = load_reference("tiny-random")
     tmp = None
@@ -812,72 +592,58 @@ def main(argv=None) -> int:
         export("tiny-random", artifact, model=model, progress=False)
         log(f"  exported in {time.perf_counter() - t0:.0f} s")
     try:
-        pipe = Pipeline.load(artifact, threads=args.threads)
-        name = pipe.manifest.model.name
-        if name != "tiny-random":
-            raise SystemExit(f"{artifact}: the artifact is {name!r}, the reference here is tiny-random")
-        for graph in pipe.manifest.graphs:  # create every session now, not inside a timed call
-            pipe.engine(graph)
-        pipe_1t = Pipeline.load(artifact, threads=1, verify_hashes=False)
-        for graph in pipe_1t.manifest.graphs:
-            pipe_1t.engine(graph)
+        manifest = load_manifest(artifact)
+        if manifest.model.name != "tiny-random":
+            raise SystemExit(
+                f"{artifact}: the artifact is {manifest.model.name!r}, the reference here is tiny-random"
+            )
+        # Every component's graphs loaded now, not inside a timed call.
+        every = [c for c, graphs in COMPONENT_GRAPHS.items() if set(graphs) & set(manifest.graphs)]
+        pipe = Pipeline.load(artifact, threads=args.threads, components=every, verify_hashes=False)
+        pipe_1t = None
+        if not args.no_1t:
+            pipe_1t = Pipeline.load(artifact, threads=1, components=every, verify_hashes=False)
         ref = ReferencePipeline(model)
-        from visionllm_edge.runtime.engine import onnxruntime_library
-
         threads_line = (
-            f"runtime engines: intra_op_num_threads={args.threads}, inter_op=1, spinning off, "
-            f"{_core.onnxruntime_library_in_use(onnxruntime_library())} "
-            f"(every runtime session); torch.set_num_threads({args.threads}) -> get_num_threads()="
-            f"{torch.get_num_threads()}, interop={torch.get_num_interop_threads()}"
+            f"runtime engines: intra-op threads {args.threads} (and 1 for the 1-thread rows), spinning off; "
+            f"torch.set_num_threads({args.threads}) -> get_num_threads()={torch.get_num_threads()}, "
+            f"interop={torch.get_num_interop_threads()}"
         )
         log(threads_line)
-
-        image = scene(1, 160, 120)
-        log("1. per-step overhead ...")
-        overhead_text = overhead_section(pipe, pipe_1t, image, "Describe the image in detail.", args, log)
-        log("2./3. requests ...")
+        log("1./2. requests ...")
         cases = build_cases(pipe, ref, templates, args)
-        results = run_cases(cases, pipe, None if args.no_1t else pipe_1t, args, log)
+        results = run_cases(cases, pipe, pipe_1t, args, log)
         graphs_text = ""
         if not args.no_graphs and {"det", "pose"} <= set(pipe.manifest.graphs):
-            log("5. decoder graphs alone ...")
-            graphs_text = graphs_section(pipe, ref, artifact, args, log)
+            log("4. decoder graphs alone ...")
+            graphs_text = graphs_section(pipe, ref, args, log)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    load_end = _loadavg()
-    cpu = "?"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    load_end = loadavg()
     header = (
         "## Runtime vs reference (tiny-random)\n\n"
-        f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} CPUs ({cpu}), "
-        f"Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"numpy {np.__version__}\n"
+        f"- Date: {date_line()}; machine: {machine_line()}, torch {torch.__version__} "
+        f"(Python {platform.python_version()})\n"
         f"- Threads: {threads_line}\n"
         f"- Artifact: {'tiny-random exported by this run (fp32)' if tmp else artifact}; reference: "
         '`load_reference("tiny-random")` (fp32, eager, `torch.no_grad`)\n'
-        f"- Warm-up rounds: {args.warmup}; timed calls per row: {args.repeats}; every session created before "
+        f"- Warm-up rounds: {args.warmup}; timed calls per row: {args.repeats}; every graph loaded before "
         "timing\n"
         f"- **Load** (`/proc/loadavg`): start `{load_start}`, end `{load_end}`; run took "
         f"{time.perf_counter() - t_start:.0f} s\n"
         "- Command: `python3 benchmarks/runtime_vs_reference.py "
-        + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+        + " ".join(argv if argv is not None else sys.argv[1:])
         + "`\n"
     )
     text = "\n".join(
         [
             header,
-            overhead_text,
             decode_section(cases, results, args),
             latency_section(cases, results),
             stage_section(cases, results),
-            graphs_text,
         ]
+        + ([graphs_text] if graphs_text else [])
     )
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
