@@ -524,7 +524,7 @@ def test_router_construction_errors(tables):
     np.testing.assert_array_equal(det.query_table, by_kind["det"])
 
 
-# --- labels (docs/architecture.md §9) ----------------------------------------------------------------------------------
+# --- labels (docs/architecture.md §9) ----------------------------------------------------------------
 
 #: (answer, question, instruction, expected [(kind, label)]): the one table both implementations must satisfy.
 LABEL_CASES = [

@@ -259,10 +259,9 @@ def test_runtime_and_reference_score_the_same(tiny_artifact, tiny_model):
     """Both backends through `evaluate` on tiny-random (random weights: the numbers are ~0, but they and
     the answers must agree)."""
     from visionllm_edge.export import ReferencePipeline
-    from visionllm_edge.pipeline import Pipeline
 
     kw = dict(seed=SEED, scenes=1, tasks="detect,segment,pose,ground,vqa,region_caption,generate,edit")
-    got = ev.evaluate(ev.RuntimeRunner(Pipeline.load(tiny_artifact)), **kw)
+    got = ev.evaluate(ev.RuntimeRunner.load(tiny_artifact), **kw)
     want = ev.evaluate(ev.ReferenceRunner(ReferencePipeline(tiny_model)), **kw)
     assert got["backend"] == "onnxruntime" and want["backend"] == "reference"
     for task in got["tasks"]:

@@ -186,15 +186,10 @@ struct Sequence {
   std::vector<std::string> history_answers;
 };
 
-// A [DET] group of an earlier turn, handed to the keypoint decoder as its objects when the answer has none.
-struct HistoryObject {
-  int64_t position = 0;
-  std::vector<float> states;  // [N, H]
-};
-
 struct Prefilled {
-  std::vector<float> last_logits;        // [V]
-  std::vector<HistoryObject> history_objects;
+  std::vector<float> last_logits;  // [V]
+  // The [DET] groups of earlier turns, the keypoint decoder's objects when the answer has none of its own.
+  std::vector<LinkGroup> history_objects;
 };
 
 }  // namespace
@@ -250,7 +245,7 @@ struct Pipeline::Impl {
                      const TextCallback& on_text);
   std::string answer_text(const std::vector<int64_t>& ids, size_t start) const;
   std::vector<int64_t> answer_tokens(const std::vector<int64_t>& ids, size_t start) const;
-  void dispatch(Frame& frame, const std::map<int64_t, std::string>& labels, const std::vector<HistoryObject>& history,
+  void dispatch(Frame& frame, const std::map<int64_t, std::string>& labels, const std::vector<LinkGroup>& history,
                 const RunOptions& options, Result& result);
   void diffusion(const std::string& kind, const std::vector<DecoderGroup>& groups, const Frame& frame,
                  const RunOptions& options, Result& result);
@@ -774,9 +769,13 @@ Prefilled Pipeline::Impl::prefill(Sequence& seq, const Frame& f, Result& result)
   Prefilled out;
   size_t row = 0;
   for (const auto& [pos, rows] : history_groups) {
-    HistoryObject obj;
+    LinkGroup obj;
+    obj.kind = "det";
+    obj.decoder = kObjectDecoder;
     obj.position = pos;
-    obj.states.assign(h + row * hidden, h + (row + rows.size()) * hidden);
+    obj.num_queries = static_cast<int64_t>(rows.size());
+    obj.hidden = hidden;
+    obj.states = std::make_shared<const std::vector<float>>(h + row * hidden, h + (row + rows.size()) * hidden);
     out.history_objects.push_back(std::move(obj));
     row += rows.size();
   }
@@ -896,7 +895,7 @@ std::vector<int64_t> Pipeline::Impl::answer_tokens(const std::vector<int64_t>& i
 // --- decoders -------------------------------------------------------------------------------------------------
 
 void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& labels,
-                              const std::vector<HistoryObject>& history, const RunOptions& o, Result& result) {
+                              const std::vector<LinkGroup>& history, const RunOptions& o, Result& result) {
   auto label_of = [&](int64_t position) {
     const auto it = labels.find(position);
     return it == labels.end() ? std::string() : it->second;
@@ -960,10 +959,10 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
   }
   if (decoders.count(kPoseDecoder)) {
     const DecoderGroups pose_groups = router->groups_for(kPoseDecoder);
-    std::vector<std::pair<int64_t, const std::vector<float>*>> objects;  // (position, states)
-    for (const DecoderGroup& g : pose_groups.at(0).second) objects.emplace_back(g.link.position, g.link.states.get());
+    std::vector<const LinkGroup*> objects;
+    for (const DecoderGroup& g : pose_groups.at(0).second) objects.push_back(&g.link);
     if (objects.empty()) {
-      for (const HistoryObject& h : history) objects.emplace_back(h.position, &h.states);
+      for (const LinkGroup& g : history) objects.push_back(&g);
     }
     const std::vector<DecoderGroup>& keypoints = pose_groups.at(1).second;
     if (!keypoints.empty() && !objects.empty()) {
@@ -981,8 +980,9 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
       std::vector<float> obj(static_cast<size_t>(kSlots) * group, 0.f), kpt(static_cast<size_t>(kSlots) * group, 0.f);
       std::vector<uint8_t> om(kSlots, 0), km(kSlots, 0);
       for (size_t i = 0; i < objects.size(); ++i) {
-        if (objects[i].second->size() != group) throw InputError("pose: an object group has the wrong number of states");
-        std::copy(objects[i].second->begin(), objects[i].second->end(), obj.begin() + i * group);
+        const std::vector<float>& states = *objects[i]->states;
+        if (states.size() != group) throw InputError("pose: an object group has the wrong number of states");
+        std::copy(states.begin(), states.end(), obj.begin() + i * group);
         om[i] = 1;
       }
       for (size_t i = 0; i < keypoints.size(); ++i) {
@@ -1005,7 +1005,7 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
       result.decoders[kPoseDecoder] = {{contract::io::kPredLogits, pl}, {contract::io::kPredBoxes, pb},
                                        {contract::io::kPredKeypoints, pk}};
       std::vector<std::string> object_labels, keypoint_names;
-      for (const auto& [position, states] : objects) object_labels.push_back(label_of(position));
+      for (const LinkGroup* g : objects) object_labels.push_back(label_of(g->position));
       for (const DecoderGroup& k : keypoints) keypoint_names.push_back(label_of(k.link.position));
       StageTimer t(result, "postprocess");
       pose_results(pl, pb, pk, object_labels, keypoint_names, {det.pixel_values.shape[2], det.pixel_values.shape[3]},

@@ -1,7 +1,7 @@
 """The LLM step graph (`llm.onnx`): one prefill, decode or super-link step on top of a caller-owned KV arena.
 
-The runtime keeps one arena per layer, sequence-major (`[capacity, kv_heads, head_dim]`, docs/architecture.md §4),
-and hands the graph the prefix `[0:past]` without a copy. The graph returns only the step's new K/V rows,
+The runtime keeps one arena per layer, sequence-major (`[capacity, kv_heads, head_dim]`; docs/architecture.md
+§4), and hands the graph the prefix `[0:past]` without a copy. The graph returns only the step's new K/V rows,
 which the runtime writes at `[past:past+S]`, and the logits / post-norm hidden states of the rows it asks
 for.
 
@@ -256,7 +256,7 @@ def fp32_node_descriptions(num_layers: int) -> list[str]:
 
 @register
 class LlmExporter(ComponentExporter):
-    """`llm.onnx`: one step of the language model over a sequence-major KV arena (docs/architecture.md §2, §4)."""
+    """`llm.onnx`: one step of the language model over a sequence-major KV arena (docs/architecture.md §4)."""
 
     name = "llm"
 

@@ -1,4 +1,4 @@
-"""The runtime's Python face: `Pipeline` over the C++ request loop (`visionllm_edge._core.Pipeline`). No torch.
+"""The runtime's Python face: `Pipeline` over the C++ request loop (`_core.Pipeline`). No torch.
 
 Every request runs in C++ (csrc/loop/pipeline.cpp) with the GIL released: preprocessing, the vision and
 region encoders, the chat template and tokens, embedding assembly, prefill into the KV arena, decoding with
@@ -70,7 +70,9 @@ def _regions(regions, region_frame: str) -> list[tuple[str, object]]:
 
 def _options(kwargs: dict) -> dict:
     """Request keywords as the C++ loop takes them."""
-    unknown = sorted(set(kwargs) - set(_REQUEST_KEYS) - {"regions", "region_frame", "det_image", "decode", "bgr"})
+    unknown = sorted(
+        set(kwargs) - set(_REQUEST_KEYS) - {"regions", "region_frame", "det_image", "decode", "bgr"}
+    )
     if unknown:
         raise TypeError(f"unknown request keyword(s) {unknown}")
     options = {k: kwargs[k] for k in _REQUEST_KEYS if kwargs.get(k) is not None}
@@ -100,10 +102,14 @@ def _result(d: dict) -> Result:
         stop_reason=d["stop_reason"],
         links=[Link(kind, label, position, states) for kind, label, position, states in d["links"]],
         detections=[
-            Detection(label, kind, score, tuple(box), mask, q) for label, kind, score, box, mask, q in d["detections"]
+            Detection(label, kind, score, tuple(box), mask, q)
+            for label, kind, score, box, mask, q in d["detections"]
         ],
         segmentation=None if d["segmentation"] is None else SemanticMap(*d["segmentation"]),
-        poses=[Pose(label, score, tuple(box), kps, list(names), q) for label, score, box, kps, names, q in d["poses"]],
+        poses=[
+            Pose(label, score, tuple(box), kps, list(names), q)
+            for label, score, box, kps, names, q in d["poses"]
+        ],
         images=list(d["images"]),
         timings=dict(d["timings"]),
     )
@@ -172,7 +178,9 @@ class Pipeline:
 
     # --- requests -----------------------------------------------------------------------------------------
 
-    def __call__(self, image, prompt: str, regions=None, bgr: bool = False, _on_text=None, **kwargs) -> Result:
+    def __call__(
+        self, image, prompt: str, regions=None, bgr: bool = False, _on_text=None, **kwargs
+    ) -> Result:
         """Answers one request (the keywords of `ReferencePipeline.run`).
 
         Args:

@@ -108,7 +108,11 @@ class Runner(Protocol):
 
 
 class RuntimeRunner:
-    """The ONNX Runtime `Pipeline` (torch-free), loaded with the post-processing of `EVAL_POSTPROCESS`."""
+    """The ONNX Runtime `Pipeline` (torch-free), loaded with the post-processing of `EVAL_POSTPROCESS`.
+
+    Make it with `RuntimeRunner.load(artifact)`; a `Pipeline` handed in directly must have been loaded with
+    `postprocess=EVAL_POSTPROCESS` for the scores to mean what the evaluation reports.
+    """
 
     backend = "onnxruntime"
 
@@ -133,7 +137,9 @@ class RuntimeRunner:
                 f"{artifact}: not an artifact folder (the onnxruntime backend evaluates a folder written by "
                 f"'visionllm-edge export'; '--backend reference' takes a checkpoint folder or 'shapes-tiny')"
             )
-        return cls(Pipeline.load(artifact, threads=threads, providers=providers, postprocess=EVAL_POSTPROCESS))
+        return cls(
+            Pipeline.load(artifact, threads=threads, providers=providers, postprocess=EVAL_POSTPROCESS)
+        )
 
     def detect(self, image, classes) -> Result:
         return self.pipe.detect(image, classes)
