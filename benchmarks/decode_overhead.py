@@ -15,9 +15,10 @@ result; this script copies none of the loop. Per request, `result.raw["stats"]` 
 `(timings["decode"] - decode_engine_ms) / decode_steps`, the mean per step of everything in the stage that
 is not the engine call, including the last sampled token that is not fed back.
 
-Requests: free generation of `--new-tokens` (64) new tokens on a cached frame (one untimed request first
-puts the picture's vision outputs and the prompt's KV rows in the cache; every timed request reuses them),
-in four modes, interleaved round by round so that load from other jobs falls on all alike:
+Requests: free generation of up to `--new-tokens` (64) new tokens for "Describe the image briefly." on a
+cached frame (one untimed request first puts the picture's vision outputs and the prompt's KV rows in the
+cache; every timed request reuses them), in four modes, interleaved round by round so that load from other
+jobs falls on all alike:
 
 - greedy, repetition_penalty 1.3 (random weights repeat one token otherwise);
 - sampling: do_sample, temperature 1.0, top_k 40, top_p 0.9, repetition_penalty 1.3, seed = the round;
@@ -45,7 +46,9 @@ from _common import date_line, fmt, loadavg, machine_line, markdown_table, scene
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_overhead.md"
 BAR_US = 10.0
-PROMPT = "Describe the image in detail."
+#: The shapes-world caption question: shapes-tiny answers it with a sentence of 30-60 tokens (to "Describe
+#: the image in detail." it answers one word); random weights run to the token limit either way.
+PROMPT = "Describe the image briefly."
 
 
 def modes(new_tokens: int) -> dict[str, tuple[dict, bool]]:

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-artifact", type=Path, required=True, help="shapes-tiny exported by the new code")
     ap.add_argument("--old-label", default="old")
     ap.add_argument("--new-label", default="new")
+    ap.add_argument("--note", action="append", default=[], help="a line for the report (what each side is)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--scenes", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
         f"- **Load** (`/proc/loadavg`): start `{load_start}`, end `{load_end}`; run took "
         f"{time.perf_counter() - t_start:.0f} s\n"
         f"- Command: `{command}`\n"
-        f"- {args.scenes} scenes per task, {args.threads} intra-op thread(s) per graph; "
+        + "".join(f"- {line}\n" for line in args.note)
+        + f"- {args.scenes} scenes per task, {args.threads} intra-op thread(s) per graph; "
         f"{args.rounds} rounds, "
         f"the order of the two sides swapped each round; generate and edit in the first "
         f"{args.diffusion_rounds} round(s) only. Latency: the eval's wall time per request, mean over the "

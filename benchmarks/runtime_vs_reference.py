@@ -52,7 +52,6 @@ printed and written to `benchmarks/results/runtime_vs_reference.md` (`--out`).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -623,8 +622,7 @@ def main(argv=None) -> int:
     load_end = loadavg()
     header = (
         "## Runtime vs reference (tiny-random)\n\n"
-        f"- Date: {date_line()}; machine: {machine_line()}, torch {torch.__version__} "
-        f"(Python {platform.python_version()})\n"
+        f"- Date: {date_line()}; machine: {machine_line()}, torch {torch.__version__}\n"
         f"- Threads: {threads_line}\n"
         f"- Artifact: {'tiny-random exported by this run (fp32)' if tmp else artifact}; reference: "
         '`load_reference("tiny-random")` (fp32, eager, `torch.no_grad`)\n'
