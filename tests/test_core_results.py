@@ -287,13 +287,6 @@ def test_object_results_equal_reference(reference, seed, nms, layout):
         assert (label_map >= 0).any()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="C++ object_results (csrc/postprocess/results.cpp) builds the semantic map from the masks of "
-    "the first [SEG] group's decoder call for every [SEG] group; the reference takes each group's masks "
-    "from its own call. They differ once the [SEG] groups span more than one call (more than max_groups "
-    "object groups)",
-)
 @pytest.mark.parametrize("seed", range(3))
 def test_semantic_map_across_decoder_calls_equal_reference(reference, seed):
     got, expected, _h, _w = _object_results_both(reference, seed, "both calls", None)

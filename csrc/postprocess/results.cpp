@@ -145,17 +145,38 @@ void object_results(const Array& logits, const Array& boxes, const Array& masks,
   }
 
   if (!seg.empty()) {
-    // The class columns of every [SEG] group; the masks of the first group's call.
+    // Each [SEG] group's class column scores the masks of its own decoder call. With every group in one
+    // call, that call's queries and masks are used as they are; across calls, the queries of each call used
+    // are stacked, and a class's logits are -inf (probability 0, adding exactly nothing) on the rows of the
+    // other calls, so every class sums over its own call's queries in order.
     const int64_t n = static_cast<int64_t>(seg.size());
-    std::vector<float> class_logits(queries * n);
-    for (int64_t q = 0; q < queries; ++q) {
-      for (int64_t c = 0; c < n; ++c) class_logits[q * n + c] = lg[(seg[c].chunk * queries + q) * columns + seg[c].column];
+    std::vector<int64_t> calls;
+    for (const Column& c : seg) {
+      if (std::find(calls.begin(), calls.end(), c.chunk) == calls.end()) calls.push_back(c.chunk);
     }
+    const int64_t rows = queries * static_cast<int64_t>(calls.size());
     const int64_t mh = masks.shape[2], mw = masks.shape[3];
-    const View3<float> mask{masks.as<float>() + seg[0].chunk * queries * mh * mw, queries, mh, mw, mh * mw, mw, 1};
+    std::vector<float> class_logits(rows * n, -INFINITY);
+    std::vector<float> stacked;
+    const float* mask_data = masks.as<float>() + calls[0] * queries * mh * mw;
+    if (calls.size() > 1) {
+      stacked.resize(static_cast<size_t>(rows * mh * mw));
+      for (size_t i = 0; i < calls.size(); ++i) {
+        const float* src = masks.as<float>() + calls[i] * queries * mh * mw;
+        std::copy(src, src + queries * mh * mw, stacked.begin() + static_cast<int64_t>(i) * queries * mh * mw);
+      }
+      mask_data = stacked.data();
+    }
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t block = std::find(calls.begin(), calls.end(), seg[c].chunk) - calls.begin();
+      for (int64_t q = 0; q < queries; ++q) {
+        class_logits[(block * queries + q) * n + c] = lg[(seg[c].chunk * queries + q) * columns + seg[c].column];
+      }
+    }
+    const View3<float> mask{mask_data, rows, mh, mw, mh * mw, mw, 1};
     SemanticMap map;
     map.label_map = Array::make(Array::Type::kInt32, {height, width});
-    semantic_map(View2<float>{class_logits.data(), queries, n, n, 1}, mask, resized, Size2{height, width},
+    semantic_map(View2<float>{class_logits.data(), rows, n, n, 1}, mask, resized, Size2{height, width},
                  settings.seg_score_threshold, map.label_map.as<int32_t>());
     for (const Column& c : seg) map.labels.push_back(c.group->label);
     result.segmentation = std::move(map);
