@@ -68,39 +68,53 @@ std::vector<double> sampling_probabilities(const float* logits, int64_t vocab, c
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   std::vector<double> z(static_cast<size_t>(vocab));
   for (size_t i = 0; i < z.size(); ++i) z[i] = static_cast<double>(penalized[i]) / params.temperature;
+  // `live`: the tokens that can still be drawn, in index order. Every other token has probability exactly 0,
+  // so the sums and divisions below skip them without changing a bit of the result.
+  std::vector<int64_t> live;
   if (params.top_k > 0 && params.top_k < vocab) {
     // Everything below the k-th largest value goes; ties with it stay (the reference's `logits < kth`).
     std::vector<double> sorted(z);
     std::nth_element(sorted.begin(), sorted.begin() + (params.top_k - 1), sorted.end(), std::greater<>());
     const double kth = sorted[static_cast<size_t>(params.top_k - 1)];
-    for (double& v : z) {
-      if (v < kth) v = kNegInf;
+    for (size_t i = 0; i < z.size(); ++i) {
+      if (z[i] < kth) {
+        z[i] = kNegInf;
+      } else {
+        live.push_back(static_cast<int64_t>(i));
+      }
     }
+  } else {
+    live.resize(static_cast<size_t>(vocab));
+    for (int64_t i = 0; i < vocab; ++i) live[static_cast<size_t>(i)] = i;
   }
-  const double max_z = *std::max_element(z.begin(), z.end());
+  double max_z = kNegInf;
+  for (int64_t i : live) max_z = std::max(max_z, z[static_cast<size_t>(i)]);
   if (!std::isfinite(max_z)) {
     throw std::invalid_argument("logits: no finite value to sample from");
   }
   double total = 0.0;
-  for (size_t i = 0; i < z.size(); ++i) {
-    probs[i] = std::exp(z[i] - max_z);
-    total += probs[i];
+  for (int64_t i : live) {
+    const double p = std::exp(z[static_cast<size_t>(i)] - max_z);
+    probs[static_cast<size_t>(i)] = p;
+    total += p;
   }
-  for (double& p : probs) p /= total;
+  for (int64_t i : live) probs[static_cast<size_t>(i)] /= total;
   if (params.top_p < 1.0) {
     // Most probable first, equal probabilities by index (unique keys: the order is well defined). Tokens
     // with p above a cutoff are a prefix of that order; when their mass already exceeds top_p (with a
     // margin for summation order), the nucleus lies inside them and only they are sorted. A peaked LLM
     // distribution has few such tokens, so the usual step sorts a handful instead of all V.
-    const double max_p = *std::max_element(probs.begin(), probs.end());
+    double max_p = 0.0;
+    for (int64_t i : live) max_p = std::max(max_p, probs[static_cast<size_t>(i)]);
     std::vector<std::pair<double, int64_t>> order;
     for (const double cutoff : {max_p * 1e-3, 0.0}) {
       order.clear();
       double mass = 0.0;
-      for (size_t i = 0; i < probs.size(); ++i) {
-        if (probs[i] > cutoff) {
-          order.emplace_back(-probs[i], static_cast<int64_t>(i));
-          mass += probs[i];
+      for (int64_t i : live) {
+        const double p = probs[static_cast<size_t>(i)];
+        if (p > cutoff) {
+          order.emplace_back(-p, i);
+          mass += p;
         }
       }
       if (mass > params.top_p + 1e-9) break;
@@ -115,13 +129,13 @@ std::vector<double> sampling_probabilities(const float* logits, int64_t vocab, c
       }
       before -= order[i].first;
     }
-    std::fill(probs.begin(), probs.end(), 0.0);
+    for (int64_t i : live) probs[static_cast<size_t>(i)] = 0.0;
     double kept = 0.0;
     for (size_t k = 0; k < keep; ++k) {
       probs[static_cast<size_t>(order[k].second)] = -order[k].first;
       kept -= order[k].first;
     }
-    for (double& p : probs) p /= kept;
+    for (size_t k = 0; k < keep; ++k) probs[static_cast<size_t>(order[k].second)] /= kept;
   }
   return probs;
 }
