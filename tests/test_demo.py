@@ -178,3 +178,9 @@ def test_name_resolves_to_the_bundled_folder_and_the_key_follows_the_weights(shi
     data[-1] ^= 1
     (copy / "model.safetensors").write_bytes(bytes(data))
     assert artifact_key(copy) != artifact_key(shipped)
+    # A new artifact format gets a folder of its own: the runtime refuses an older schema's artifact.
+    from visionllm_edge import contract
+
+    before = artifact_key(shipped)
+    monkeypatch.setattr(contract, "MANIFEST_SCHEMA_VERSION", contract.MANIFEST_SCHEMA_VERSION + 1)
+    assert artifact_key(shipped) != before

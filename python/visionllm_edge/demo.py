@@ -63,11 +63,12 @@ def cache_root() -> Path:
 
 
 def artifact_key(checkpoint: Path) -> str:
-    """A short hash of the checkpoint's weights and config and of this package's version.
+    """A short hash of the checkpoint's weights and config, this package's version and the manifest schema.
 
-    A retrained model or a new version of the exporter gets a folder of its own; the same ones reuse it.
+    A retrained model, a new version of the exporter or a new artifact format gets a folder of its own (an
+    artifact of an older schema is refused by the runtime); the same ones reuse it.
     """
-    from visionllm_edge import __version__
+    from visionllm_edge import __version__, contract
 
     h = hashlib.sha256()
     for name in ("model.safetensors", "config.json"):
@@ -76,6 +77,7 @@ def artifact_key(checkpoint: Path) -> str:
                 h.update(block)
         h.update(b"\0")
     h.update(__version__.encode())
+    h.update(f"schema {contract.MANIFEST_SCHEMA_VERSION}".encode())
     return h.hexdigest()[:12]
 
 
