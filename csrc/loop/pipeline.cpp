@@ -200,7 +200,9 @@ struct Pipeline::Impl {
   Manifest manifest;
   std::unique_ptr<Tokenizer> tokenizer;
   int64_t hidden = 0, vocab = 0;
-  std::vector<float> token_table;                                 // [V, H]
+  std::unique_ptr<SafetensorsFile> embeddings;                    // mapped for the pipeline's lifetime
+  const float* token_rows = nullptr;                              // [V, H]: in the mapping, or the copy
+  std::vector<float> token_table_copy;                            // a converted fp16 table
   std::unordered_map<std::string, std::vector<float>> query_tables;  // by routing kind, [N, H]
   std::unique_ptr<KVArena> arena;
   DType embed_dtype = DType::kFloat32;
@@ -309,12 +311,22 @@ Pipeline Pipeline::load(const std::string& artifact_dir, const LoadOptions& opti
   files.add_prefix_space = m.tokenizer.add_prefix_space;
   p.tokenizer = std::make_unique<Tokenizer>(files, m.tokens);
 
-  // The token table and the query tables, as float32 copies (the assembly reads them row by row).
-  const SafetensorsFile tables(m.embeddings.file.path);
+  // The token table is read in place from the memory-mapped file when it is float32 and aligned (the
+  // assembly reads only the rows of the ids it embeds, so most pages are never touched); an fp16 table is
+  // converted once. The query tables are small float32 copies.
+  p.embeddings = std::make_unique<SafetensorsFile>(m.embeddings.file.path);
+  const SafetensorsFile& tables = *p.embeddings;
   p.vocab = m.model.vocab_size;
   p.hidden = m.model.hidden_size;
-  const Tensor token = tables.to_float32(m.embeddings.token_table, {p.vocab, p.hidden});
-  p.token_table.assign(token.data_as<float>(), token.data_as<float>() + token.numel());
+  const SafetensorsEntry& token_entry = tables.entry(m.embeddings.token_table);
+  if (token_entry.dtype == "F32" && token_entry.shape == std::vector<int64_t>{p.vocab, p.hidden} &&
+      reinterpret_cast<uintptr_t>(token_entry.data) % alignof(float) == 0) {
+    p.token_rows = reinterpret_cast<const float*>(token_entry.data);
+  } else {
+    const Tensor token = tables.to_float32(m.embeddings.token_table, {p.vocab, p.hidden});
+    p.token_table_copy.assign(token.data_as<float>(), token.data_as<float>() + token.numel());
+    p.token_rows = p.token_table_copy.data();
+  }
   for (const auto& [kind, route] : m.routing) {
     const auto name = m.embeddings.query_tables.find(route.table);
     if (name == m.embeddings.query_tables.end()) {
@@ -729,7 +741,7 @@ Prefilled Pipeline::Impl::prefill(Sequence& seq, const Frame& f, Result& result)
     const int64_t rest = n - reuse;
     // Rows already in the arena consumed their image and region rows: hand over only the remaining ones.
     AssemblyInputs in;
-    in.token_table = {token_table.data(), {vocab, hidden}};
+    in.token_table = {token_rows, {vocab, hidden}};
     in.ids = ids.data() + reuse;
     in.num_ids = rest;
     in.image_token_id = patch_id;
@@ -823,7 +835,7 @@ std::string Pipeline::Impl::decode(Sequence& seq, std::vector<float> logits, con
         streamed = text;
       }
       if (plan.feed) {
-        const std::vector<float> rows = router->step_embeddings(plan, {token_table.data(), {vocab, hidden}});
+        const std::vector<float> rows = router->step_embeddings(plan, {token_rows, {vocab, hidden}});
         llm_step(rows.data(), plan.rows, plan.output_rows, step_logits, step_hidden);
         step_engine_ms = last_engine_ms;
         engine_ms += step_engine_ms;
