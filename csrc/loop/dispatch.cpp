@@ -1,0 +1,242 @@
+// Dispatch of the answer's super-link groups: the object decoder, the keypoint decoder, and for [GEN] /
+// [EDIT] the mapper, the DDIM loop with guidance and the VAE; then post-processing into the Result.
+#include "loop/pipeline_impl.h"
+
+namespace vle {
+
+using namespace loop;
+
+namespace {
+
+// Standard normal float32 noise from a seed: Box-Muller on the same generator and uniform draw as the
+// sampler, so one seed gives the same latents on every platform and in every front end.
+std::vector<float> seeded_normal(uint64_t seed, int64_t count) {
+  Sampler rng(seed);
+  std::vector<float> out(static_cast<size_t>(count));
+  constexpr double kTwoPi = 6.283185307179586476925286766559;
+  for (int64_t i = 0; i < count; i += 2) {
+    double u1 = rng.uniform();
+    const double u2 = rng.uniform();
+    if (u1 <= 0.0) u1 = 0x1.0p-53;
+    const double radius = std::sqrt(-2.0 * std::log(u1));
+    out[static_cast<size_t>(i)] = static_cast<float>(radius * std::cos(kTwoPi * u2));
+    if (i + 1 < count) out[static_cast<size_t>(i + 1)] = static_cast<float>(radius * std::sin(kTwoPi * u2));
+  }
+  return out;
+}
+
+}  // namespace
+
+// --- decoders -------------------------------------------------------------------------------------------------
+
+void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& labels,
+                              const std::vector<LinkGroup>& history, const RunOptions& o, Result& result) {
+  auto label_of = [&](int64_t position) {
+    const auto it = labels.find(position);
+    return it == labels.end() ? std::string() : it->second;
+  };
+  const Postprocess& post = manifest.postprocess;
+  if (decoders.count(kObjectDecoder)) {
+    const std::vector<DecoderGroup> groups = router->groups_for(kObjectDecoder).at(0).second;
+    if (!groups.empty()) {
+      const DetectionInput& det = frame_detection_input(f, o);
+      const GraphEntry& g = graph(contract::graph::kDet);
+      const int64_t max_groups = fact_int(g, "max_groups", fact_int(g, "max_text_len", 256));
+      const int64_t num_queries = fact_int(g, "num_queries");
+      std::vector<Array> logits, boxes, masks;
+      {
+        StageTimer t(result, "object_decoder");
+        std::vector<int64_t> query_index(static_cast<size_t>(num_queries));
+        for (int64_t i = 0; i < num_queries; ++i) query_index[static_cast<size_t>(i)] = i;
+        for (size_t begin = 0; begin < groups.size(); begin += static_cast<size_t>(max_groups)) {
+          const size_t end = std::min(groups.size(), begin + static_cast<size_t>(max_groups));
+          const int64_t k = static_cast<int64_t>(end - begin);
+          const int64_t nq = groups[begin].link.num_queries;
+          std::vector<float> query;
+          for (size_t i = begin; i < end; ++i) {
+            query.insert(query.end(), groups[i].link.states->begin(), groups[i].link.states->end());
+          }
+          std::vector<uint8_t> query_mask(static_cast<size_t>(k), 1);
+          auto out = engine(contract::graph::kDet)
+                         .run({{contract::io::kPixelValues, {DType::kFloat32, det.pixel_values.shape, det.pixel_values.data.get()}},
+                               {contract::io::kPixelMask, {DType::kBool, det.pixel_mask.shape, det.pixel_mask.data.get()}},
+                               {contract::io::kTextQuery, {DType::kFloat32, {1, k, nq, hidden}, query.data()}},
+                               {contract::io::kTextQueryMask, {DType::kBool, {1, k}, query_mask.data()}},
+                               {contract::io::kMaskQueryIndex, {DType::kInt64, {1, num_queries}, query_index.data()}}},
+                              {}, {contract::io::kLogits, contract::io::kPredBoxes, contract::io::kPredMasks});
+          logits.push_back(to_array(out[0]));
+          boxes.push_back(to_array(out[1]));
+          masks.push_back(to_array(out[2]));
+        }
+      }
+      // One chunk per decoder call, stacked: [chunks, ...] without the batch axis.
+      auto stack = [](const std::vector<Array>& parts) {
+        std::vector<int64_t> shape = parts[0].shape;
+        shape[0] = static_cast<int64_t>(parts.size());
+        Array out = Array::make(parts[0].type, shape);
+        size_t offset = 0;
+        for (const Array& a : parts) {
+          if (a.shape != parts[0].shape) throw EngineError("det: decoder calls returned different shapes");
+          std::memcpy(static_cast<char*>(out.data.get()) + offset, a.data.get(), a.bytes());
+          offset += a.bytes();
+        }
+        return out;
+      };
+      Array all_logits = stack(logits), all_boxes = stack(boxes), all_masks = stack(masks);
+      result.decoders[kObjectDecoder] = {{contract::io::kLogits, all_logits}, {contract::io::kPredBoxes, all_boxes},
+                                         {contract::io::kPredMasks, all_masks}};
+      std::vector<ObjectGroup> object_groups;
+      for (const DecoderGroup& dg : groups) object_groups.push_back({dg.link.kind, label_of(dg.link.position), dg.index});
+      StageTimer t(result, "postprocess");
+      object_results(all_logits, all_boxes, all_masks, object_groups, max_groups, det.resized_hw, f.width, f.height,
+                     post, result);
+    }
+  }
+  if (decoders.count(kPoseDecoder)) {
+    const DecoderGroups pose_groups = router->groups_for(kPoseDecoder);
+    std::vector<const LinkGroup*> objects;
+    for (const DecoderGroup& g : pose_groups.at(0).second) objects.push_back(&g.link);
+    if (objects.empty()) {
+      for (const LinkGroup& g : history) objects.push_back(&g);
+    }
+    const std::vector<DecoderGroup>& keypoints = pose_groups.at(1).second;
+    if (!keypoints.empty() && !objects.empty()) {
+      const DetectionInput& det = frame_detection_input(f, o);
+      const GraphEntry& g = graph(contract::graph::kPose);
+      const int64_t max_keypoints = fact_int(g, "max_keypoints", 68);
+      constexpr int64_t kSlots = 100;
+      if (static_cast<int64_t>(objects.size()) > kSlots || static_cast<int64_t>(keypoints.size()) > max_keypoints) {
+        throw InputError("the keypoint decoder takes at most 100 object and " + std::to_string(max_keypoints) +
+                         " keypoint groups, got " + std::to_string(objects.size()) + " and " +
+                         std::to_string(keypoints.size()));
+      }
+      const int64_t nq = keypoints[0].link.num_queries;
+      const size_t group = static_cast<size_t>(nq * hidden);
+      std::vector<float> obj(static_cast<size_t>(kSlots) * group, 0.f), kpt(static_cast<size_t>(kSlots) * group, 0.f);
+      std::vector<uint8_t> om(kSlots, 0), km(kSlots, 0);
+      for (size_t i = 0; i < objects.size(); ++i) {
+        const std::vector<float>& states = *objects[i]->states;
+        if (states.size() != group) throw InputError("pose: an object group has the wrong number of states");
+        std::copy(states.begin(), states.end(), obj.begin() + i * group);
+        om[i] = 1;
+      }
+      for (size_t i = 0; i < keypoints.size(); ++i) {
+        std::copy(keypoints[i].link.states->begin(), keypoints[i].link.states->end(), kpt.begin() + i * group);
+        km[i] = 1;
+      }
+      std::vector<Tensor> out;
+      {
+        StageTimer t(result, "pose_decoder");
+        out = engine(contract::graph::kPose)
+                  .run({{contract::io::kPixelValues, {DType::kFloat32, det.pixel_values.shape, det.pixel_values.data.get()}},
+                        {contract::io::kPixelMask, {DType::kBool, det.pixel_mask.shape, det.pixel_mask.data.get()}},
+                        {contract::io::kObjectQuery, {DType::kFloat32, {1, kSlots, nq, hidden}, obj.data()}},
+                        {contract::io::kObjectQueryMask, {DType::kBool, {1, kSlots}, om.data()}},
+                        {contract::io::kKeypointQuery, {DType::kFloat32, {1, kSlots, nq, hidden}, kpt.data()}},
+                        {contract::io::kKeypointQueryMask, {DType::kBool, {1, kSlots}, km.data()}}},
+                       {}, {contract::io::kPredLogits, contract::io::kPredBoxes, contract::io::kPredKeypoints});
+      }
+      Array pl = to_array(out[0]), pb = to_array(out[1]), pk = to_array(out[2]);
+      result.decoders[kPoseDecoder] = {{contract::io::kPredLogits, pl}, {contract::io::kPredBoxes, pb},
+                                       {contract::io::kPredKeypoints, pk}};
+      std::vector<std::string> object_labels, keypoint_names;
+      for (const LinkGroup* g : objects) object_labels.push_back(label_of(g->position));
+      for (const DecoderGroup& k : keypoints) keypoint_names.push_back(label_of(k.link.position));
+      StageTimer t(result, "postprocess");
+      pose_results(pl, pb, pk, object_labels, keypoint_names, {det.pixel_values.shape[2], det.pixel_values.shape[3]},
+                   det.resized_hw, f.width, f.height, post, result);
+    }
+  }
+  for (const std::string& kind : contract::generation_kinds()) {
+    if (!decoders.count(kind)) continue;
+    const std::vector<DecoderGroup> groups = router->groups_for(kind).at(0).second;
+    if (groups.empty()) continue;
+    StageTimer t(result, kind + "_decoder");
+    diffusion(kind, groups, f, o, result);
+  }
+}
+
+void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<DecoderGroup>& groups, const Frame& f,
+                               const RunOptions& o, Result& result) {
+  const int64_t n = static_cast<int64_t>(groups.size());
+  const int64_t nq = groups[0].link.num_queries;
+  std::vector<float> states;
+  for (const DecoderGroup& g : groups) states.insert(states.end(), g.link.states->begin(), g.link.states->end());
+  const std::string mapper = kind + contract::graph::kMapperSuffix;
+  auto mapped = engine(mapper).run({{contract::io::kLinkStates, {DType::kFloat32, {n, nq, hidden}, states.data()}}}, {},
+                                   {contract::io::kConditioning});
+  Array cond = to_array(mapped[0]);
+  auto& raw = result.decoders[kind];
+  raw[contract::io::kConditioning] = cond;
+  if (!o.decode_images) return;
+
+  const std::string unet_name = kind + contract::graph::kUnetSuffix;
+  const GraphEntry& unet_graph = graph(unet_name);
+  const int64_t latent = fact_int(unet_graph, "latent_size");
+  const auto uncond_ref = manifest.extra_files.find(kind + "_uncond");
+  if (uncond_ref == manifest.extra_files.end()) {
+    throw ArtifactError(manifest.manifest_file.string() + ": extra_files." + kind + "_uncond: missing (needed by [" +
+                        kind + "])");
+  }
+  std::string uncond_name = contract::kUncondTensor;
+  if (const auto it = unet_graph.facts.find("uncond_tensor"); it != unet_graph.facts.end() && it->is_string()) {
+    uncond_name = it->get<std::string>();
+  }
+  const Tensor uncond = SafetensorsFile(uncond_ref->second.path).to_float32(uncond_name);
+
+  const std::vector<int64_t> noise_shape = {n, 4, latent, latent};
+  Array noise;
+  if (o.noise) {
+    if (o.noise->shape != noise_shape || o.noise->type != Array::Type::kFloat32) {
+      throw InputError("noise: expected float32 of shape " + shape_text(noise_shape) + ", got " +
+                       shape_text(o.noise->shape));
+    }
+    noise = *o.noise;
+  } else {
+    const std::vector<float> drawn = seeded_normal(o.seed, element_count(noise_shape));
+    noise = float_array(drawn.data(), noise_shape);
+  }
+  std::vector<float> image_latents;
+  if (kind == "edit") {
+    if (f.image.empty()) throw InputError("[EDIT] needs an input image");
+    const int64_t size = fact_int(unet_graph, "image_size");
+    std::vector<uint8_t> resized(static_cast<size_t>(size * size * 3));
+    resize_rgb(image_view(f.image), size, size, ResampleFilter::kBicubic, resized.data());
+    std::vector<float> chw(static_cast<size_t>(3 * size * size));
+    for (int64_t c = 0; c < 3; ++c) {
+      for (int64_t i = 0; i < size * size; ++i) chw[static_cast<size_t>(c * size * size + i)] = resized[static_cast<size_t>(i * 3 + c)] / 255.0f;
+    }
+    auto enc = engine(kind + contract::graph::kVaeEncoderSuffix)
+                   .run({{contract::io::kImages, {DType::kFloat32, {1, 3, size, size}, chw.data()}}}, {}, {contract::io::kLatents});
+    const Tensor one = to_float(enc[0]);
+    for (int64_t i = 0; i < n; ++i) image_latents.insert(image_latents.end(), one.data_as<float>(), one.data_as<float>() + one.numel());
+  }
+  Engine& unet = engine(unet_name);
+  const UNetFn unet_fn = [&unet](const TensorView& sample, const TensorView& timestep, const TensorView& context,
+                                 const TensorView& noise_pred) {
+    unet.run({{contract::io::kSample, sample}, {contract::io::kTimestep, timestep},
+              {contract::io::kEncoderHiddenStates, context}},
+             {{contract::io::kNoisePred, noise_pred}}, {});
+  };
+  const auto scheduler = unet_graph.facts.find("scheduler");
+  if (scheduler == unet_graph.facts.end()) {
+    throw ArtifactError(manifest.manifest_file.string() + ": graphs." + unet_name + ".facts.scheduler: missing");
+  }
+  const DDIMConfig config = DDIMConfig::from_facts(*scheduler);
+  std::optional<TensorView> image_view_latents;
+  if (!image_latents.empty()) image_view_latents = TensorView{DType::kFloat32, noise_shape, image_latents.data()};
+  const Tensor latents =
+      denoise(unet_fn, {DType::kFloat32, cond.shape, cond.data.get()}, uncond.view(),
+              {DType::kFloat32, noise_shape, noise.data.get()}, manifest.generation.diffusion_steps,
+              manifest.generation.guidance_scale, image_view_latents, manifest.generation.image_guidance_scale, config);
+  auto decoded = engine(kind + contract::graph::kVaeDecoderSuffix)
+                     .run({{contract::io::kLatents, latents.view()}}, {},
+                          {contract::io::kImages});
+  Array images = to_array(decoded[0]);
+  raw["noise"] = noise;  // the initial latents (not a graph tensor)
+  raw[contract::io::kLatents] = to_array(latents);
+  raw[contract::io::kImages] = images;
+  for (Array& im : images_to_uint8(images)) result.images.push_back(std::move(im));
+}
+
+}  // namespace vle
