@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "artifact/json_text.h"
+#include "text/utf8.h"
 #include "visionllm_edge/errors.h"
 
 namespace fs = std::filesystem;
@@ -107,7 +108,7 @@ fs::path resolve_folder(const fs::path& folder) {
 
 ConfinedFile confine_to_folder(const fs::path& folder, const std::string& relative) {
   ConfinedFile out;
-  const std::string shown = quote_text(relative);
+  const std::string shown = utf8::python_repr(relative);
   // A drive ("C:x") or a backslash would mean something else on Windows; the manifest is portable.
   if (relative.empty() || relative[0] == '/' || relative.find('\\') != std::string::npos ||
       (relative.size() >= 2 && relative[1] == ':')) {

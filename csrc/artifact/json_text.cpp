@@ -1,5 +1,7 @@
 #include "artifact/json_text.h"
 
+#include "text/utf8.h"
+
 #include <algorithm>
 #include <cctype>
 #include <charconv>
@@ -72,35 +74,6 @@ std::string key_child(const std::string& path, const std::string& key) {
 
 std::string key_child(const std::string& path, size_t index) {
   return path + "[" + std::to_string(index) + "]";
-}
-
-std::string quote_text(const std::string& text) {
-  const bool single = text.find('\'') != std::string::npos;
-  const bool dbl = text.find('"') != std::string::npos;
-  const char quote = single && !dbl ? '"' : '\'';
-  std::string out(1, quote);
-  for (unsigned char c : text) {
-    if (c == '\\') {
-      out += "\\\\";
-    } else if (c == quote) {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c < 0x20 || c == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  out += quote;
-  return out;
 }
 
 std::string number_text(double value) {
@@ -176,7 +149,7 @@ std::string short_list(const std::vector<std::string>& names, size_t limit) {
   std::string out = "[";
   for (size_t i = 0; i < names.size() && i < limit; ++i) {
     if (i) out += ", ";
-    out += quote_text(names[i]);
+    out += utf8::python_repr(names[i]);
   }
   if (names.size() > limit) out += ", ... " + std::to_string(names.size() - limit) + " more";
   return out + "]";
@@ -225,7 +198,7 @@ OrderedJson parse_json_strictly(const std::string& text, const std::string& sour
     return OrderedJson::parse(text, callback, /*allow_exceptions=*/true, /*ignore_comments=*/false);
   } catch (const RepeatedKey& repeated) {
     const std::string where = repeated.path.empty() ? "" : repeated.path + ": ";
-    throw ArtifactError(source + ": " + where + "invalid JSON: key " + quote_text(repeated.key) +
+    throw ArtifactError(source + ": " + where + "invalid JSON: key " + utf8::python_repr(repeated.key) +
                         " appears twice in one object");
   } catch (const OrderedJson::parse_error& e) {
     // nlohmann's text reads "[json.exception.parse_error.101] parse error at line 3, column 16: ...".

@@ -27,8 +27,6 @@ OrderedJson parse_json_strictly(const std::string& text, const std::string& sour
 std::string key_child(const std::string& path, const std::string& key);
 std::string key_child(const std::string& path, size_t index);
 
-// A string as Python's repr writes it: 'text', or "it's" when it holds a single quote only.
-std::string quote_text(const std::string& text);
 // A double as Python prints it: the shortest text that reads back the same, `.0` on integral values,
 // exponent form below 1e-4 and from 1e16 on.
 std::string number_text(double value);

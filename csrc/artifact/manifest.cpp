@@ -11,6 +11,7 @@
 #include "artifact/contract.h"
 #include "artifact/files.h"
 #include "artifact/json_text.h"
+#include "text/utf8.h"
 #include "visionllm_edge/errors.h"
 
 namespace fs = std::filesystem;
@@ -36,7 +37,7 @@ const GraphEntry& Manifest::graph(const std::string& name) const {
   if (it == graphs.end()) {
     std::vector<std::string> held;
     for (const auto& entry : graphs) held.push_back(entry.first);
-    throw ArtifactError(artifact_dir.string() + ": this artifact has no " + quote_text(name) +
+    throw ArtifactError(artifact_dir.string() + ": this artifact has no " + utf8::python_repr(name) +
                         " graph (it holds: " + (held.empty() ? "none" : joined(held)) +
                         "); export it with its component");
   }
@@ -46,7 +47,7 @@ const GraphEntry& Manifest::graph(const std::string& name) const {
 int64_t Manifest::token_id(const std::string& token) const {
   const auto it = tokens.find(token);
   if (it == tokens.end()) {
-    throw ArtifactError(manifest_file.string() + ": special token " + quote_text(token) +
+    throw ArtifactError(manifest_file.string() + ": special token " + utf8::python_repr(token) +
                         " is not in the manifest's token table");
   }
   return it->second;
@@ -169,7 +170,7 @@ class Parser {
     const std::string text = value.get<std::string>();
     if (nonempty && text.empty()) fail(path, "must not be empty");
     if (choices && !contains(*choices, text)) {
-      fail(path, "must be one of " + joined(*choices) + "; got " + quote_text(text));
+      fail(path, "must be one of " + joined(*choices) + "; got " + utf8::python_repr(text));
     }
     return text;
   }
@@ -323,7 +324,7 @@ class Parser {
       }
       const auto seen = owner.find(id);
       if (seen != owner.end()) {
-        fail(at, "id " + std::to_string(id) + " is also the id of " + quote_text(seen->second) +
+        fail(at, "id " + std::to_string(id) + " is also the id of " + utf8::python_repr(seen->second) +
                      "; special-token ids must be unique");
       }
       owner[id] = token;
@@ -367,7 +368,7 @@ class Parser {
     for (size_t i = 0; i < specs.size(); ++i) {
       if (!seen.insert(specs[i].name).second) {
         fail(key_child(key_child(path, i), "name"),
-             std::string("duplicate ") + what + " name " + quote_text(specs[i].name));
+             std::string("duplicate ") + what + " name " + utf8::python_repr(specs[i].name));
       }
       names.push_back(specs[i].name);
     }
@@ -383,7 +384,7 @@ class Parser {
     Names parts;
     if (!missing.empty()) parts.push_back("missing " + short_list(missing));
     if (!unexpected.empty()) parts.push_back("unexpected " + short_list(unexpected));
-    fail(path, std::string(what) + " names differ from contract.GRAPHS[" + quote_text(graph) +
+    fail(path, std::string(what) + " names differ from contract.GRAPHS[" + utf8::python_repr(graph) +
                    "]: " + joined(parts, "; "));
   }
 
@@ -394,7 +395,7 @@ class Parser {
       const std::string at = key_child(path, name);
       const auto known = contract::graphs().find(name);
       if (known == contract::graphs().end()) {
-        fail(at, "unknown graph " + quote_text(name) +
+        fail(at, "unknown graph " + utf8::python_repr(name) +
                      "; contract.GRAPHS has: " + joined(contract::graph_names()));
       }
       const Json& entry = object(item.value(), at,
@@ -435,27 +436,27 @@ class Parser {
       const std::string& expected_token = contract::routing_token_of(kind);
       if (expected_token.empty()) {
         fail(at,
-             "unknown routing kind " + quote_text(kind) + "; known: " + joined(contract::routing_kinds()));
+             "unknown routing kind " + utf8::python_repr(kind) + "; known: " + joined(contract::routing_kinds()));
       }
       const Json& entry = object(item.value(), at, {"token", "id", "decoder", "queries", "table"});
       RoutingEntry r;
       r.kind = kind;
       r.token = string(entry["token"], key_child(at, "token"));
       if (r.token != expected_token) {
-        fail(key_child(at, "token"), "kind " + quote_text(kind) + " is routed by " +
-                                         quote_text(expected_token) + ", got " + quote_text(r.token));
+        fail(key_child(at, "token"), "kind " + utf8::python_repr(kind) + " is routed by " +
+                                         utf8::python_repr(expected_token) + ", got " + utf8::python_repr(r.token));
       }
       r.id = integer(entry["id"], key_child(at, "id"), 0);
       const int64_t token_id = m.tokens.at(r.token);
       if (r.id != token_id) {
-        fail(key_child(at, "id"), std::to_string(r.id) + " is not the id of " + quote_text(r.token) +
+        fail(key_child(at, "id"), std::to_string(r.id) + " is not the id of " + utf8::python_repr(r.token) +
                                       " in tokens (" + std::to_string(token_id) + ")");
       }
       r.decoder = string(entry["decoder"], key_child(at, "decoder"), false, &contract::decoders());
       const std::string& decoder = contract::decoder_of(kind);
       if (r.decoder != decoder) {
-        fail(key_child(at, "decoder"), "kind " + quote_text(kind) + " goes to the " + quote_text(decoder) +
-                                           " decoder, got " + quote_text(r.decoder));
+        fail(key_child(at, "decoder"), "kind " + utf8::python_repr(kind) + " goes to the " + utf8::python_repr(decoder) +
+                                           " decoder, got " + utf8::python_repr(r.decoder));
       }
       r.queries = integer(entry["queries"], key_child(at, "queries"), 1);
       // Perception groups use distinct placeholders [EMB], [EMB2], ...; only generation repeats one.
@@ -468,8 +469,8 @@ class Parser {
       r.table = string(entry["table"], key_child(at, "table"), false, &contract::query_tables());
       const std::string& table = contract::query_table_of(kind);
       if (r.table != table) {
-        fail(key_child(at, "table"), "kind " + quote_text(kind) + " reads query table " + quote_text(table) +
-                                         ", got " + quote_text(r.table));
+        fail(key_child(at, "table"), "kind " + utf8::python_repr(kind) + " reads query table " + utf8::python_repr(table) +
+                                         ", got " + utf8::python_repr(r.table));
       }
       in_order.push_back(&(m.routing[kind] = std::move(r)));
     }
@@ -481,7 +482,7 @@ class Parser {
         fail(key_child(key_child(path, entry->kind), "queries"),
              std::to_string(entry->queries) + " differs from routing." + other->kind + ".queries " +
                  std::to_string(other->queries) + ", which reads the same query table " +
-                 quote_text(entry->table));
+                 utf8::python_repr(entry->table));
       }
     }
   }
@@ -602,7 +603,7 @@ class Parser {
       const int64_t id = integer(node[key], key_child(path, key), 0);
       const int64_t expected = m.tokens.at(token);
       if (id != expected) {
-        fail(key_child(path, key), std::to_string(id) + " is not the id of " + quote_text(token) +
+        fail(key_child(path, key), std::to_string(id) + " is not the id of " + utf8::python_repr(token) +
                                        " in tokens (" + std::to_string(expected) + ")");
       }
       (std::string(key) == "bos_id" ? g.bos_id : g.eos_id) = id;
@@ -621,20 +622,20 @@ class Parser {
     for (size_t i = 0; i < 2; ++i) t.roles[i] = string(roles[i], key_child(roles_at, i), true);
     t.image_token = string(node["image_token"], key_child(path, "image_token"), true);
     if (!m.tokens.count(t.image_token)) {
-      fail(key_child(path, "image_token"), quote_text(t.image_token) + " is not a token of the tokens table");
+      fail(key_child(path, "image_token"), utf8::python_repr(t.image_token) + " is not a token of the tokens table");
     }
     const std::string markers_at = key_child(path, "input_markers");
     const Json& markers = array(node["input_markers"], markers_at);
     for (size_t i = 0; i < markers.size(); ++i) {
       const std::string marker = string(markers[i], key_child(markers_at, i), true);
       if (!m.tokens.count(marker))
-        fail(key_child(markers_at, i), quote_text(marker) + " is not a token of the tokens table");
+        fail(key_child(markers_at, i), utf8::python_repr(marker) + " is not a token of the tokens table");
       if (contains(t.input_markers, marker))
-        fail(key_child(markers_at, i), quote_text(marker) + " is listed twice");
+        fail(key_child(markers_at, i), utf8::python_repr(marker) + " is listed twice");
       t.input_markers.push_back(marker);
     }
     if (!contains(t.input_markers, t.image_token))
-      fail(markers_at, "must include image_token " + quote_text(t.image_token));
+      fail(markers_at, "must include image_token " + utf8::python_repr(t.image_token));
     t.system = string(node["system"], key_child(path, "system"));
     t.sep = string(node["sep"], key_child(path, "sep"));
     t.sep2 = string(node["sep2"], key_child(path, "sep2"));
@@ -645,7 +646,7 @@ class Parser {
     for (const auto& item : node.items()) {
       const std::string at = key_child(path, item.key());
       if (!is_logical_name(item.key())) {
-        fail(at, "logical name " + quote_text(item.key()) + " must match [A-Za-z0-9_.-]+");
+        fail(at, "logical name " + utf8::python_repr(item.key()) + " must match [A-Za-z0-9_.-]+");
       }
       object(item.value(), at, {"file", "sha256"});
       m.extra_files[item.key()] = hashed_file(item.value(), at);

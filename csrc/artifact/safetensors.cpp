@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "artifact/json_text.h"
+#include "text/utf8.h"
 #include "memory/half.h"
 #include "visionllm_edge/errors.h"
 
@@ -135,14 +136,14 @@ void SafetensorsFile::parse_header() {
       }
       continue;
     }
-    const std::string where = "tensor " + quote_text(name) + ": ";
+    const std::string where = "tensor " + utf8::python_repr(name) + ": ";
     if (!value.is_object()) fail(where + "expected an object, got " + describe(value));
     for (const char* key : {"dtype", "shape", "data_offsets"}) {
       if (!value.contains(key)) fail(where + "missing " + key);
     }
     for (const auto& field : value.items()) {
       if (field.key() != "dtype" && field.key() != "shape" && field.key() != "data_offsets") {
-        fail(where + "unknown key " + quote_text(field.key()));
+        fail(where + "unknown key " + utf8::python_repr(field.key()));
       }
     }
     SafetensorsEntry e;
@@ -151,7 +152,7 @@ void SafetensorsFile::parse_header() {
       fail(where + "dtype: expected a string, got " + describe(value["dtype"]));
     e.dtype = value["dtype"].get<std::string>();
     e.element_size = element_size_of(e.dtype);
-    if (e.element_size == 0) fail(where + "unknown dtype " + quote_text(e.dtype));
+    if (e.element_size == 0) fail(where + "unknown dtype " + utf8::python_repr(e.dtype));
     const OrderedJson& shape = value["shape"];
     if (!shape.is_array()) fail(where + "shape: expected an array, got " + describe(shape));
     uint64_t numel = 1;
@@ -198,7 +199,7 @@ void SafetensorsFile::parse_header() {
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranges[a] < ranges[b]; });
   for (size_t i = 1; i < order.size(); ++i) {
     if (ranges[order[i]].first < ranges[order[i - 1]].second) {
-      fail("tensors " + quote_text(range_owner[order[i - 1]]) + " and " + quote_text(range_owner[order[i]]) +
+      fail("tensors " + utf8::python_repr(range_owner[order[i - 1]]) + " and " + utf8::python_repr(range_owner[order[i]]) +
            " overlap in the data");
     }
   }
@@ -207,7 +208,7 @@ void SafetensorsFile::parse_header() {
 const SafetensorsEntry& SafetensorsFile::entry(const std::string& name) const {
   const auto it = entries_.find(name);
   if (it == entries_.end()) {
-    fail("no tensor " + quote_text(name) + " (it has: " + (names_.empty() ? "none" : joined(names_)) + ")");
+    fail("no tensor " + utf8::python_repr(name) + " (it has: " + (names_.empty() ? "none" : joined(names_)) + ")");
   }
   return it->second;
 }
@@ -226,11 +227,11 @@ TensorView SafetensorsFile::view(const std::string& name) const {
   } else if (e.dtype == "BOOL") {
     v.dtype = DType::kBool;
   } else {
-    fail("tensor " + quote_text(name) + ": dtype " + e.dtype +
+    fail("tensor " + utf8::python_repr(name) + ": dtype " + e.dtype +
          " has no runtime view (F32, F16, I64, I32, BOOL)");
   }
   if (reinterpret_cast<uintptr_t>(e.data) % e.element_size) {
-    fail("tensor " + quote_text(name) + ": data not aligned to its " + std::to_string(e.element_size) +
+    fail("tensor " + utf8::python_repr(name) + ": data not aligned to its " + std::to_string(e.element_size) +
          "-byte elements; read it with to_float32");
   }
   v.shape = e.shape;
@@ -260,7 +261,7 @@ Tensor SafetensorsFile::to_float32(const std::string& name) const {
       dst[i] = static_cast<float>(d);
     }
   } else {
-    fail("tensor " + quote_text(name) + ": dtype " + e.dtype +
+    fail("tensor " + utf8::python_repr(name) + ": dtype " + e.dtype +
          " is not a floating-point type (F32, F16, BF16, F64)");
   }
   return out;
@@ -270,7 +271,7 @@ Tensor SafetensorsFile::to_float32(const std::string& name,
                                    const std::vector<int64_t>& expected_shape) const {
   const SafetensorsEntry& e = entry(name);
   if (e.shape != expected_shape) {
-    fail("tensor " + quote_text(name) + ": expected shape " + shape_text(expected_shape) + ", got " +
+    fail("tensor " + utf8::python_repr(name) + ": expected shape " + shape_text(expected_shape) + ", got " +
          shape_text(e.shape));
   }
   return to_float32(name);

@@ -15,7 +15,7 @@
 
 #include "bindings/bind_registry.h"
 #include "tokenizer/tokenizer.h"
-#include "tokenizer/utf8.h"
+#include "text/utf8.h"
 
 namespace py = pybind11;
 

@@ -30,6 +30,10 @@
 
 #include <visionllm_edge/pipeline.h>
 
+// The one private helper vle-run shares with the library: Python's repr of a label, so that the output
+// matches `visionllm-edge run` character for character.
+#include "text/utf8.h"
+
 namespace {
 
 constexpr const char* kUsage =
@@ -185,52 +189,8 @@ Args parse_args(int argc, char** argv) {
 
 // --- printing, as `visionllm-edge run` prints ------------------------------------------------------------
 
-// One UTF-8 code point at `i` (advancing it); -1 for a byte that starts no valid sequence.
-long next_code_point(const std::string& s, size_t& i) {
-  const unsigned char c = static_cast<unsigned char>(s[i]);
-  const int len = c < 0x80 ? 1 : c >= 0xf0 && c < 0xf5 ? 4 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 0;
-  if (len == 0 || i + len > s.size()) {
-    ++i;
-    return -1;
-  }
-  long code = len == 1 ? c : len == 4 ? c & 0x07 : len == 3 ? c & 0x0f : c & 0x1f;
-  for (int k = 1; k < len; ++k) {
-    if ((static_cast<unsigned char>(s[i + k]) & 0xc0) != 0x80) {
-      ++i;
-      return -1;
-    }
-    code = (code << 6) | (s[i + k] & 0x3f);
-  }
-  i += len;
-  return code;
-}
-
 // A label as Python's repr() quotes it (the command's output quotes labels that way).
-std::string quoted(const std::string& text) {
-  const bool single = text.find('\'') != std::string::npos, dbl = text.find('"') != std::string::npos;
-  const char quote = single && !dbl ? '"' : '\'';
-  std::string out(1, quote);
-  for (size_t i = 0; i < text.size();) {
-    const size_t at = i;
-    const long c = next_code_point(text, i);
-    char buf[16];
-    if (c == quote || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c == '\n' || c == '\r' || c == '\t') {
-      out += c == '\n' ? "\\n" : c == '\r' ? "\\r" : "\\t";
-    } else if (c < 0) {
-      std::snprintf(buf, sizeof buf, "\\udc%02x", static_cast<unsigned char>(text[at]));
-      out += buf;
-    } else if (c < 0x20 || (c >= 0x7f && c <= 0xa0) || c == 0xad || c == 0x2028 || c == 0x2029) {
-      std::snprintf(buf, sizeof buf, c < 0x100 ? "\\x%02lx" : "\\u%04lx", c);
-      out += buf;
-    } else {
-      out += text.substr(at, i - at);
-    }
-  }
-  return out + quote;
-}
+std::string quoted(const std::string& text) { return vle::utf8::python_repr(text); }
 
 int64_t count_nonzero(const vle::Array& a) {
   const auto* bytes = static_cast<const unsigned char*>(a.data.get());

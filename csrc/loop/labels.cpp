@@ -1,6 +1,7 @@
 #include "loop/labels.h"
 
 #include "artifact/contract.h"
+#include "text/utf8.h"
 
 #include <cstddef>
 #include <string_view>
@@ -11,12 +12,6 @@ namespace {
 
 // --- text as code points ---------------------------------------------------------------------------------
 
-// Python's str.isspace(), which is also the set `\s` matches in a str pattern.
-bool is_space(char32_t c) {
-  return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
-         c == 0x3000;
-}
 
 // The UTF-8 bytes of a string as code points, with the byte offset of each (and of the end), so positions
 // found on code points map back to UTF-8 substrings. An invalid byte reads as one U+FFFD: the text comes
@@ -26,15 +21,9 @@ class Text {
   explicit Text(std::string_view bytes) : bytes_(bytes) {
     size_t i = 0;
     while (i < bytes.size()) {
-      const auto b = static_cast<unsigned char>(bytes[i]);
-      const size_t len = b < 0x80 ? 1 : (b >> 5) == 0x6 ? 2 : (b >> 4) == 0xE ? 3 : (b >> 3) == 0x1E ? 4 : 0;
-      char32_t cp = len == 1 ? b : len == 2 ? (b & 0x1F) : len == 3 ? (b & 0x0F) : (b & 0x07);
-      bool valid = len > 0 && i + len <= bytes.size();
-      for (size_t k = 1; valid && k < len; ++k) {
-        const auto c = static_cast<unsigned char>(bytes[i + k]);
-        valid = (c & 0xC0) == 0x80;
-        cp = (cp << 6) | (c & 0x3F);
-      }
+      char32_t cp = 0;
+      const size_t len = utf8::char_length(bytes, i, &cp);
+      const bool valid = len > 0;
       offsets_.push_back(i);
       points_.push_back(valid ? cp : 0xFFFD);
       i += valid ? len : 1;
@@ -51,7 +40,7 @@ class Text {
 
   // The position after the run of spaces starting at `pos` (`pos` itself when there is none).
   size_t skip_spaces(size_t pos, size_t end) const {
-    while (pos < end && is_space(points_[pos])) ++pos;
+    while (pos < end && utf8::is_python_space(points_[pos])) ++pos;
     return pos;
   }
 
@@ -86,7 +75,7 @@ std::string_view strip_spaces(std::string_view s) {
   const Text t(s);
   size_t begin = t.skip_spaces(0, t.size());
   size_t end = t.size();
-  while (end > begin && is_space(t[end - 1])) --end;
+  while (end > begin && utf8::is_python_space(t[end - 1])) --end;
   return t.slice(begin, end);
 }
 
@@ -94,7 +83,7 @@ std::string_view strip_spaces(std::string_view s) {
 std::string_view rstrip_spaces(std::string_view s) {
   const Text t(s);
   size_t end = t.size();
-  while (end > 0 && is_space(t[end - 1])) --end;
+  while (end > 0 && utf8::is_python_space(t[end - 1])) --end;
   return t.slice(0, end);
 }
 
@@ -172,7 +161,7 @@ std::optional<std::string_view> tagged_phrase(std::string_view segment) {
 // and "it" and "is" differ, so every part is taken when it is there.
 bool is_pointing_words(const Text& t, size_t begin, size_t end) {
   size_t pos = begin;
-  if (pos < end && !is_space(t[pos])) {
+  if (pos < end && !utf8::is_python_space(t[pos])) {
     bool found = false;
     for (std::string_view w : {"it", "this", "that", "here"}) {
       if (t.word_at(pos, end, w)) {
@@ -201,7 +190,7 @@ bool is_pointer_exactly(const Text& t, size_t end) {
     for (size_t pos = w.size();; ++pos) {
       if (is_pointing_words(t, pos, end)) return true;
       if (pos == end) break;
-      if (is_space(t[pos])) continue;
+      if (utf8::is_python_space(t[pos])) continue;
       if (t[pos] != U',' || comma) break;
       comma = true;
     }

@@ -481,7 +481,7 @@ std::string Pipeline::Impl::answer_text(const std::vector<int64_t>& ids, size_t 
     }
   }
   if (!run.empty()) text += tokenizer->decode(run);
-  return templates::python_strip(text);
+  return std::string(utf8::rstrip(utf8::lstrip(text)));
 }
 
 std::vector<int64_t> Pipeline::Impl::answer_tokens(const std::vector<int64_t>& ids, size_t start) const {

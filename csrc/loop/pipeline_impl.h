@@ -31,6 +31,7 @@
 #include "postprocess/results.h"
 #include "preprocess/image_ops.h"
 #include "preprocess/preprocess.h"
+#include "text/utf8.h"
 #include "tokenizer/tokenizer.h"
 
 namespace vle {

@@ -20,6 +20,8 @@
 
 #include "visionllm_edge/result.h"
 
+#include "artifact/json_text.h"
+
 namespace vle {
 
 size_t element_size(Array::Type type) {
@@ -171,7 +173,7 @@ Json document(const Result& r) {
 
 // --- the writer ---------------------------------------------------------------------------------------
 
-// A float as Python's repr writes it.
+// A float as Python's json.dumps writes it (NaN and Infinity spelled as JSON extensions).
 void write_float(std::string& out, double x) {
   if (std::isnan(x)) {
     out += "NaN";
@@ -181,35 +183,7 @@ void write_float(std::string& out, double x) {
     out += x < 0 ? "-Infinity" : "Infinity";
     return;
   }
-  // The shortest round-trip digits, d.ddde[+-]x.
-  char buf[64];
-  const auto res = std::to_chars(buf, buf + sizeof buf, x, std::chars_format::scientific);
-  std::string sci(buf, res.ptr);
-  std::string sign;
-  if (sci[0] == '-') {
-    sign = "-";
-    sci.erase(0, 1);
-  }
-  const size_t e = sci.find('e');
-  std::string digits = sci.substr(0, e);
-  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
-  const int exponent = std::atoi(sci.c_str() + e + 1);
-  const int point = exponent + 1;  // digits are 0.d1d2... * 10^point
-  const int n = static_cast<int>(digits.size());
-  out += sign;
-  if (point <= -4 || point > 16) {
-    out += digits[0];
-    if (n > 1) out += "." + digits.substr(1);
-    char ebuf[16];
-    std::snprintf(ebuf, sizeof ebuf, "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
-    out += ebuf;
-  } else if (point <= 0) {
-    out += "0." + std::string(-point, '0') + digits;
-  } else if (point >= n) {
-    out += digits + std::string(point - n, '0') + ".0";
-  } else {
-    out += digits.substr(0, point) + "." + digits.substr(point);
-  }
+  out += number_text(x);  // Python's repr of a finite float, as json.dumps writes it
 }
 
 void write_u_escape(std::string& out, unsigned code) {

@@ -34,10 +34,5 @@ TaskTemplate generation(const std::string& caption);
 // ip2p: the instruction about the input image; the answer carries one [EDIT] group.
 TaskTemplate editing(const std::string& instruction);
 
-// `text` as Python's repr() writes a str, for messages that quote what the caller gave.
-std::string python_repr(const std::string& text);
-// `text` without the leading and trailing characters Python's str.strip() removes.
-std::string python_strip(const std::string& text);
-
 }  // namespace templates
 }  // namespace vle

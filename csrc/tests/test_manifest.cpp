@@ -14,6 +14,7 @@
 #include "artifact/contract.h"
 #include "artifact/files.h"
 #include "artifact/json_text.h"
+#include "text/utf8.h"
 #include "artifact/manifest.h"
 #include "visionllm_edge/errors.h"
 
@@ -565,8 +566,8 @@ TEST(ArtifactText, NumbersPrintAsPythonPrintsThem) {
       {1.5e300, "1.5e+300"}, {-2.5e-7, "-2.5e-07"},
       {0.3, "0.3"},          {10000.0, "10000.0"}};
   for (const auto& [value, text] : cases) EXPECT_EQ(vle::number_text(value), text);
-  EXPECT_EQ(vle::quote_text("it's"), "\"it's\"");
-  EXPECT_EQ(vle::quote_text("a\\b\n"), "'a\\\\b\\n'");
+  EXPECT_EQ(vle::utf8::python_repr("it's"), "\"it's\"");
+  EXPECT_EQ(vle::utf8::python_repr("a\\b\n"), "'a\\\\b\\n'");
   EXPECT_EQ(vle::key_child("", "a"), "a");
   EXPECT_EQ(vle::key_child("tokens", "<s>"), "tokens[\"<s>\"]");
   EXPECT_EQ(vle::key_child("x", size_t{3}), "x[3]");

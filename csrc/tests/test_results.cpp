@@ -21,6 +21,7 @@
 #pragma GCC diagnostic pop
 
 #include "loop/templates.h"
+#include "text/utf8.h"
 #include "postprocess/results.h"
 #include "visionllm_edge/pipeline.h"
 
@@ -594,9 +595,9 @@ TEST(Templates, NamesAreChecked) {
   }
   EXPECT_THROW(t::segmentation({}), vle::InputError);
   EXPECT_THROW(t::pose({"nose"}, {}), vle::InputError);
-  EXPECT_EQ(t::python_repr("it's"), "\"it's\"");
-  EXPECT_EQ(t::python_repr("a\n\x01\xc2\xa0\\"), "'a\\n\\x01\\xa0\\\\'");
-  EXPECT_EQ(t::python_strip("\xc2\xa0 caf\xc3\xa9 \n"), "caf\xc3\xa9");
+  EXPECT_EQ(vle::utf8::python_repr("it's"), "\"it's\"");
+  EXPECT_EQ(vle::utf8::python_repr("a\n\x01\xc2\xa0\\"), "'a\\n\\x01\\xa0\\\\'");
+  EXPECT_EQ(vle::utf8::rstrip(vle::utf8::lstrip("\xc2\xa0 caf\xc3\xa9 \n")), "caf\xc3\xa9");
 }
 
 }  // namespace

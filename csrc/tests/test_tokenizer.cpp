@@ -15,7 +15,7 @@
 
 #include "artifact/contract.h"
 #include "tokenizer/tokenizer.h"
-#include "tokenizer/utf8.h"
+#include "text/utf8.h"
 #include "visionllm_edge/errors.h"
 
 namespace {

@@ -27,7 +27,7 @@
 #include <unordered_set>
 
 #include "artifact/contract.h"
-#include "tokenizer/utf8.h"
+#include "text/utf8.h"
 #include "visionllm_edge/errors.h"
 
 namespace vle {

@@ -1,4 +1,5 @@
-// UTF-8 helpers of the tokenizer: strict decoding (Python's rules: no overlong forms, no surrogates, nothing
+// Text with Python's rules, shared by the tokenizer, the labels, the templates and every message that quotes
+// a value: strict UTF-8 decoding (Python's rules: no overlong forms, no surrogates, nothing
 // past U+10FFFF), Python's `str.isspace()` set and `str.lstrip()` / `str.rstrip()` on code points, and the
 // conversion between code-point offsets (Python's string indices) and byte offsets.
 #pragma once
@@ -33,5 +34,10 @@ std::vector<size_t> char_offsets(std::string_view s);
 
 // The number of code points in the first `byte_offset` bytes of a valid UTF-8 string.
 size_t count_chars(std::string_view s, size_t byte_offset);
+
+// `s` as Python's repr() writes a str, for messages that quote a value: the quote Python picks, escapes for
+// backslash, the quote, \n \r \t, the code points str.isprintable() rejects (\xNN, \uNNNN), and each byte
+// that is not valid UTF-8 as the surrogate escape \udcNN.
+std::string python_repr(std::string_view s);
 
 }  // namespace vle::utf8

@@ -1,4 +1,6 @@
-#include "tokenizer/utf8.h"
+#include "text/utf8.h"
+
+#include <cstdio>
 
 namespace vle::utf8 {
 
@@ -119,6 +121,53 @@ size_t count_chars(std::string_view s, size_t byte_offset) {
     ++count;
   }
   return count;
+}
+
+namespace {
+
+// Code points Python's repr() escapes (not str.isprintable()): controls, separators other than the space,
+// soft hyphen and the format characters of the general punctuation block and the byte-order mark.
+bool is_unprintable(char32_t c) {
+  return c < 0x20 || (c >= 0x7f && c <= 0xa0) || c == 0xad || (c > 0x20 && is_python_space(c)) ||
+         (c >= 0x200b && c <= 0x200f) || (c >= 0x202a && c <= 0x202e) || (c >= 0x2060 && c <= 0x206f) ||
+         c == 0xfeff || (c >= 0xd800 && c <= 0xdfff);
+}
+
+}  // namespace
+
+std::string python_repr(std::string_view text) {
+  const bool has_single = text.find('\'') != std::string_view::npos;
+  const bool has_double = text.find('"') != std::string_view::npos;
+  const char quote = has_single && !has_double ? '"' : '\'';
+  std::string out(1, quote);
+  for (size_t i = 0; i < text.size();) {
+    char32_t c = 0;
+    const size_t n = char_length(text, i, &c);
+    char buf[16];
+    if (n == 0) {  // not UTF-8: the byte, as Python shows a surrogate escape
+      std::snprintf(buf, sizeof buf, "\\udc%02x", static_cast<unsigned char>(text[i]));
+      out += buf;
+      ++i;
+      continue;
+    }
+    if (c == static_cast<char32_t>(quote) || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (is_unprintable(c)) {
+      std::snprintf(buf, sizeof buf, c < 0x100 ? "\\x%02lx" : "\\u%04lx", static_cast<unsigned long>(c));
+      out += buf;
+    } else {
+      out += text.substr(i, n);
+    }
+    i += n;
+  }
+  return out + quote;
 }
 
 }  // namespace vle::utf8
