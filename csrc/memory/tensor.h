@@ -59,6 +59,7 @@ class Tensor {
 
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }
+  MemoryKind memory() const { return memory_; }
   int64_t numel() const { return element_count(shape_); }
   size_t bytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   void* data() { return data_.get(); }
