@@ -33,6 +33,10 @@ struct EngineOptions {
   // is opened once and kept for the life of the process, with one ONNX Runtime environment that every engine
   // shares; a process uses one library, so asking for another one later is a BackendUnavailableError.
   std::string onnxruntime_library;
+  // The GPU the CUDA and TensorRT execution providers run on, and where device views live (MemoryKind::kDevice
+  // means CUDA memory on this device). Given to those providers as their "device_id" unless their options
+  // name one, which must then agree.
+  int device_id = 0;
 };
 
 using NamedView = std::pair<std::string, TensorView>;
@@ -44,12 +48,20 @@ class Engine {
   virtual const std::vector<TensorInfo>& inputs() const = 0;
   virtual const std::vector<TensorInfo>& outputs() const = 0;
 
+  // Whether run() binds device views (MemoryKind::kDevice inputs and bound outputs) and fetches into device
+  // memory: true when the session runs on the CUDA or TensorRT execution provider.
+  virtual bool device_io() const = 0;
+
   // Runs the graph once. Every input is bound by pointer (no copy); `bound` outputs are written straight
   // into the caller's buffers (e.g. the KV arena's next rows); the outputs named in `fetch` come back as new
-  // tensors, in that order. Missing or unexpected inputs, wrong dtypes and unknown output names are errors
-  // naming the graph and the tensor, raised before anything runs.
+  // tensors, in that order, allocated where `fetch_memory` says (kDevice: by ONNX Runtime's allocator on
+  // the engine's GPU; the tensors own that buffer). The call returns when every output is written (ONNX
+  // Runtime synchronises its stream at the end of a run), so the caller may use them on any stream.
+  // Missing or unexpected inputs, wrong dtypes, device memory on an engine without device_io() and unknown
+  // output names are errors naming the graph and the tensor, raised before anything runs.
   virtual std::vector<Tensor> run(const std::vector<NamedView>& inputs, const std::vector<NamedView>& bound,
-                                  const std::vector<std::string>& fetch) = 0;
+                                  const std::vector<std::string>& fetch,
+                                  MemoryKind fetch_memory = MemoryKind::kHost) = 0;
 };
 
 // The engine of one graph on a backend ("onnxruntime"; "tensorrt" is a BackendUnavailableError until it

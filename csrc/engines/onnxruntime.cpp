@@ -165,14 +165,16 @@ void check_shape(const std::string& graph, const char* what, const TensorInfo& i
   }
 }
 
-void check_view(const std::string& graph, const char* what, const TensorInfo& info, const TensorView& view) {
+void check_view(const std::string& graph, const char* what, const TensorInfo& info, const TensorView& view,
+                bool device_io) {
   if (view.dtype != info.dtype) {
     throw InputError(graph + ": " + what + " '" + info.name + "' must be " + dtype_name(info.dtype) + ", got " +
                      dtype_name(view.dtype));
   }
-  if (view.memory != MemoryKind::kHost) {
+  if (view.memory == MemoryKind::kDevice && !device_io) {
     throw InputError(graph + ": " + what + " '" + info.name +
-                     "' is device memory; this engine binds host memory only");
+                     "' is device memory; this engine binds host memory only (its session has neither the CUDA "
+                     "nor the TensorRT execution provider)");
   }
   check_shape(graph, what, info, view);
   if (view.data == nullptr && view.numel() != 0) {
@@ -181,6 +183,25 @@ void check_view(const std::string& graph, const char* what, const TensorInfo& in
 }
 
 // --- providers --------------------------------------------------------------------------------------------
+
+// The providers that run on a CUDA device: their sessions take device views, and their "device_id" option is
+// EngineOptions::device_id.
+bool is_cuda_provider(const std::string& provider) {
+  return provider == "CUDAExecutionProvider" || provider == "TensorrtExecutionProvider";
+}
+
+// A CUDA provider's options with "device_id" set from EngineOptions::device_id; one given in the provider's
+// options must agree, since device views are read as memory on EngineOptions::device_id.
+std::map<std::string, std::string> with_device_id(const std::string& graph, const std::string& provider,
+                                                  std::map<std::string, std::string> options, int device_id) {
+  const std::string want = std::to_string(device_id);
+  auto [it, inserted] = options.emplace("device_id", want);
+  if (!inserted && it->second != want) {
+    throw InputError(graph + ": " + provider + " option device_id is '" + it->second +
+                     "' but the engine's device_id is " + want + "; set the device once, in device_id");
+  }
+  return options;
+}
 
 // Provider options as the C API's parallel key / value arrays.
 struct KeyValues {
@@ -242,6 +263,10 @@ class OnnxRuntimeEngine final : public Engine {
       throw InputError(name_ + ": threads must be 0 (ONNX Runtime's default) or positive, got " +
                        std::to_string(options.threads));
     }
+    if (options.device_id < 0) {
+      throw InputError(name_ + ": device_id must be a CUDA device index (0 or more), got " +
+                       std::to_string(options.device_id));
+    }
     std::vector<std::string> providers = options.providers;
     if (providers.empty()) providers.push_back("CPUExecutionProvider");
     std::vector<std::string> missing;
@@ -279,8 +304,13 @@ class OnnxRuntimeEngine final : public Engine {
       }
       for (const std::string& p : providers) {
         auto it = options.provider_options.find(p);
-        append_provider(so, p, it == options.provider_options.end() ? std::map<std::string, std::string>{}
-                                                                     : it->second);
+        std::map<std::string, std::string> given =
+            it == options.provider_options.end() ? std::map<std::string, std::string>{} : it->second;
+        if (is_cuda_provider(p)) {
+          given = with_device_id(name_, p, std::move(given), options.device_id);
+          device_io_ = true;
+        }
+        append_provider(so, p, given);
       }
     } catch (const Ort::Exception& e) {
       throw BackendUnavailableError(name_ + ": ONNX Runtime refused the session options for providers " +
@@ -298,14 +328,20 @@ class OnnxRuntimeEngine final : public Engine {
       throw EngineError(what);
     }
     read_signature(onnx_file);
+    if (device_io_) {
+      // ONNX Runtime's CUDA allocator on our device: device views are wrapped with it, and fetched outputs
+      // bound to it are allocated there.
+      cuda_ = std::make_unique<Ort::MemoryInfo>("Cuda", OrtArenaAllocator, options.device_id, OrtMemTypeDefault);
+    }
   }
 
   const std::string& name() const override { return name_; }
+  bool device_io() const override { return device_io_; }
   const std::vector<TensorInfo>& inputs() const override { return inputs_; }
   const std::vector<TensorInfo>& outputs() const override { return outputs_; }
 
   std::vector<Tensor> run(const std::vector<NamedView>& inputs, const std::vector<NamedView>& bound,
-                          const std::vector<std::string>& fetch) override {
+                          const std::vector<std::string>& fetch, MemoryKind fetch_memory) override {
     // --- checks, all before anything runs ---
     std::vector<const TensorView*> by_input(inputs_.size(), nullptr);
     std::vector<std::string> unexpected;
@@ -327,17 +363,23 @@ class OnnxRuntimeEngine final : public Engine {
       throw InputError(name_ + ": inputs missing " + name_list(missing) + ", unexpected " + name_list(unexpected) +
                        " (graph takes " + name_list(inputs_) + ")");
     }
-    for (size_t i = 0; i < inputs_.size(); ++i) check_view(name_, "input", inputs_[i], *by_input[i]);
+    for (size_t i = 0; i < inputs_.size(); ++i) check_view(name_, "input", inputs_[i], *by_input[i], device_io_);
     std::vector<bool> taken(outputs_.size(), false);
     std::vector<size_t> bound_index, fetch_index;
     bound_index.reserve(bound.size());
     fetch_index.reserve(fetch.size());
     for (const auto& [name, view] : bound) {
       const size_t o = output_slot(name, taken);
-      check_view(name_, "output buffer", outputs_[o], view);
+      check_view(name_, "output buffer", outputs_[o], view, device_io_);
       bound_index.push_back(o);
     }
     for (const std::string& name : fetch) fetch_index.push_back(output_slot(name, taken));
+    if (fetch_memory == MemoryKind::kDevice && !device_io_ && !fetch.empty()) {
+      throw InputError(name_ + ": outputs " + name_list(fetch) +
+                       " were asked for in device memory; this engine fetches into host memory only (its session "
+                       "has neither the CUDA nor the TensorRT execution provider)");
+    }
+    const Ort::MemoryInfo& fetch_info = fetch_memory == MemoryKind::kDevice ? *cuda_ : cpu_;
 
     // --- bind and run ---
     try {
@@ -348,7 +390,7 @@ class OnnxRuntimeEngine final : public Engine {
       for (size_t k = 0; k < bound.size(); ++k) {
         binding.BindOutput(outputs_[bound_index[k]].name.c_str(), wrap(bound[k].second));
       }
-      for (size_t o : fetch_index) binding.BindOutput(outputs_[o].name.c_str(), cpu_);
+      for (size_t o : fetch_index) binding.BindOutput(outputs_[o].name.c_str(), fetch_info);
       session_->Run(Ort::RunOptions{nullptr}, binding);
       if (fetch.empty()) return {};
       // Output values come back in binding order: the caller's buffers first, then the fetched ones.
@@ -356,7 +398,7 @@ class OnnxRuntimeEngine final : public Engine {
       std::vector<Tensor> out;
       out.reserve(fetch.size());
       for (size_t k = 0; k < fetch.size(); ++k) {
-        out.push_back(to_tensor(std::move(values[bound.size() + k]), outputs_[fetch_index[k]].name));
+        out.push_back(to_tensor(std::move(values[bound.size() + k]), outputs_[fetch_index[k]].name, fetch_memory));
       }
       return out;
     } catch (const Ort::Exception& e) {
@@ -405,16 +447,18 @@ class OnnxRuntimeEngine final : public Engine {
     return it->second;
   }
 
-  // An OrtValue over the caller's memory: no copy, the caller keeps it alive for the call.
+  // An OrtValue over the caller's memory, host or device (check_view let a device view through only with a
+  // CUDA memory info to describe it): no copy, the caller keeps it alive for the call.
   Ort::Value wrap(const TensorView& view) const {
     static char empty_buffer[1];  // ONNX Runtime wants a pointer even for a tensor with no elements
     void* data = view.data != nullptr ? view.data : empty_buffer;
-    return Ort::Value::CreateTensor(cpu_, data, view.bytes(), view.shape.data(), view.shape.size(),
+    const Ort::MemoryInfo& info = view.memory == MemoryKind::kDevice ? *cuda_ : cpu_;
+    return Ort::Value::CreateTensor(info, data, view.bytes(), view.shape.data(), view.shape.size(),
                                     onnx_type(view.dtype));
   }
 
   // A fetched OrtValue as a Tensor that owns it: the buffer ONNX Runtime allocated is handed on, not copied.
-  Tensor to_tensor(Ort::Value value, const std::string& output) const {
+  Tensor to_tensor(Ort::Value value, const std::string& output, MemoryKind memory) const {
     auto info = value.GetTensorTypeAndShapeInfo();
     DType dtype;
     if (!from_onnx_type(info.GetElementType(), &dtype)) {
@@ -422,15 +466,18 @@ class OnnxRuntimeEngine final : public Engine {
                         std::to_string(info.GetElementType()));
     }
     std::vector<int64_t> shape = info.GetShape();
-    if (element_count(shape) == 0) return Tensor(dtype, std::move(shape));
+    if (element_count(shape) == 0 && memory == MemoryKind::kHost) return Tensor(dtype, std::move(shape));
     void* data = value.GetTensorMutableData<void>();
     auto* owner = new Ort::Value(std::move(value));
-    return Tensor::adopt(dtype, std::move(shape), std::shared_ptr<void>(data, [owner](void*) { delete owner; }));
+    return Tensor::adopt(dtype, std::move(shape), std::shared_ptr<void>(data, [owner](void*) { delete owner; }),
+                         memory);
   }
 
   std::string name_;
   OrtRuntime& runtime_;
   Ort::MemoryInfo cpu_;
+  bool device_io_ = false;                 // the session has the CUDA or TensorRT provider
+  std::unique_ptr<Ort::MemoryInfo> cuda_;  // with device_io_: CUDA memory on the engine's device
   std::unique_ptr<Ort::Session> session_;
   std::vector<TensorInfo> inputs_, outputs_;
   std::unordered_map<std::string, size_t> input_index_, output_index_;

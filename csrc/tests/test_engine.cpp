@@ -179,6 +179,36 @@ TEST(OnnxRuntimeEngine, ARefusedCallWritesNothing) {
   EXPECT_EQ(sum, std::vector<float>(6, -1.f));
 }
 
+// Binding device memory needs a CUDA session, which needs a GPU: that path is exercised by scripts/gpu_check.sh
+// only. Here: a CPU session says it cannot, and refuses device views and device fetches by name.
+TEST(OnnxRuntimeEngine, ACpuSessionRefusesDeviceMemoryByName) {
+  auto engine = elementwise();
+  EXPECT_FALSE(engine->device_io());
+  Inputs in;
+  auto views = in.views();
+  views[1].second.memory = vle::MemoryKind::kDevice;
+  EXPECT_EQ(message_of<vle::InputError>([&] { engine->run(views, {}, {"sum"}); }),
+            "elementwise: input 'b' is device memory; this engine binds host memory only (its session has "
+            "neither the CUDA nor the TensorRT execution provider)");
+  std::vector<float> sum(6, -1.f);
+  vle::TensorView rows = view(sum, vle::DType::kFloat32, {2, 3});
+  rows.memory = vle::MemoryKind::kDevice;
+  EXPECT_EQ(message_of<vle::InputError>([&] { engine->run(in.views(), {{"sum", rows}}, {}); }),
+            "elementwise: output buffer 'sum' is device memory; this engine binds host memory only (its "
+            "session has neither the CUDA nor the TensorRT execution provider)");
+  EXPECT_EQ(sum, std::vector<float>(6, -1.f));
+  EXPECT_EQ(message_of<vle::InputError>(
+                [&] { engine->run(in.views(), {}, {"sum", "half"}, vle::MemoryKind::kDevice); }),
+            "elementwise: outputs ['sum', 'half'] were asked for in device memory; this engine fetches into host "
+            "memory only (its session has neither the CUDA nor the TensorRT execution provider)");
+  // Host fetches say where they live.
+  EXPECT_EQ(engine->run(in.views(), {}, {"sum"})[0].memory(), vle::MemoryKind::kHost);
+  vle::EngineOptions negative;
+  negative.device_id = -1;
+  EXPECT_EQ(message_of<vle::InputError>([&] { elementwise(negative); }),
+            "elementwise: device_id must be a CUDA device index (0 or more), got -1");
+}
+
 TEST(OnnxRuntimeEngine, AFailureInsideOnnxRuntimeIsAnEngineErrorNamingTheGraph) {
   auto engine = elementwise();
   Inputs in;
