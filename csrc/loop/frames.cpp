@@ -22,6 +22,15 @@ std::string sha1_key(const std::vector<std::pair<const void*, size_t>>& parts) {
   return std::string(reinterpret_cast<const char*>(digest), length);
 }
 
+// A new frame keeps the arena's rows before the first image-dependent one (a patch or region row): under causal
+// attention they saw only the image-independent ids before them (the system prompt), so any frame may reuse
+// them (docs/architecture.md §3).
+void keep_image_independent_prefix(std::vector<int64_t>& cached_ids, int64_t patch_id, int64_t region_id) {
+  const auto first = std::find_if(cached_ids.begin(), cached_ids.end(),
+                                  [&](int64_t id) { return id == patch_id || id == region_id; });
+  cached_ids.erase(first, cached_ids.end());
+}
+
 }  // namespace
 
 // --- frames ---------------------------------------------------------------------------------------------------
@@ -32,7 +41,7 @@ Frame& Pipeline::Impl::frame_for(const Image& image, const RunOptions& options, 
     if (!frame || frame->key != "text-only") {
       frame = Frame{};
       frame->key = "text-only";
-      cached_ids.clear();
+      keep_image_independent_prefix(cached_ids, patch_id, region_id);
     }
     return *frame;
   }
@@ -87,9 +96,8 @@ Frame& Pipeline::Impl::frame_for(const Image& image, const RunOptions& options, 
     StageTimer t(result, "region");
     encode_regions(f, options.regions);
   }
-  // The arena's rows belong to the previous frame: none of them may be reused for this one.
   frame = std::move(f);
-  cached_ids.clear();
+  keep_image_independent_prefix(cached_ids, patch_id, region_id);
   return *frame;
 }
 
