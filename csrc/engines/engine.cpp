@@ -9,12 +9,7 @@ namespace vle {
 std::unique_ptr<Engine> make_engine(const std::string& backend, const std::filesystem::path& onnx_file,
                                     const std::string& name, const EngineOptions& options) {
   if (backend == "onnxruntime") return make_onnxruntime_engine(onnx_file, name, options);
-  if (backend == "tensorrt") {
-    throw BackendUnavailableError(
-        "the TensorRT backend is not available yet: it has not been built and validated on hardware. "
-        "Use backend='onnxruntime' (optionally with providers=['TensorrtExecutionProvider', ...] "
-        "where your onnxruntime build has it).");
-  }
+  if (backend == "tensorrt") return make_tensorrt_engine(onnx_file, name, options);
   throw InputError("unknown backend '" + backend + "'; known: 'onnxruntime', 'tensorrt'");
 }
 

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "engines/tensorrt.h"
 #include "memory/tensor.h"
 
 namespace vle {
@@ -37,6 +38,12 @@ struct EngineOptions {
   // means CUDA memory on this device). Given to those providers as their "device_id" unless their options
   // name one, which must then agree.
   int device_id = 0;
+  // Non-empty: ONNX Runtime profiles the session into "<prefix>_<date>.json" (a Chrome trace, read by
+  // engines/ort_profile.h), completed by Engine::end_profiling().
+  std::string profile_prefix;
+  // The "tensorrt" backend's graph facts and choices (engines/tensorrt.h); the "onnxruntime" backend ignores
+  // them.
+  TensorrtOptions tensorrt;
 };
 
 using NamedView = std::pair<std::string, TensorView>;
@@ -52,6 +59,9 @@ class Engine {
   // memory: true when the session runs on the CUDA or TensorRT execution provider.
   virtual bool device_io() const = 0;
 
+  // With EngineOptions::profile_prefix: ends the session's profile and returns its file; "" without.
+  virtual std::string end_profiling() = 0;
+
   // Runs the graph once. Every input is bound by pointer (no copy); `bound` outputs are written straight
   // into the caller's buffers (e.g. the KV arena's next rows); the outputs named in `fetch` come back as new
   // tensors, in that order, allocated where `fetch_memory` says (kDevice: by ONNX Runtime's allocator on
@@ -64,8 +74,10 @@ class Engine {
                                   MemoryKind fetch_memory = MemoryKind::kHost) = 0;
 };
 
-// The engine of one graph on a backend ("onnxruntime"; "tensorrt" is a BackendUnavailableError until it
-// exists). `name` is the graph's name in the manifest, used in every message.
+// The engine of one graph on a backend: "onnxruntime" (the providers EngineOptions names), or "tensorrt"
+// (ONNX Runtime's TensorRT provider with the options engines/tensorrt.h plans from EngineOptions::tensorrt;
+// a BackendUnavailableError naming what the loaded onnxruntime has when it lacks that provider). `name` is
+// the graph's name in the manifest, used in every message.
 std::unique_ptr<Engine> make_engine(const std::string& backend, const std::filesystem::path& onnx_file,
                                     const std::string& name, const EngineOptions& options);
 

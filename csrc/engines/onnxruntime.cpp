@@ -302,6 +302,10 @@ class OnnxRuntimeEngine final : public Engine {
         so.SetIntraOpNumThreads(options.threads);
         so.SetInterOpNumThreads(1);
       }
+      if (!options.profile_prefix.empty()) {
+        so.EnableProfiling(options.profile_prefix.c_str());
+        profiling_ = true;
+      }
       for (const std::string& p : providers) {
         auto it = options.provider_options.find(p);
         std::map<std::string, std::string> given =
@@ -337,6 +341,17 @@ class OnnxRuntimeEngine final : public Engine {
 
   const std::string& name() const override { return name_; }
   bool device_io() const override { return device_io_; }
+
+  std::string end_profiling() override {
+    if (!profiling_) return "";
+    profiling_ = false;
+    Ort::AllocatorWithDefaultOptions allocator;
+    try {
+      return session_->EndProfilingAllocated(allocator).get();
+    } catch (const Ort::Exception& e) {
+      throw EngineError(name_ + ": ONNX Runtime could not end its profile: " + e.what());
+    }
+  }
   const std::vector<TensorInfo>& inputs() const override { return inputs_; }
   const std::vector<TensorInfo>& outputs() const override { return outputs_; }
 
@@ -477,6 +492,7 @@ class OnnxRuntimeEngine final : public Engine {
   OrtRuntime& runtime_;
   Ort::MemoryInfo cpu_;
   bool device_io_ = false;                 // the session has the CUDA or TensorRT provider
+  bool profiling_ = false;                 // the session profiles, and end_profiling has not run
   std::unique_ptr<Ort::MemoryInfo> cuda_;  // with device_io_: CUDA memory on the engine's device
   std::unique_ptr<Ort::Session> session_;
   std::vector<TensorInfo> inputs_, outputs_;
@@ -492,6 +508,10 @@ std::unique_ptr<Engine> make_onnxruntime_engine(const std::filesystem::path& onn
 
 std::vector<std::string> onnxruntime_providers(const std::string& onnxruntime_library) {
   return ort_runtime(onnxruntime_library).providers;
+}
+
+std::string onnxruntime_version(const std::string& onnxruntime_library) {
+  return ort_runtime(onnxruntime_library).version;
 }
 
 std::string onnxruntime_library_in_use(const std::string& onnxruntime_library) {
