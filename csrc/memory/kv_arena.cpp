@@ -9,7 +9,7 @@ namespace vle {
 
 namespace {
 
-std::string shape_text(const std::vector<int64_t>& shape) {
+std::string tuple_text(const std::vector<int64_t>& shape) {  // numpy's spelling, as the bindings report it
   std::string s = "(";
   for (size_t i = 0; i < shape.size(); ++i) {
     if (i) s += ", ";
@@ -30,8 +30,10 @@ const char* kv_dtype_name(KVDType dtype) { return dtype == KVDType::kFloat32 ? "
 
 size_t kv_dtype_size(KVDType dtype) { return dtype == KVDType::kFloat32 ? 4 : 2; }
 
-KVArena::KVArena(int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t head_dim, KVDType dtype)
-    : num_layers_(num_layers), capacity_(capacity), kv_heads_(kv_heads), head_dim_(head_dim), dtype_(dtype) {
+KVArena::KVArena(int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t head_dim, KVDType dtype,
+                 Allocator& allocator)
+    : num_layers_(num_layers), capacity_(capacity), kv_heads_(kv_heads), head_dim_(head_dim), dtype_(dtype),
+      allocator_(&allocator) {
   if (num_layers <= 0 || capacity <= 0 || kv_heads <= 0 || head_dim <= 0) {
     throw std::invalid_argument("KVArena: num_layers, capacity, kv_heads and head_dim must be positive, "
                                 "got " + std::to_string(num_layers) + ", " + std::to_string(capacity) + ", " +
@@ -40,15 +42,11 @@ KVArena::KVArena(int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t
   const size_t bytes = static_cast<size_t>(capacity) * row_bytes();
   keys_.reserve(static_cast<size_t>(num_layers));
   values_.reserve(static_cast<size_t>(num_layers));
+  // The host allocator hands large blocks out as lazily mapped zero pages, so a generous capacity costs
+  // address space, not resident memory, until it is used.
   for (int64_t l = 0; l < num_layers; ++l) {
-    // calloc: rows past the length read as zeros, and for large arenas the OS hands out zero pages lazily,
-    // so a generous capacity costs address space, not resident memory, until it is used.
     for (auto* arena : {&keys_, &values_}) {
-      auto* p = static_cast<std::byte*>(std::calloc(bytes, 1));
-      if (p == nullptr) {
-        throw std::bad_alloc();
-      }
-      arena->emplace_back(p);
+      arena->emplace_back(static_cast<std::byte*>(allocator.allocate(bytes)), AllocatorDeleter{&allocator});
     }
   }
 }
@@ -103,6 +101,10 @@ void KVArena::commit(int64_t n) {
 }
 
 void KVArena::append(const std::vector<KVRows>& keys, const std::vector<KVRows>& values) {
+  if (memory() != MemoryKind::kHost) {
+    throw std::logic_error("KVArena.append: the arena is in device memory; engines write its rows in place "
+                           "(bound outputs), host rows are not copied into it");
+  }
   const auto layers = static_cast<size_t>(num_layers_);
   if (keys.size() != layers || values.size() != layers) {
     throw std::invalid_argument("KVArena.append: expected " + std::to_string(num_layers_) +
@@ -119,7 +121,7 @@ void KVArena::append(const std::vector<KVRows>& keys, const std::vector<KVRows>&
         const std::string want = "[" + (n >= 0 ? std::to_string(n) : std::string("n")) + ", " +
                                  std::to_string(kv_heads_) + ", " + std::to_string(head_dim_) + "]";
         throw std::invalid_argument("KVArena.append: " + std::string(name) + "[" + std::to_string(l) +
-                                    "] must be " + want + ", got shape " + shape_text(shape));
+                                    "] must be " + want + ", got shape " + tuple_text(shape));
       }
       n = shape[0];
     }

@@ -1,7 +1,8 @@
 // The LLM's KV cache (docs/architecture.md §4): one sequence-major arena per layer for K and one for V, each
 // `[capacity, kv_heads, head_dim]`, allocated once. The past of a step is the contiguous prefix
 // `[0:length]`, handed to an engine without a copy; the step's new rows are written at
-// `[length:length+n]` (in place by the engine, or copied in by `append`) and then committed.
+// `[length:length+n]` (in place by the engine, or copied in by `append`) and then committed. The memory
+// comes from an Allocator: host memory by default, CUDA memory for the loop's device path.
 #pragma once
 
 #include <cstddef>
@@ -10,6 +11,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "memory/tensor.h"
 
 namespace vle {
 
@@ -30,7 +33,9 @@ struct KVRows {
 
 class KVArena {
  public:
-  KVArena(int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t head_dim, KVDType dtype);
+  // Every row starts zeroed (the allocator's contract), so rows past the length read as zeros.
+  KVArena(int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t head_dim, KVDType dtype,
+          Allocator& allocator = host_allocator());
   KVArena(const KVArena&) = delete;
   KVArena& operator=(const KVArena&) = delete;
 
@@ -39,6 +44,7 @@ class KVArena {
   int64_t kv_heads() const { return kv_heads_; }
   int64_t head_dim() const { return head_dim_; }
   KVDType dtype() const { return dtype_; }
+  MemoryKind memory() const { return allocator_->kind(); }
   int64_t length() const { return length_; }
   size_t element_size() const { return kv_dtype_size(dtype_); }
   size_t row_bytes() const { return static_cast<size_t>(kv_heads_ * head_dim_) * element_size(); }
@@ -53,18 +59,20 @@ class KVArena {
   void check_room(int64_t n) const;
   // Makes the `n` rows after the current length part of the past (they were written in place).
   void commit(int64_t n);
-  // Copies one `[n, kv_heads, head_dim]` block per layer into `[length:length+n]` and commits. Every
-  // shape is checked before anything is written, so a bad call leaves the arena unchanged.
+  // Copies one `[n, kv_heads, head_dim]` block per layer (host memory) into `[length:length+n]` and
+  // commits. Every shape is checked before anything is written, so a bad call leaves the arena unchanged.
+  // A device arena refuses it: the engines write its rows in place, nothing copies rows in from the host.
   void append(const std::vector<KVRows>& keys, const std::vector<KVRows>& values);
   // Drops the rows after `to_length` (0 <= to_length <= length); their memory is reused by later steps.
   void rollback(int64_t to_length);
   void reset() { length_ = 0; }
 
  private:
-  struct FreeDeleter {
-    void operator()(std::byte* p) const { std::free(p); }
+  struct AllocatorDeleter {
+    Allocator* allocator;
+    void operator()(std::byte* p) const { allocator->deallocate(p); }
   };
-  using Buffer = std::unique_ptr<std::byte, FreeDeleter>;
+  using Buffer = std::unique_ptr<std::byte, AllocatorDeleter>;
 
   void check_layer(int64_t layer) const;
   void check_row(int64_t row) const;
@@ -75,6 +83,7 @@ class KVArena {
   int64_t head_dim_;
   KVDType dtype_;
   int64_t length_ = 0;
+  Allocator* allocator_;
   std::vector<Buffer> keys_;
   std::vector<Buffer> values_;
 };

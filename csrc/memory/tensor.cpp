@@ -1,5 +1,6 @@
 #include "memory/tensor.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -59,14 +60,24 @@ namespace {
 
 class HostAllocator final : public Allocator {
  public:
+  // calloc, aligned by hand: large buffers (the KV arena) come as fresh zero pages the OS maps lazily, so a
+  // generous capacity costs address space, not resident memory, until it is used. The block's own address
+  // is kept in the 64 bytes before the aligned one.
   void* allocate(size_t bytes) override {
-    const size_t rounded = (bytes + 63) / 64 * 64;
-    void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
-    if (p == nullptr) throw std::bad_alloc();
-    std::memset(p, 0, rounded == 0 ? 64 : rounded);
-    return p;
+    constexpr size_t kAlign = 64;
+    if (bytes > SIZE_MAX - 2 * kAlign) throw std::bad_alloc();
+    auto* block = static_cast<unsigned char*>(std::calloc(bytes + kAlign, 1));
+    if (block == nullptr) throw std::bad_alloc();
+    auto* aligned = block + kAlign - reinterpret_cast<uintptr_t>(block) % kAlign;
+    std::memcpy(aligned - sizeof(void*), &block, sizeof(void*));
+    return aligned;
   }
-  void deallocate(void* p) noexcept override { std::free(p); }
+  void deallocate(void* p) noexcept override {
+    if (p == nullptr) return;
+    void* block;
+    std::memcpy(&block, static_cast<unsigned char*>(p) - sizeof(void*), sizeof(void*));
+    std::free(block);
+  }
   MemoryKind kind() const override { return MemoryKind::kHost; }
 };
 

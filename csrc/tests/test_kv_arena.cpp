@@ -1,8 +1,12 @@
-// The KV arena: rows land where the engine will read them, commits and rollbacks move the length only, and a
-// bad append leaves the arena as it was.
+// The KV arena: rows land where the engine will read them, commits and rollbacks move the length only, a
+// bad append leaves the arena as it was, and its memory comes from the allocator it is given.
 #include <gtest/gtest.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "memory/kv_arena.h"
@@ -61,3 +65,64 @@ TEST(KVArena, RoomRollbackAndBounds) {
 }
 
 }  // namespace
+
+// An allocator that records what the arena asks of it; `kind` lets a host buffer stand in for device memory.
+class RecordingAllocator final : public vle::Allocator {
+ public:
+  explicit RecordingAllocator(vle::MemoryKind kind) : kind_(kind) {}
+  void* allocate(size_t bytes) override {
+    sizes.push_back(bytes);
+    return vle::host_allocator().allocate(bytes);
+  }
+  void deallocate(void* p) noexcept override {
+    ++freed;
+    vle::host_allocator().deallocate(p);
+  }
+  vle::MemoryKind kind() const override { return kind_; }
+  std::vector<size_t> sizes;
+  int freed = 0;
+
+ private:
+  vle::MemoryKind kind_;
+};
+
+TEST(KVArena, TakesEveryBufferFromItsAllocatorAndGivesThemBack) {
+  RecordingAllocator allocator(vle::MemoryKind::kHost);
+  {
+    vle::KVArena arena(3, 5, 2, 4, vle::KVDType::kFloat16, allocator);
+    EXPECT_EQ(arena.memory(), vle::MemoryKind::kHost);
+    ASSERT_EQ(allocator.sizes.size(), 6u);  // one K and one V buffer per layer
+    for (size_t bytes : allocator.sizes) EXPECT_EQ(bytes, 5u * 2 * 4 * 2);
+    EXPECT_EQ(static_cast<const std::byte*>(arena.key_row(1, 2)) - static_cast<const std::byte*>(arena.key_row(1, 0)),
+              2 * static_cast<std::ptrdiff_t>(arena.row_bytes()));
+  }
+  EXPECT_EQ(allocator.freed, 6);
+}
+
+TEST(KVArena, DeviceArenaRefusesHostAppendNamingWhy) {
+  RecordingAllocator allocator(vle::MemoryKind::kDevice);
+  vle::KVArena arena(1, 4, 1, 2, vle::KVDType::kFloat32, allocator);
+  EXPECT_EQ(arena.memory(), vle::MemoryKind::kDevice);
+  const std::vector<float> row = rows(1, 2, 0.f);
+  try {
+    arena.append({{row.data(), {1, 1, 2}}}, {{row.data(), {1, 1, 2}}});
+    FAIL() << "append into a device arena was accepted";
+  } catch (const std::logic_error& e) {
+    EXPECT_NE(std::string(e.what()).find("device memory"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(arena.length(), 0);
+  arena.commit(2);  // rows written in place by an engine
+  EXPECT_EQ(arena.length(), 2);
+}
+
+TEST(HostAllocator, BuffersAreAlignedAndZeroed) {
+  vle::Allocator& host = vle::host_allocator();
+  for (size_t bytes : {size_t{0}, size_t{1}, size_t{63}, size_t{64}, size_t{1000}, size_t{1} << 22}) {
+    auto* p = static_cast<unsigned char*>(host.allocate(bytes));
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % 64, 0u) << bytes;
+    for (size_t i = 0; i < bytes; i += 4093) EXPECT_EQ(p[i], 0) << bytes << " at " << i;
+    if (bytes) EXPECT_EQ(p[bytes - 1], 0) << bytes;
+    std::memset(p, 0xab, bytes);  // the whole block is writable
+    host.deallocate(p);
+  }
+}
