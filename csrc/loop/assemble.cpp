@@ -56,17 +56,9 @@ std::vector<int64_t> check_slots(const AssemblyInputs& in, const std::optional<F
   return slots;
 }
 
-void fill_slots(const std::vector<int64_t>& slots, const std::optional<FloatArrayRef>& rows, int64_t hidden,
-                float* out) {
-  const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
-  for (size_t i = 0; i < slots.size(); ++i) {
-    std::memcpy(out + slots[i] * hidden, rows->data + static_cast<int64_t>(i) * hidden, row_bytes);
-  }
-}
-
 }  // namespace
 
-void assemble_embeddings(const AssemblyInputs& in, float* out) {
+std::vector<const float*> assembly_sources(const AssemblyInputs& in) {
   require_matrix(in.token_table, "token_table");
   const int64_t vocab = in.token_table.shape[0];
   const int64_t hidden = in.token_table.shape[1];
@@ -93,12 +85,14 @@ void assemble_embeddings(const AssemblyInputs& in, float* out) {
   const auto region_slots =
       check_slots(in, in.region_rows, in.region_token_id, "<region>", "region_rows", hidden);
 
-  const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
-  for (int64_t s = 0; s < in.num_ids; ++s) {
-    std::memcpy(out + s * hidden, in.token_table.data + in.ids[s] * hidden, row_bytes);
+  std::vector<const float*> sources(static_cast<size_t>(in.num_ids));
+  for (int64_t s = 0; s < in.num_ids; ++s) sources[static_cast<size_t>(s)] = in.token_table.data + in.ids[s] * hidden;
+  for (size_t i = 0; i < image_slots.size(); ++i) {
+    sources[static_cast<size_t>(image_slots[i])] = in.image_rows->data + static_cast<int64_t>(i) * hidden;
   }
-  fill_slots(image_slots, in.image_rows, hidden, out);
-  fill_slots(region_slots, in.region_rows, hidden, out);
+  for (size_t i = 0; i < region_slots.size(); ++i) {
+    sources[static_cast<size_t>(region_slots[i])] = in.region_rows->data + static_cast<int64_t>(i) * hidden;
+  }
 
   // Query rows replace the placeholder rows only when all N placeholders follow the routing token; a
   // routing token at the end of the ids (or followed by text) keeps its plain rows, as in the reference.
@@ -113,8 +107,16 @@ void assemble_embeddings(const AssemblyInputs& in, float* out) {
       all_placeholders = all_placeholders && in.placeholder_ids.count(in.ids[i]) > 0;
     }
     if (!all_placeholders) continue;
-    std::memcpy(out + (pos + 1) * hidden, table.data, static_cast<size_t>(n) * row_bytes);
+    for (int64_t i = 0; i < n; ++i) sources[static_cast<size_t>(pos + 1 + i)] = table.data + i * hidden;
   }
+  return sources;
+}
+
+void assemble_embeddings(const AssemblyInputs& in, float* out) {
+  const std::vector<const float*> sources = assembly_sources(in);
+  const int64_t hidden = in.token_table.shape[1];
+  const size_t row_bytes = static_cast<size_t>(hidden) * sizeof(float);
+  for (size_t s = 0; s < sources.size(); ++s) std::memcpy(out + static_cast<int64_t>(s) * hidden, sources[s], row_bytes);
 }
 
 }  // namespace vle

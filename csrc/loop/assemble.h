@@ -45,6 +45,11 @@ struct AssemblyInputs {
 // (pass none for such a sequence): rows that go nowhere are a caller's bug, not a no-op.
 void assemble_embeddings(const AssemblyInputs& in, float* out);
 
+// The rule behind `assemble_embeddings`, for writers of the rows in other memory (the CUDA assembly): the
+// address of each of the S output rows' source row (in the token table, the image or region rows or a query
+// table), after the same checks. The arrays' data is never read, so the addresses may be device memory.
+std::vector<const float*> assembly_sources(const AssemblyInputs& in);
+
 // Copies token_table[token] into `out` (H floats) after a range check naming `what`.
 void gather_row(const FloatArrayRef& token_table, int64_t token, float* out, const std::string& what);
 
