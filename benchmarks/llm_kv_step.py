@@ -48,12 +48,13 @@ WIDTHS = dict(
 READ_GB_PER_S = 34.2
 
 
-def build_model(layers: int, seed: int) -> LlamaForCausalLM:
-    """Random weights without paying for nn.Linear's init: built on meta, then filled from one generator."""
+def build_model(layers: int, seed: int, widths: dict = WIDTHS) -> LlamaForCausalLM:
+    """Random weights without paying for nn.Linear's init: built on meta, then filled from one generator.
+    `widths` are LlamaSettings keywords (default: Vicuna-7B's; gpu_check.py's smoke run passes small ones)."""
     with torch.device("meta"):
-        llm = LlamaForCausalLM(LlamaSettings(num_hidden_layers=layers, **WIDTHS))
+        llm = LlamaForCausalLM(LlamaSettings(num_hidden_layers=layers, **widths))
     # The step never looks up tokens (it takes embeddings): a 1-row table saves 0.5 GB.
-    llm.model.embed_tokens = nn.Embedding(1, WIDTHS["hidden_size"], device="meta")
+    llm.model.embed_tokens = nn.Embedding(1, widths["hidden_size"], device="meta")
     llm = llm.to_empty(device="cpu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

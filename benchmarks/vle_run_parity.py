@@ -33,6 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VLE_RUN = REPO / "build" / "cpu" / "vle-run"
 BUILD_COMMAND = "cmake --preset cpu && cmake --build --preset cpu"
 
+#: The sampled request's settings (also benchmarks/gpu_check.py's, which runs these requests in-process).
+SAMPLING = dict(temperature=1.3, top_k=40, top_p=0.95, repetition_penalty=1.1)
+
 #: Boxes and keypoints (pixels), generated images (full scale 1) and scores may differ by at most these.
 BOX_TOL = 1e-3
 IMAGE_TOL = 1e-3
@@ -116,8 +119,9 @@ def _common_args(req: Request, image: Path, max_new_tokens: int, seed: int, thre
     if req.region is not None:
         args += ["--region", req.region]
     if req.sample:
-        args += ["--sample", "--temperature", "1.3", "--top-k", "40", "--top-p", "0.95"]
-        args += ["--repetition-penalty", "1.1"]
+        args += ["--sample"]
+        for key, value in SAMPLING.items():
+            args += ["--" + key.replace("_", "-"), str(value)]
     return args
 
 
