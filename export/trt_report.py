@@ -38,17 +38,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
-from visionllm_edge import contract
+from visionllm_edge import _core, contract
 
 TABLE_PATH = Path(__file__).parent / "data" / "tensorrt10_onnx_ops.json"
 REPORT_FILE = "trt_report.json"
 REPORT_SCHEMA_VERSION = 1
 VERDICTS = ("ok", "ok-with-notes", "needs-work")
 
-#: Defaults for dimensions no manifest fact bounds; each profile entry says when one was used.
-DEFAULT_MAX_REGIONS = 8  # regions referred to in one request
-DEFAULT_MAX_LINK_GROUPS = 4  # [GEN]/[EDIT] groups one answer sends to a mapper
-DEFAULT_PREFILL_OPT = 512  # prompt rows to tune the prefill profile for when the image size is unknown
+#: Defaults for dimensions no manifest fact bounds (the planner's, in C++); each profile entry says when one
+#: was used.
+DEFAULT_MAX_REGIONS = _core.TRT_DEFAULT_MAX_REGIONS  # regions referred to in one request
+DEFAULT_MAX_LINK_GROUPS = _core.TRT_DEFAULT_MAX_LINK_GROUPS  # [GEN]/[EDIT] groups one answer sends to a mapper
+DEFAULT_PREFILL_OPT = _core.TRT_DEFAULT_PREFILL_OPT  # prompt rows for prefill when the image size is unknown
 
 #: Ops whose output shapes depend on the data (TensorRT needs an output allocator) or that carry subgraphs.
 _DATA_DEPENDENT = ("NonZero", "NonMaxSuppression", "Unique", "Compress")
@@ -498,120 +499,11 @@ def _typed_values(node: onnx.NodeProto) -> list[str]:
 # --- dynamic shapes and optimization profiles ---------------------------------------------------------------
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-int(value) // multiple) * multiple
-
-
-def _image_side_ranges(facts: dict) -> dict[str, tuple[int, int, int, str]] | None:
-    """height/width (min, opt, max, why) of the decoders' padded image, from `facts["image_size"]`."""
-    size = facts.get("image_size")
-    if isinstance(size, (list, tuple)) and len(size) == 2:
-        h, w = (int(v) for v in size)
-        return {"height": (h, h, h, "static image_size fact"), "width": (w, w, w, "static image_size fact")}
-    if not isinstance(size, dict) or "max_side" not in size:
-        return None
-    div = int(size.get("size_divisibility", facts.get("size_divisibility", 32)))
-    lo, hi = int(size.get("min_side", div)), int(size["max_side"])
-    short, long_cap = facts.get("det_short_side"), facts.get("det_max_long_side")
-    if short:
-        # A 4:3 landscape photo resized the way `preprocess.detection_image` does, padded to /32.
-        long_side = min(int(long_cap or hi), math.ceil(int(short) * 4 / 3))
-        opt_h = min(hi, max(lo, _round_up(short, div)))
-        opt_w = min(hi, max(lo, _round_up(long_side, div)))
-        why = f"image_size {lo}..{hi}; opt: a 4:3 image at short side {short}, padded to /{div}"
-    else:
-        opt_h = opt_w = hi
-        why = f"image_size {lo}..{hi}"
-    return {"height": (lo, opt_h, hi, why), "width": (lo, opt_w, hi, why)}
-
-
-def _llm_plans(f: dict) -> list[tuple[str, dict[str, tuple]]]:
-    """Two profiles: decode (S=1, up to the 1+N super-link step, a long past) and prefill (a long S)."""
-    if not f.get("max_context"):
-        return []
-    cap = int(f["max_context"])
-    queries = int(f["max_link_queries"]) if f.get("max_link_queries") else None
-    rows = max(1, queries or 1)
-    # A step of S rows on a past of P rows keeps S + P <= max_context, and a step has at least one row.
-    past_max = max(0, cap - 1)
-    if queries:
-        decode_s, s_why = min(cap, 1 + rows), "decode is 1 row, up to the 1+N super-link step"
-        r_why = f"the rows one step asks for: the super-link step asks its N={rows} query rows"
-    else:
-        decode_s, s_why = cap, "decode is 1 row; no routing facts bound the super-link step"
-        r_why = "no routing facts; one row per step assumed"
-    if f.get("max_tiles") and f.get("patches_per_tile"):
-        image_rows = (int(f["max_tiles"]) + 1) * int(f["patches_per_tile"])
-        prefill_opt, opt_why = min(cap, image_rows + 64), "the largest image's rows + 64 text rows"
-    else:
-        prefill_opt, opt_why = min(cap, DEFAULT_PREFILL_OPT), "a default prompt length"
-    decode = {
-        "S": (1, 1, decode_s, s_why),
-        "P": (0, min(past_max, cap // 2), past_max, f"past rows 0..max_context-1 ({cap})"),
-        "R": (1, 1, rows, r_why),
-    }
-    prefill = {
-        "S": (1, prefill_opt, cap, f"a prompt of up to max_context rows; opt: {opt_why}"),
-        "P": (0, 0, past_max, "0 for a fresh prompt; a cached prefix or a later turn adds a past"),
-        "R": (1, 1, rows, r_why),
-    }
-    return [("decode", decode), ("prefill", prefill)]
-
-
-def _diffusion_plans(graph: str, f: dict) -> list[tuple[str, dict[str, tuple]]]:
-    """UNet: the guidance batch; VAE: one image; latent and image sides up to the artifact's image size."""
-    dims = {}
-    if graph.endswith("_unet"):
-        guidance = (f.get("guidance_batch") or {}).get("encoder_hidden_states")
-        b = len(guidance) if guidance else 1
-        dims["batch"] = (1, b, b, f"the guidance batch {guidance}" if guidance else "one row")
-    else:
-        dims["batch"] = (1, 1, 1, "one image per request")
-    if f.get("latent_size"):
-        latent, multiple = int(f["latent_size"]), int(f.get("latent_multiple") or 1)
-        lo = min(latent, multiple)
-        why = f"latent side {lo}..latent_size ({latent}), multiples of {multiple}"
-        dims["latent_height"] = dims["latent_width"] = (lo, latent, latent, why)
-        scale = int(f.get("vae_scale_factor") or f.get("size_multiple") or 1)
-        side = int(f.get("image_size") or latent * scale)
-        why = f"image side {lo * scale}..image_size ({side})"
-        dims["height"] = dims["width"] = (lo * scale, side, side, why)
-    return [("default", dims)]
-
-
-def _dim_plans(graph: str, facts: dict) -> list[tuple[str, dict[str, tuple]]]:
-    """Per profile: {symbol: (min, opt, max, why)}. Symbols a graph does not use are ignored later."""
-    f = facts
-    if graph == "llm":
-        return _llm_plans(f)
-    if graph == "vision":
-        if not f.get("max_tiles"):
-            return []
-        t = int(f["max_tiles"]) + 1
-        return [("default", {"tiles": (1, t, t, f"anyres tiles + thumbnail: 1..max_tiles+1 ({t})")})]
-    if graph == "region":
-        r = int(f.get("max_regions") or DEFAULT_MAX_REGIONS)
-        why = "max_regions fact" if f.get("max_regions") else f"no fact bounds it; default {r}"
-        return [("default", {"regions": (1, 1, r, why)})]
-    if graph in ("det", "pose"):
-        dims: dict[str, tuple] = dict(_image_side_ranges(f) or {})
-        if graph == "det":
-            if f.get("max_groups"):
-                dims["groups"] = (1, 1, int(f["max_groups"]), "text groups 1..max_groups; opt: one class")
-            if f.get("num_queries"):
-                dims["mask_queries"] = (1, 1, int(f["num_queries"]), "masks asked for 1..num_queries")
-        return [("default", dims)] if dims else []
-    if graph in ("gen_mapper", "edit_mapper"):
-        n = int(f.get("max_link_groups") or DEFAULT_MAX_LINK_GROUPS)
-        why = "max_link_groups fact" if f.get("max_link_groups") else f"no fact bounds it; default {n}"
-        return [("default", {"groups": (1, 1, n, why)})]
-    if graph.endswith(("_unet", "_vae_decoder", "_vae_encoder")):
-        return _diffusion_plans(graph, f)
-    return []
-
-
 def profile_shapes(graph: str | None, inputs: list[dict], facts: dict | None) -> dict:
     """The min/opt/max shapes a TensorRT optimization profile needs for the graph's dynamic inputs.
+
+    The planner is the runtime's own (csrc/engines/tensorrt_profiles.cpp, the one the TensorRT backend
+    builds its profiles with), so the report shows exactly what a TensorRT build will be given.
 
     Args:
         graph: the graph name (a key of `contract.GRAPHS`), or None for an unknown graph.
@@ -623,48 +515,9 @@ def profile_shapes(graph: str | None, inputs: list[dict], facts: dict | None) ->
         "profiles": [{"name", "inputs": {name: {"min", "opt", "max"}}}], "unresolved": [symbols]}`.
         A symbol with no fact and no default is unresolved; its dims are left null.
     """
-    dynamic: dict[str, dict[int, str]] = {}
-    for value in inputs:
-        for axis, dim in enumerate(value["shape"]):
-            if not isinstance(dim, int) or dim <= 0:
-                dynamic.setdefault(value["name"], {})[axis] = (
-                    dim if isinstance(dim, str) else f"{value['name']}:{axis}"
-                )
-    symbols = sorted({s for axes in dynamic.values() for s in axes.values()})
-    if not symbols:
-        return {"dynamic_inputs": {}, "dims": {}, "profiles": [], "unresolved": []}
-    plans = _dim_plans(graph or "", facts or {}) or [("default", {})]
-    out = {
-        "dynamic_inputs": {k: {str(a): s for a, s in v.items()} for k, v in dynamic.items()},
-        "dims": {},
-        "profiles": [],
-        "unresolved": [],
-    }
-    unresolved: set[str] = set()
-    for profile, plan in plans:
-        dims = {}
-        for sym in symbols:
-            if sym in plan:
-                lo, opt, hi, why = plan[sym]
-                dims[sym] = {"min": int(lo), "opt": int(opt), "max": int(hi), "why": why}
-            else:
-                dims[sym] = {"min": None, "opt": None, "max": None, "why": "no fact or default for this dim"}
-                unresolved.add(sym)
-        shapes = {}
-        for value in inputs:
-            if value["name"] not in dynamic:
-                continue
-            entry = {}
-            for which in ("min", "opt", "max"):
-                entry[which] = [
-                    dims[dynamic[value["name"]][axis]][which] if axis in dynamic[value["name"]] else dim
-                    for axis, dim in enumerate(value["shape"])
-                ]
-            shapes[value["name"]] = entry
-        out["dims"][profile] = dims
-        out["profiles"].append({"name": profile, "inputs": shapes})
-    out["unresolved"] = sorted(unresolved)
-    return out
+    shapes = [{"name": v["name"], "shape": list(v["shape"])} for v in inputs]
+    text = _core.trt_profile_shapes(graph or "", json.dumps(shapes), json.dumps(facts or {}))
+    return json.loads(text)
 
 
 # --- the report ---------------------------------------------------------------------------------------------

@@ -61,20 +61,34 @@ def make_engine(
     *,
     provider_options: dict[str, dict[str, str]] | None = None,
     spin: bool = False,
+    device_id: int = 0,
+    profile_prefix: str = "",
 ) -> Engine:
     """The engine for one graph on the chosen backend.
 
     Args:
         path: the `.onnx` file (external data beside it).
-        backend: "onnxruntime" ("tensorrt" raises a BackendUnavailableError saying what to use instead).
+        backend: "onnxruntime", or "tensorrt" (the TensorRT provider; without a manifest no profiles, precision
+            or cache are planned: `Pipeline.load(backend="tensorrt")` plans them).
         providers: execution providers in preference order; default CPU. Unavailable ones are a
             BackendUnavailableError naming what this ONNX Runtime build has.
         threads: intra-op threads (0: ONNX Runtime's default).
         name: the graph's name, used in every message.
         provider_options: options per provider, passed through as given.
         spin: let idle intra-op workers spin (lower latency for a lone session, worse for a pipeline).
+        device_id: the CUDA device of the CUDA and TensorRT providers (device memory lives there).
+        profile_prefix: non-empty: ONNX Runtime profiles the session into `<prefix>_<date>.json`, finished by
+            `engine.end_profiling()`; `_core.profile_copies(file)` counts each run's Memcpy nodes.
     """
-    library = onnxruntime_library() if backend == "onnxruntime" else ""
     return _core.make_engine(
-        backend, str(path), name, list(providers or []), dict(provider_options or {}), threads, spin, library
+        backend,
+        str(path),
+        name,
+        list(providers or []),
+        dict(provider_options or {}),
+        threads,
+        spin,
+        onnxruntime_library(),
+        device_id,
+        profile_prefix,
     )

@@ -279,7 +279,29 @@ def test_errors_exit_2(tiny_artifact, scene, tmp_path, capsys):
     assert main(["info", str(newer)]) == 2
     assert "newer visionllm-edge" in capsys.readouterr().err
 
+
+
+def test_gpu_flags_and_their_bad_inputs(tiny_artifact, scene, tmp_path, capsys):
+    from visionllm_edge.runtime.engine import available_providers
+
+    run = ["run", str(tiny_artifact), "--image", str(scene), "--prompt", "Hi.", "--max-new-tokens", "2"]
     # BackendUnavailableError is a RuntimeError, not a ValueError; it is a user error all the same.
-    argv = ["run", str(tiny_artifact), "--image", str(scene), "--prompt", "Hi.", "--backend", "tensorrt"]
-    assert main(argv) == 2
-    assert "not available" in capsys.readouterr().err
+    if "TensorrtExecutionProvider" not in available_providers():
+        assert main([*run, "--backend", "tensorrt", "--fp16", "--engine-cache", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "the TensorRT backend needs ONNX Runtime's TensorrtExecutionProvider" in err
+        assert "'CPUExecutionProvider'" in err
+        assert not any(tmp_path.iterdir())  # nothing was cached
+    # An unknown provider names what this onnxruntime has.
+    assert main([*run, "--providers", "NoSuchExecutionProvider,CPUExecutionProvider"]) == 2
+    err = capsys.readouterr().err
+    assert "['NoSuchExecutionProvider'] are not in this onnxruntime build" in err and "'CPUExecutionProvider'" in err
+    # --fp16 and --engine-cache mean something to TensorRT only: with the onnxruntime backend they are errors.
+    assert main([*run, "--fp16"]) == 2
+    assert "fp16 applies to the tensorrt backend only" in capsys.readouterr().err
+    assert main([*run, "--engine-cache", str(tmp_path)]) == 2
+    assert "engine_cache applies to the tensorrt backend only" in capsys.readouterr().err
+    assert main([*run, "--device-id", "-1"]) == 2
+    assert "device_id must be a CUDA device index (0 or more), got -1" in capsys.readouterr().err
+    # The flags reach the loop: the default device on the CPU provider runs.
+    assert main([*run, "--providers", "CPUExecutionProvider", "--device-id", "0"]) == 0

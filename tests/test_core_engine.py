@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from visionllm_edge import _core
 from visionllm_edge.manifest import ManifestError
 from visionllm_edge.runtime.engine import (
     BackendUnavailableError,
@@ -112,12 +113,29 @@ def test_files_providers_and_backends_are_named():
     unknown = r"execution provider\(s\) \['NoSuchExecutionProvider'\] are not in this onnxruntime build"
     with pytest.raises(BackendUnavailableError, match=unknown):
         make_engine(DATA / "elementwise.onnx", "onnxruntime", ["NoSuchExecutionProvider"], 0, "det")
-    with pytest.raises(BackendUnavailableError, match="TensorRT backend is not available"):
-        make_engine(missing, "tensorrt", None, 0, "llm")
+    if "TensorrtExecutionProvider" not in available_providers():
+        no_trt = r"llm: the TensorRT backend needs ONNX Runtime's TensorrtExecutionProvider, and .* has \["
+        with pytest.raises(BackendUnavailableError, match=no_trt + ".*'CPUExecutionProvider'"):
+            make_engine(missing, "tensorrt", None, 0, "llm")
     with pytest.raises(ValueError, match="unknown backend 'openvino'"):
         make_engine(missing, "openvino", None, 0, "llm")
     assert "CPUExecutionProvider" in available_providers()
     assert "onnxruntime/capi/libonnxruntime.so.1" in onnxruntime_library()
+
+
+def test_a_cpu_session_has_no_device_io_and_profiles_its_runs(tmp_path):
+    plain = make_engine(DATA / "elementwise.onnx", "onnxruntime", None, 1, "elementwise")
+    assert plain.device_io is False and plain.end_profiling() == ""
+    with pytest.raises(ValueError, match="device_id must be a CUDA device index"):
+        make_engine(DATA / "elementwise.onnx", "onnxruntime", None, 1, "elementwise", device_id=-1)
+    engine = make_engine(
+        DATA / "elementwise.onnx", "onnxruntime", None, 1, "elementwise", profile_prefix=str(tmp_path / "p")
+    )
+    for _ in range(2):
+        engine.run(feeds(), ["sum"])
+    profile = engine.end_profiling()
+    assert Path(profile).parent == tmp_path and Path(profile).name.startswith("p_")
+    assert _core.profile_copies(profile) == [(0, 0), (0, 0)]  # two runs, no host<->device copy on the CPU
 
 
 def test_the_gil_is_released_while_a_graph_runs():

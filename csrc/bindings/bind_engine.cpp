@@ -16,8 +16,12 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "bindings/bind_registry.h"
 #include "engines/engine.h"
+#include "engines/ort_profile.h"
+#include "engines/tensorrt_profiles.h"
 
 namespace py = pybind11;
 
@@ -78,6 +82,8 @@ class PyEngine {
   const std::string& name() const { return engine_->name(); }
   const std::vector<std::string>& input_names() const { return input_names_; }
   const std::vector<std::string>& output_names() const { return output_names_; }
+  bool device_io() const { return engine_->device_io(); }
+  std::string end_profiling() { return engine_->end_profiling(); }
 
   py::dict run(const py::dict& inputs, const std::optional<std::vector<std::string>>& outputs) {
     const std::vector<std::string>& fetch = outputs && !outputs->empty() ? *outputs : output_names_;
@@ -146,11 +152,32 @@ class PyEngine {
   std::unordered_map<std::string, vle::DType> input_dtypes_, output_dtypes_;
 };
 
+// `[{"name", "shape": [int | str | None, ...]}]` (JSON text) as the planner's inputs: a string is a symbol,
+// None or a size <= 0 an unnamed dynamic axis.
+std::vector<vle::ProfileInput> profile_inputs_from_json(const std::string& text) {
+  const nlohmann::json inputs = nlohmann::json::parse(text);
+  std::vector<vle::ProfileInput> out;
+  for (const auto& value : inputs) {
+    vle::ProfileInput in;
+    in.name = value.at("name").get<std::string>();
+    for (const auto& dim : value.at("shape")) {
+      in.dims.push_back(dim.is_number_integer() ? dim.get<int64_t>() : -1);
+      in.symbols.push_back(dim.is_string() ? dim.get<std::string>() : "");
+    }
+    out.push_back(std::move(in));
+  }
+  return out;
+}
+
 void bind(py::module_& m) {
   py::class_<PyEngine>(m, "Engine", "One exported graph, run by the core's engine (see engines/engine.h).")
       .def_property_readonly("name", &PyEngine::name)
       .def_property_readonly("input_names", &PyEngine::input_names)
       .def_property_readonly("output_names", &PyEngine::output_names)
+      .def_property_readonly("device_io", &PyEngine::device_io,
+                             "Whether the session (CUDA or TensorRT provider) binds device memory.")
+      .def("end_profiling", &PyEngine::end_profiling,
+           "Ends the session's profile (make_engine's profile_prefix) and returns its file; '' without one.")
       .def("run", &PyEngine::run, py::arg("inputs"), py::arg("outputs") = py::none(),
            "Runs the graph on numpy inputs (bound by pointer); returns the asked outputs (all by default).")
       .def("run_bound", &PyEngine::run_bound, py::arg("inputs"), py::arg("outputs"),
@@ -162,8 +189,10 @@ void bind(py::module_& m) {
       [](const std::string& backend, const std::string& path, const std::string& name,
          const std::vector<std::string>& providers,
          const std::map<std::string, std::map<std::string, std::string>>& provider_options, int threads, bool spin,
-         const std::string& onnxruntime_library) {
+         const std::string& onnxruntime_library, int device_id, const std::string& profile_prefix) {
         vle::EngineOptions options;
+        options.device_id = device_id;
+        options.profile_prefix = profile_prefix;
         options.providers = providers;
         options.provider_options = provider_options;
         options.threads = threads;
@@ -177,7 +206,28 @@ void bind(py::module_& m) {
         return std::make_unique<PyEngine>(std::move(engine));
       },
       py::arg("backend"), py::arg("path"), py::arg("name"), py::arg("providers"), py::arg("provider_options"),
-      py::arg("threads"), py::arg("spin"), py::arg("onnxruntime_library"));
+      py::arg("threads"), py::arg("spin"), py::arg("onnxruntime_library"), py::arg("device_id") = 0,
+      py::arg("profile_prefix") = "");
+  m.def(
+      "trt_profile_shapes",
+      [](const std::string& graph, const std::string& inputs_json, const std::string& facts_json) {
+        const vle::ProfileTable table =
+            vle::profile_shapes(graph, profile_inputs_from_json(inputs_json), nlohmann::json::parse(facts_json));
+        return vle::profile_table_json(table).dump();
+      },
+      py::arg("graph"), py::arg("inputs_json"), py::arg("facts_json"),
+      "The TensorRT optimization profiles of a graph (engines/tensorrt_profiles.h), as JSON text.");
+  m.attr("TRT_DEFAULT_MAX_REGIONS") = vle::kDefaultMaxRegions;
+  m.attr("TRT_DEFAULT_MAX_LINK_GROUPS") = vle::kDefaultMaxLinkGroups;
+  m.attr("TRT_DEFAULT_PREFILL_OPT") = vle::kDefaultPrefillOpt;
+  m.def(
+      "profile_copies",
+      [](const std::string& path) {
+        std::vector<std::pair<int, int>> out;
+        for (const vle::RunCopies& r : vle::profile_copies(path)) out.emplace_back(r.to_host, r.from_host);
+        return out;
+      },
+      py::arg("path"), "(MemcpyToHost, MemcpyFromHost) counts of each run in an ONNX Runtime profile.");
   m.def("available_providers", &vle::available_providers, py::arg("onnxruntime_library"));
   m.def("onnxruntime_library_in_use", &vle::onnxruntime_library_in_use, py::arg("onnxruntime_library"));
 }

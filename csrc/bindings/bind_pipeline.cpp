@@ -209,8 +209,12 @@ void bind_pipeline(py::module_& m) {
           [](const std::string& dir, const std::string& backend, const std::vector<std::string>& providers,
              const std::map<std::string, std::map<std::string, std::string>>& provider_options, int threads,
              int64_t max_context, const std::vector<std::string>& components, bool verify_hashes,
-             const std::string& onnxruntime_library, const std::map<std::string, double>& postprocess) {
+             const std::string& onnxruntime_library, const std::map<std::string, double>& postprocess, bool fp16,
+             const std::string& engine_cache, int device_id) {
             vle::LoadOptions o;
+            o.fp16 = fp16;
+            o.engine_cache = engine_cache;
+            o.device_id = device_id;
             o.backend = backend;
             o.providers = providers;
             o.provider_options = provider_options;
@@ -225,7 +229,8 @@ void bind_pipeline(py::module_& m) {
           },
           py::arg("artifact_dir"), py::arg("backend"), py::arg("providers"), py::arg("provider_options"),
           py::arg("threads"), py::arg("max_context"), py::arg("components"), py::arg("verify_hashes"),
-          py::arg("onnxruntime_library"), py::arg("postprocess"))
+          py::arg("onnxruntime_library"), py::arg("postprocess"), py::arg("fp16") = false,
+          py::arg("engine_cache") = "", py::arg("device_id") = 0)
       .def(
           "run",
           [](vle::Pipeline& p, const py::object& image, const std::string& prompt, const py::dict& options,

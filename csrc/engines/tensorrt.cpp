@@ -250,17 +250,21 @@ void write_engine_stamp(const fs::path& dir, const json& stamp) {
   }
 }
 
+void require_tensorrt_provider(const std::string& onnxruntime_library, const std::string& what) {
+  const std::string trt = "TensorrtExecutionProvider";
+  const std::vector<std::string> have = onnxruntime_providers(onnxruntime_library);
+  if (std::find(have.begin(), have.end(), trt) != have.end()) return;
+  std::string listed;
+  for (const std::string& p : have) listed += (listed.empty() ? "'" : ", '") + p + "'";
+  throw BackendUnavailableError(what + ": the TensorRT backend needs ONNX Runtime's " + trt + ", and " +
+                                onnxruntime_library_in_use(onnxruntime_library) + " has [" + listed +
+                                "]; install an onnxruntime built with TensorRT, or use the onnxruntime backend");
+}
+
 std::unique_ptr<Engine> make_tensorrt_engine(const fs::path& onnx_file, const std::string& name,
                                              const EngineOptions& options) {
   const std::string trt = "TensorrtExecutionProvider";
-  const std::vector<std::string> have = onnxruntime_providers(options.onnxruntime_library);
-  if (std::find(have.begin(), have.end(), trt) == have.end()) {
-    std::string listed;
-    for (const std::string& p : have) listed += (listed.empty() ? "'" : ", '") + p + "'";
-    throw BackendUnavailableError(name + ": the TensorRT backend needs ONNX Runtime's " + trt + ", and " +
-                                  onnxruntime_library_in_use(options.onnxruntime_library) + " has [" + listed +
-                                  "]; install an onnxruntime built with TensorRT, or use the onnxruntime backend");
-  }
+  require_tensorrt_provider(options.onnxruntime_library, name);
   if (!options.providers.empty()) {
     throw InputError(name + ": the TensorRT backend runs on [" + trt +
                      ", 'CUDAExecutionProvider', 'CPUExecutionProvider']; leave providers empty");

@@ -73,6 +73,10 @@ struct TensorrtPlan {
 TensorrtPlan plan_tensorrt(const std::string& graph, const TensorrtOptions& options, const TensorrtMachine& machine,
                            int device_id, const std::string& onnxruntime_version);
 
+// A BackendUnavailableError, naming `what` and the providers the onnxruntime library has, when it lacks
+// TensorrtExecutionProvider; nothing otherwise.
+void require_tensorrt_provider(const std::string& onnxruntime_library, const std::string& what);
+
 // The stamp file in a graph's engine folder.
 constexpr const char* kEngineStampFile = "stamp.json";
 

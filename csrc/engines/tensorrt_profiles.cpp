@@ -11,6 +11,7 @@
 #include "artifact/contract.h"
 #include "artifact/manifest.h"
 #include "text/utf8.h"
+#include "visionllm_edge/errors.h"
 
 namespace vle {
 namespace {
@@ -66,8 +67,10 @@ std::optional<Plan> image_side_ranges(const json& f) {
     return Plan{{"height", {h, h, h, "static image_size fact"}}, {"width", {w, w, w, "static image_size fact"}}};
   }
   if (!size->is_object() || !size->contains("max_side")) return std::nullopt;
-  const int64_t div = size->contains("size_divisibility") ? (*size)["size_divisibility"].get<int64_t>()
-                                                          : fact(f, "size_divisibility").value_or(32);
+  // A divisibility given as 0 is taken as given (it bounds the minimum side), unlike the facts above.
+  const int64_t div = size->contains("size_divisibility")  ? (*size)["size_divisibility"].get<int64_t>()
+                      : f.contains("size_divisibility") ? f["size_divisibility"].get<int64_t>()
+                                                          : 32;
   const int64_t lo = size->contains("min_side") ? (*size)["min_side"].get<int64_t>() : div;
   const int64_t hi = (*size)["max_side"].get<int64_t>();
   const std::optional<int64_t> short_side = fact(f, "det_short_side");
@@ -75,6 +78,10 @@ std::optional<Plan> image_side_ranges(const json& f) {
   int64_t opt_h = hi, opt_w = hi;
   std::string why = "image_size " + text(lo) + ".." + text(hi);
   if (short_side) {
+    if (div <= 0) {
+      throw ArtifactError("facts.image_size: size_divisibility must be positive to pad the image, got " +
+                          text(div));
+    }
     const int64_t s = *short_side;
     const int64_t long_side = std::min(long_cap.value_or(hi), (s * 4 + 2) / 3);  // ceil(s * 4 / 3)
     opt_h = std::min(hi, std::max(lo, round_up(s, div)));

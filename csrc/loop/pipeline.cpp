@@ -21,7 +21,14 @@ Pipeline Pipeline::load(const std::string& artifact_dir, const LoadOptions& opti
   p.manifest = load_manifest(artifact_dir, options.verify_hashes);
   p.dir = p.manifest.artifact_dir.string();
   if (options.backend == "tensorrt") {
-    make_engine(options.backend, p.manifest.artifact_dir, contract::graph::kLlm, {});  // the named error
+    require_tensorrt_provider(options.onnxruntime_library, p.dir);
+  } else if (options.fp16 || !options.engine_cache.empty()) {
+    throw InputError(std::string(options.fp16 ? "fp16" : "engine_cache") +
+                     " applies to the tensorrt backend only; the onnxruntime backend runs the graphs in the "
+                     "artifact's own precision (export with --precision fp16 for fp16) and caches nothing");
+  }
+  if (options.device_id < 0) {
+    throw InputError("device_id must be a CUDA device index (0 or more), got " + std::to_string(options.device_id));
   }
   for (const std::string& name : options.components) {
     const auto& table = contract::component_graphs();
@@ -157,6 +164,17 @@ Engine& Pipeline::Impl::engine(const std::string& name) {
   eo.provider_options = options.provider_options;
   eo.threads = options.threads;
   eo.onnxruntime_library = options.onnxruntime_library;
+  eo.device_id = options.device_id;
+  if (options.backend == "tensorrt") {
+    const GraphEntry& g = manifest.graph(name);
+    eo.tensorrt.fp16 = options.fp16;
+    eo.tensorrt.precision = g.precision;
+    eo.tensorrt.onnx_sha256 = g.sha256;
+    eo.tensorrt.profiles = profile_shapes(name, profile_inputs(g), profile_facts(manifest, g));
+    const std::filesystem::path root =
+        options.engine_cache.empty() ? manifest.artifact_dir / "engines" : std::filesystem::path(options.engine_cache);
+    eo.tensorrt.cache_dir = root / name;
+  }
   auto made = make_engine(options.backend, manifest.graph(name).path, name, eo);
   return *engines.emplace(name, std::move(made)).first->second;
 }

@@ -60,6 +60,9 @@ def _load_pipeline(args):
         providers=_providers(args.providers),
         max_context=args.max_context,
         threads=args.threads,
+        fp16=args.fp16,
+        engine_cache=args.engine_cache,
+        device_id=args.device_id,
     )
 
 
@@ -393,6 +396,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--threads", type=int, default=0, help="intra-op threads per graph (0: ONNX Runtime's)"
         )
         p.add_argument("--max-context", type=int, default=None, help="cap on the KV arena (tokens)")
+        p.add_argument(
+            "--fp16",
+            action="store_true",
+            help="--backend tensorrt: fp16 kernels (TensorRT 10's builder flag; TensorRT 11 needs an fp16 export)",
+        )
+        p.add_argument(
+            "--engine-cache",
+            default=None,
+            metavar="DIR",
+            help="--backend tensorrt: folder of the stamped engines (default: the artifact's engines/)",
+        )
+        p.add_argument("--device-id", type=int, default=0, help="CUDA device of the CUDA / TensorRT providers")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
         p.add_argument("--temperature", type=float, default=1.0)

@@ -141,12 +141,17 @@ class Pipeline:
         verify_hashes: bool = True,
         provider_options: dict[str, dict[str, str]] | None = None,
         postprocess: dict[str, float] | None = None,
+        fp16: bool = False,
+        engine_cache=None,
+        device_id: int = 0,
     ) -> Pipeline:
         """Opens an artifact folder.
 
         Args:
             artifact_dir: a folder written by `visionllm-edge export`.
-            backend: "onnxruntime" (TensorRT is not available yet and raises a named error).
+            backend: "onnxruntime", or "tensorrt" (ONNX Runtime's TensorRT provider with profiles, precision
+                and engine caches planned from the manifest; a BackendUnavailableError naming what the
+                installed onnxruntime has when it lacks that provider).
             providers: ONNX Runtime execution providers, e.g. ["CUDAExecutionProvider",
                 "CPUExecutionProvider"].
             max_context: cap on the KV arena (default: the manifest's max context).
@@ -157,6 +162,11 @@ class Pipeline:
             postprocess: overrides of the manifest's post-processing defaults (det_top_k,
                 det_score_threshold, nms_iou (None: off), mask_threshold, seg_score_threshold, pose_top_k,
                 pose_score_threshold).
+            fp16: tensorrt backend: fp16 kernels by TensorRT 10's builder flag (TensorRT 11 takes the
+                precision from the graphs: export with --precision fp16). A ValueError with onnxruntime.
+            engine_cache: tensorrt backend: the folder of the stamped engines, one sub-folder per graph
+                (default: the artifact's engines/). A ValueError with onnxruntime.
+            device_id: the CUDA device of the CUDA and TensorRT providers.
         """
         folder = Path(artifact_dir)
         manifest = load_manifest(folder, verify_hashes=verify_hashes)
@@ -173,6 +183,9 @@ class Pipeline:
             False,  # load_manifest above checked the hashes with the same C++ parser
             onnxruntime_library(),
             {k: -1.0 if v is None else float(v) for k, v in (postprocess or {}).items()},
+            bool(fp16),
+            "" if engine_cache is None else str(engine_cache),
+            int(device_id),
         )
         return cls(core, manifest)
 

@@ -74,7 +74,10 @@ struct DetectionInput {
 };
 
 struct LoadOptions {
-  std::string backend = "onnxruntime";      // "tensorrt": a BackendUnavailableError until it exists
+  // "onnxruntime", or "tensorrt": ONNX Runtime's TensorRT provider with profiles, precision and stamped
+  // engine caches built from the manifest (docs/architecture.md §5); a BackendUnavailableError naming what
+  // the loaded onnxruntime has when it lacks that provider.
+  std::string backend = "onnxruntime";
   std::vector<std::string> providers;       // ONNX Runtime execution providers; empty: CPU
   std::map<std::string, std::map<std::string, std::string>> provider_options;
   int threads = 0;                          // intra-op threads per engine; 0: ONNX Runtime's default
@@ -86,6 +89,13 @@ struct LoadOptions {
   // (a negative value switches NMS off), mask_threshold, seg_score_threshold, pose_top_k,
   // pose_score_threshold. An unknown name is an InputError.
   std::map<std::string, double> postprocess;
+  // The tensorrt backend's: fp16 asks TensorRT 10 for fp16 kernels (TensorRT 11 takes the precision from
+  // the graphs, so there it needs an fp16 export); engine_cache is the folder of the stamped engines, one
+  // sub-folder per graph (empty: the artifact's engines/). Either with the onnxruntime backend is an
+  // InputError: its precision is the artifact's, and it caches nothing.
+  bool fp16 = false;
+  std::string engine_cache;
+  int device_id = 0;                        // the CUDA device of the CUDA and TensorRT providers
 };
 
 struct RunOptions {
