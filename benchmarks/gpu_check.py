@@ -35,8 +35,9 @@ keeps what it measured, marked `timeout`.
 
 A phase that cannot run here is `skipped` with the reason, never `passed`; one whose checks fail is
 `failed`; one that ran past its box is `timeout`; one that raised is `error`. `--cpu` is the smoke mode for
-machines without a GPU: the CPU execution provider in both columns, small widths for the decode step (fp32),
-the GPU-only phases skipped; its numbers are CPU numbers and say nothing about a GPU.
+machines without a GPU: the CPU execution provider in both columns, small widths for the decode step (the
+same fp16 graph and binding), the GPU-only phases skipped; its numbers are CPU numbers and say nothing about
+a GPU.
 """
 
 from __future__ import annotations
@@ -569,7 +570,7 @@ def pipelines(config: dict, emit) -> dict:
             row.update(compare_results(out["a"], out["b"]))
             stats = (out["a"].raw or {}).get("stats", {})
             row["llm_device"] = stats.get("llm_device")
-            row["ms"] = {k: round(sum(r.timings.values()), 1) for k, r in out.items()}
+            row["ms"] = {k: round(r.timings.get("total", 0.0), 1) for k, r in out.items()}
             rows.append(row)
             emit(result)
         del columns
@@ -658,14 +659,15 @@ def memcpy_nodes(profile: Path) -> list[dict]:
 
 class DecodeStep:
     """One exported llm.onnx step with its arena on `device`, bound as the runtime binds it: the past as the
-    prefix `[0:past]` of each layer's arena, the new K/V row written at `[past]`, the logits into a device
-    buffer; torch tensors own every buffer."""
+    prefix `[0:past]` of each layer's arena, the new K/V row written at `[past]`, the logits and hidden state
+    into device buffers; torch tensors own every buffer, each of the dtype the graph declares (an fp16 graph
+    takes fp16 rows and past but returns fp32 logits: its fp32 islands)."""
 
-    def __init__(self, ort, torch, path: Path, providers, provider_options, device, dtype, settings, capacity,
-                 seed, profile_prefix: str | None = None):  # fmt: skip
+    def __init__(self, ort, torch, path: Path, providers, provider_options, device, settings, capacity, seed,
+                 profile_prefix: str | None = None):  # fmt: skip
         from visionllm_edge.export.onnx.llm import io_names
 
-        self.torch, self.device, self.dtype = torch, device, dtype
+        self.torch, self.device = torch, device
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if profile_prefix:
@@ -674,32 +676,37 @@ class DecodeStep:
         entries = [(p, provider_options.get(p, {})) for p in providers]
         self.session = ort.InferenceSession(str(path), opts, providers=entries)
         self.providers = self.session.get_providers()
-        n = settings.num_hidden_layers
-        inputs, outputs = io_names(n)
+        types = {t.name: t.type for t in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        dtype = {"tensor(float16)": torch.float16, "tensor(float)": torch.float32}
+        self.dtypes = {name: dtype[t] for name, t in types.items() if t in dtype}
+        inputs, outputs = io_names(settings.num_hidden_layers)
         self.past_names, self.new_names = inputs[3:], outputs[2:]
+        for past_name, new_name in zip(self.past_names, self.new_names):
+            if self.dtypes[past_name] != self.dtypes[new_name]:
+                raise TypeError(f"{path}: {new_name} is {types[new_name]} but {past_name} {types[past_name]}")
         g = torch.Generator(device="cpu").manual_seed(seed)
         shape = (capacity, settings.num_key_value_heads, settings.head_dim)
-        self.arena = {
-            name: torch.randn(shape, generator=g).to(device=device, dtype=dtype) for name in self.past_names
-        }
-        self.x = torch.randn(1, 1, settings.hidden_size, generator=g).to(device=device, dtype=dtype)
-        self.logits = torch.empty(1, settings.vocab_size, device=device, dtype=dtype)
-        self.hidden = torch.empty(1, settings.hidden_size, device=device, dtype=dtype)
+        self.arena = {n: self._random(shape, g, n) for n in self.past_names}
+        self.x = self._random((1, 1, settings.hidden_size), g, "inputs_embeds")
+        self.logits = torch.empty(1, settings.vocab_size, device=device, dtype=self.dtypes["logits"])
+        self.hidden = torch.empty(1, settings.hidden_size, device=device, dtype=self.dtypes["hidden"])
         self.rows = torch.zeros(1, dtype=torch.int64, device=device)
-        self.np_dtype = {torch.float16: "float16", torch.float32: "float32"}[dtype]
-        self.ort = ort
+
+    def _random(self, shape, generator, name):
+        return self.torch.randn(shape, generator=generator).to(device=self.device, dtype=self.dtypes[name])
 
     def _bind(self, binding, name, tensor, output=False):
         import numpy as np
 
-        kind = "cuda" if self.device == "cuda" else "cpu"
         t = self.torch
         dtype = {t.float16: np.float16, t.float32: np.float32, t.int64: np.int64}[tensor.dtype]
         bind = binding.bind_output if output else binding.bind_input
-        bind(name, kind, 0, dtype, list(tensor.shape), tensor.data_ptr())
+        bind(
+            name, "cuda" if self.device == "cuda" else "cpu", 0, dtype, list(tensor.shape), tensor.data_ptr()
+        )
 
     def binding(self, past: int):
-        """The step's binding at `past`; `position_ids` lives where the step's graph reads it."""
+        """The step's binding at `past` (the position lives on the device with everything else)."""
         b = self.session.io_binding()
         self.position = self.torch.tensor([past], dtype=self.torch.int64, device=self.device)
         self._bind(b, "inputs_embeds", self.x)
@@ -729,8 +736,8 @@ def decode_phases(config: dict, emit) -> None:
     device = "cuda" if cuda else "cpu"
     if cuda and hasattr(ort, "preload_dlls"):  # onnxruntime >= 1.21
         ort.preload_dlls()  # cuDNN / cuBLAS from the nvidia-* wheels torch uses, before a CUDA session
-    precision = "fp16" if cuda else "fp32"
-    dtype = torch.float16 if cuda else torch.float32
+    precision = config["precision"]
+    dtype, width = {"fp16": (torch.float16, 2), "fp32": (torch.float32, 4)}[precision]
     widths = WIDTHS if cuda else SMOKE_WIDTHS
     pasts = list(GPU_PASTS if cuda else SMOKE_PASTS)
     warmup, repeats = config["warmup"], config["repeats"]
@@ -741,9 +748,7 @@ def decode_phases(config: dict, emit) -> None:
     t0 = time.perf_counter()
     llm = build_model(DECODE_LAYERS, seed=0, widths=widths)
     s = llm.settings
-    weight_bytes = sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n) * (
-        2 if cuda else 4
-    )
+    weight_bytes = sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n) * width
     work = Path(tempfile.mkdtemp(prefix="gpu-check-llm-", dir=config.get("scratch")))
     path = work / "llm.onnx"
     export_graph(build_graph(llm, ExportSettings(precision=precision)), path, external_data=True)
@@ -753,13 +758,13 @@ def decode_phases(config: dict, emit) -> None:
     )  # fmt: skip
     bandwidth = copy_bandwidth(torch, device, config["copy_bytes"])
     d["copy_bandwidth_GBps"] = round(bandwidth / 1e9, 1)
-    kv_row_bytes = 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * (2 if cuda else 4)
+    kv_row_bytes = 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * width
 
     llm_dev = llm.to(device=device, dtype=dtype)
     capacity = max(pasts) + 1
     providers = config["providers"]
     options = {"CUDAExecutionProvider": {"device_id": "0"}} if cuda else {}
-    stepper = DecodeStep(ort, torch, path, providers, options, device, dtype, s, capacity, seed=1)
+    stepper = DecodeStep(ort, torch, path, providers, options, device, s, capacity, seed=1)
     d["providers_loaded"] = stepper.providers
     if stepper.providers[0] != providers[0]:  # ONNX Runtime falls back quietly when a provider fails to load
         reason = f"the session asked for {providers} runs on {stepper.providers}"
@@ -792,7 +797,7 @@ def decode_phases(config: dict, emit) -> None:
         want = eager().float().cpu().numpy()
         diff = float(np.abs(got - want).max())
         scale = max(1.0, float(np.abs(want).max()))
-        tol = (2e-2 if cuda else 1e-3) * scale
+        tol = {"fp16": 2e-2, "fp32": 1e-3}[precision] * scale  # fp16: both sides round differently
         add_check(
             step,
             f"ORT logits equal eager at past {past}",
@@ -829,7 +834,7 @@ def decode_phases(config: dict, emit) -> None:
 
     # 7. the profile of the same step, past as large as the arena allows
     past = max(pasts)
-    prof = DecodeStep(ort, torch, path, providers, options, device, dtype, s, capacity, seed=1,
+    prof = DecodeStep(ort, torch, path, providers, options, device, s, capacity, seed=1,
                       profile_prefix=str(work / "profile"))  # fmt: skip
     binding = prof.binding(past)
     for _ in range(5):
@@ -837,7 +842,7 @@ def decode_phases(config: dict, emit) -> None:
     sync()
     profile = Path(prof.session.end_profiling())
     nodes = memcpy_nodes(profile)
-    layer_past_bytes = past * s.num_key_value_heads * s.head_dim * (2 if cuda else 4)
+    layer_past_bytes = past * s.num_key_value_heads * s.head_dim * width
     big = [n for n in nodes if n["bytes"] >= layer_past_bytes]
     profile_result["data"].update(past=past, memcpy_nodes=nodes, layer_past_bytes=layer_past_bytes, steps=5)
     add_check(
@@ -850,11 +855,11 @@ def decode_phases(config: dict, emit) -> None:
     del prof
 
     # 8. TensorRT, where this onnxruntime has it and it loads
-    emit(trt_phase(ort, torch, path, device, dtype, s, capacity, pasts, warmup, repeats, sync, work, cuda))
+    emit(trt_phase(ort, torch, path, device, s, capacity, pasts, warmup, repeats, sync, work, cuda))
     shutil.rmtree(work, ignore_errors=True)
 
 
-def trt_phase(ort, torch, path, device, dtype, s, capacity, pasts, warmup, repeats, sync, work, cuda) -> dict:
+def trt_phase(ort, torch, path, device, s, capacity, pasts, warmup, repeats, sync, work, cuda) -> dict:
     name = "TensorrtExecutionProvider"
     if not cuda:
         return skipped("tensorrt", "--cpu mode: the TensorRT EP runs on an NVIDIA GPU only")
@@ -871,7 +876,7 @@ def trt_phase(ort, torch, path, device, dtype, s, capacity, pasts, warmup, repea
     }
     try:
         stepper = DecodeStep(
-            ort, torch, path, [name, "CUDAExecutionProvider"], options, device, dtype, s, capacity, seed=1
+            ort, torch, path, [name, "CUDAExecutionProvider"], options, device, s, capacity, seed=1
         )
     except Exception as e:  # libnvinfer missing: ONNX Runtime refuses the provider
         return skipped(
@@ -920,6 +925,7 @@ def run_check(args) -> dict:
         "requests": args.requests,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "precision": args.precision,
         "copy_bytes": (1 << 30) if not args.cpu else (128 << 20),
         "scratch": str(scratch),
     }
@@ -1087,6 +1093,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument(
         "--requests", nargs="+", default=None, help="only these of vle_run_parity's tasks (default: all)"
+    )
+    ap.add_argument(
+        "--precision",
+        choices=("fp16", "fp32"),
+        default="fp16",
+        help="the decode step's graph (issue 17: fp16)",
     )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=50)

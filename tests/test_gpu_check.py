@@ -88,13 +88,14 @@ def test_smoke_run_times_the_decode_step_against_the_floor_but_holds_no_gpu_bar(
     for r in step["data"]["rows"]:
         assert r["floor_ms"] > 0 and r["ort_ms"] > 0 and r["eager_ms"] > 0
         assert r["ort_over_floor"] == pytest.approx(r["ort_ms"] / r["floor_ms"])
-    assert step["data"]["precision"] == "fp32" and step["data"]["widths"] == gpu_check.SMOKE_WIDTHS
+    # The GPU run's graph (fp16 with fp32 logits) and binding, at small widths.
+    assert step["data"]["precision"] == "fp16" and step["data"]["widths"] == gpu_check.SMOKE_WIDTHS
     assert not any("HBM floor" in c["name"] for c in step["checks"])
     assert "not held in --cpu mode" in step["data"]["bar"]
     # The CPU EP inserts no Memcpy nodes: the profile was read and found none.
     profile = phases["memcpy_profile"]
     assert profile["status"] == "passed" and profile["data"]["memcpy_nodes"] == []
-    assert "## Decode step: 4 layers, hidden 256, fp32, on cpu" in md
+    assert "## Decode step: 4 layers, hidden 256, fp16, on cpu" in md
 
 
 def test_smoke_run_reads_the_cuda_kernel_tests_of_a_cuda_build_without_a_gpu(report):
