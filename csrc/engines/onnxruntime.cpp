@@ -394,7 +394,7 @@ class OnnxRuntimeEngine final : public Engine {
                        " were asked for in device memory; this engine fetches into host memory only (its session "
                        "has neither the CUDA nor the TensorRT execution provider)");
     }
-    const Ort::MemoryInfo& fetch_info = fetch_memory == MemoryKind::kDevice ? *cuda_ : cpu_;
+    const Ort::MemoryInfo& fetch_info = fetch_memory == MemoryKind::kDevice && cuda_ ? *cuda_ : cpu_;
 
     // --- bind and run ---
     try {

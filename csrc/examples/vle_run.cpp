@@ -2,6 +2,7 @@
 // public C++ API alone (no Python):
 //   vle-run ARTIFACT --image FILE --prompt TEXT [--region x0,y0,x1,y1 | x,y]... [--answer-prefix TEXT]
 //           [--max-new-tokens N] [--threads N] [--providers A,B] [--max-context N] [--backend NAME]
+//           [--fp16] [--engine-cache DIR] [--device-id N]
 //           [--seed S] [--sample] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
 //           [--json OUT] [--timings] [--save-images DIR]
 // --json writes the same document as `visionllm-edge run --json`; --save-images writes the generated
@@ -39,6 +40,7 @@ namespace {
 constexpr const char* kUsage =
     "usage: vle-run ARTIFACT --image FILE --prompt TEXT [--region x0,y0,x1,y1 | x,y]... [--answer-prefix TEXT]\n"
     "               [--max-new-tokens N] [--threads N] [--providers A,B] [--max-context N] [--backend NAME]\n"
+    "               [--fp16] [--engine-cache DIR] [--device-id N]\n"
     "               [--seed S] [--sample] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]\n"
     "               [--json OUT] [--timings] [--save-images DIR]\n";
 
@@ -149,6 +151,12 @@ Args parse_args(int argc, char** argv) {
         throw UsageError("argument --backend: invalid choice: '" + a.load.backend +
                          "' (choose from 'onnxruntime', 'tensorrt')");
       }
+    } else if (flag == "--fp16") {
+      a.load.fp16 = true;
+    } else if (flag == "--engine-cache") {
+      a.load.engine_cache = value();
+    } else if (flag == "--device-id") {
+      a.load.device_id = static_cast<int>(parse_int(flag, value()));
     } else if (flag == "--seed") {
       a.run.seed = static_cast<uint64_t>(parse_int(flag, value()));
     } else if (flag == "--sample") {

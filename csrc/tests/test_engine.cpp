@@ -217,7 +217,8 @@ TEST(OnnxRuntimeEngine, ACpuSessionRefusesDeviceMemoryByName) {
 TEST(OnnxRuntimeEngine, ProfileCountsRunsAndTheirCopies) {
   EXPECT_EQ(elementwise()->end_profiling(), "");
   vle::EngineOptions options;
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() / ("vle-profile-" + std::to_string(getpid()));
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("vle-profile-" + std::to_string(getpid()));
   std::filesystem::create_directories(dir);
   options.profile_prefix = (dir / "elementwise").string();
   auto engine = elementwise(options);
