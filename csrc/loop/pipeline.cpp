@@ -5,6 +5,12 @@
 // frames.cpp: a frame's preprocessing and encoders; dispatch.cpp: the decoders and the diffusion loop.
 #include "loop/pipeline_impl.h"
 
+#ifdef VLE_WITH_CUDA
+#include "cuda/device.h"
+#include "cuda/llm_device.h"
+#include "cuda/memory.h"
+#endif
+
 namespace vle {
 
 using namespace loop;
@@ -131,14 +137,6 @@ Pipeline Pipeline::load(const std::string& artifact_dir, const LoadOptions& opti
   }
   p.router = std::make_unique<SuperLinkRouter>(std::move(routes), p.eos_id);
 
-  for (int64_t l = 0; l < m.model.num_layers; ++l) {
-    p.past_key_names.push_back(contract::layer_name(contract::io::kPastKey, l));
-    p.past_value_names.push_back(contract::layer_name(contract::io::kPastValue, l));
-    p.present_key_names.push_back(contract::layer_name(contract::io::kPresentKey, l));
-    p.present_value_names.push_back(contract::layer_name(contract::io::kPresentValue, l));
-  }
-  p.step_fetch = {contract::io::kLogits, contract::io::kHidden};
-
   for (const std::string& name : options.components) {
     for (const auto& [component, graphs] : contract::component_graphs()) {
       if (component != name) continue;
@@ -257,53 +255,30 @@ Sequence Pipeline::Impl::sequence(const Frame& f, const std::string& prompt, con
 
 // --- the LLM --------------------------------------------------------------------------------------------------
 
-void Pipeline::Impl::llm_step(const float* embeds, int64_t s, const std::vector<int64_t>& output_rows,
-                              Tensor& logits, Tensor& hidden_out) {
-  KVArena& a = *arena;
-  a.check_room(s);
-  const int64_t past = a.length();
-  const int64_t kv = a.kv_heads(), dim = a.head_dim();
-  const DType kv_dtype = a.dtype() == KVDType::kFloat16 ? DType::kFloat16 : DType::kFloat32;
-  positions.resize(static_cast<size_t>(s));
-  for (int64_t i = 0; i < s; ++i) positions[static_cast<size_t>(i)] = past + i;
-  rows_buffer.assign(output_rows.begin(), output_rows.end());
-
-  const int64_t layers = a.num_layers();
-  if (step_inputs.empty()) {
-    step_inputs.resize(static_cast<size_t>(3 + 2 * layers));
-    step_bound.resize(static_cast<size_t>(2 * layers));
-    step_inputs[0].first = contract::io::kInputsEmbeds;
-    step_inputs[1].first = contract::io::kPositionIds;
-    step_inputs[2].first = contract::io::kOutputRows;
-    for (int64_t l = 0; l < layers; ++l) {
-      step_inputs[static_cast<size_t>(3 + 2 * l)].first = past_key_names[static_cast<size_t>(l)];
-      step_inputs[static_cast<size_t>(4 + 2 * l)].first = past_value_names[static_cast<size_t>(l)];
-      step_bound[static_cast<size_t>(2 * l)].first = present_key_names[static_cast<size_t>(l)];
-      step_bound[static_cast<size_t>(2 * l + 1)].first = present_value_names[static_cast<size_t>(l)];
-    }
+LlmState& Pipeline::Impl::llm() {
+  if (llm_state) return *llm_state;
+  LlmSetup setup;
+  setup.engine = &engine(contract::graph::kLlm);
+  setup.hidden = hidden;
+  setup.vocab = vocab;
+  setup.embed_dtype = embed_dtype;
+  setup.token_table = {token_rows, {vocab, hidden}};
+  setup.query_tables = &query_tables;
+  setup.device_id = options.device_id;
+#ifdef VLE_WITH_CUDA
+  // The device path needs all three: this build's kernels, a GPU, and a session that binds device memory
+  // (the CUDA or TensorRT provider). The arena has held nothing yet, so it moves to the GPU empty.
+  if (setup.engine->device_io() && cuda::cuda_available(nullptr, options.device_id)) {
+    arena = std::make_unique<KVArena>(arena->num_layers(), arena->capacity(), arena->kv_heads(), arena->head_dim(),
+                                      arena->dtype(), cuda::device_allocator(options.device_id));
+    setup.arena = arena.get();
+    llm_state = cuda::make_device_llm(setup);
+    return *llm_state;
   }
-  if (embed_dtype == DType::kFloat16) {
-    half_embeds.resize(static_cast<size_t>(s * hidden));
-    for (int64_t i = 0; i < s * hidden; ++i) half_embeds[static_cast<size_t>(i)] = float_to_half(embeds[i]);
-    step_inputs[0].second = {DType::kFloat16, {1, s, hidden}, half_embeds.data()};
-  } else {
-    step_inputs[0].second = {DType::kFloat32, {1, s, hidden}, const_cast<float*>(embeds)};
-  }
-  step_inputs[1].second = {DType::kInt64, {s}, positions.data()};
-  step_inputs[2].second = {DType::kInt64, {static_cast<int64_t>(rows_buffer.size())}, rows_buffer.data()};
-  for (int64_t l = 0; l < layers; ++l) {
-    step_inputs[static_cast<size_t>(3 + 2 * l)].second = {kv_dtype, {past, kv, dim}, a.key_row(l, 0)};
-    step_inputs[static_cast<size_t>(4 + 2 * l)].second = {kv_dtype, {past, kv, dim}, a.value_row(l, 0)};
-    step_bound[static_cast<size_t>(2 * l)].second = {kv_dtype, {s, kv, dim}, a.key_row(l, past)};
-    step_bound[static_cast<size_t>(2 * l + 1)].second = {kv_dtype, {s, kv, dim}, a.value_row(l, past)};
-  }
-  Engine& llm = engine(contract::graph::kLlm);
-  const auto t0 = Clock::now();
-  auto out = llm.run(step_inputs, step_bound, step_fetch);
-  last_engine_ms = ms_since(t0);
-  a.commit(s);
-  logits = to_float(out[0]);
-  hidden_out = to_float(out[1]);
+#endif
+  setup.arena = arena.get();
+  llm_state = std::make_unique<HostLlm>(setup);
+  return *llm_state;
 }
 
 Prefilled Pipeline::Impl::prefill(Sequence& seq, const Frame& f, Result& result) {
@@ -348,9 +323,11 @@ Prefilled Pipeline::Impl::prefill(Sequence& seq, const Frame& f, Result& result)
   arena->rollback(reuse);
   result.stats["reused_rows"] = static_cast<double>(reuse);
 
-  Tensor logits, hidden_states;
+  Tensor hidden_states;
   {
     StageTimer t(result, "prefill");
+    LlmState& state = llm();  // the first request's makes the llm engine, as part of its prefill
+    result.stats["llm_device"] = state.on_device() ? 1.0 : 0.0;
     const int64_t rest = n - reuse;
     // Rows already in the arena consumed their image and region rows: hand over only the remaining ones.
     AssemblyInputs in;
@@ -376,12 +353,10 @@ Prefilled Pipeline::Impl::prefill(Sequence& seq, const Frame& f, Result& result)
     }
     in.routing_kinds.insert(kind_of.begin(), kind_of.end());
     in.placeholder_ids = placeholder_ids;
-    std::vector<float> embeds(static_cast<size_t>(rest * hidden));
-    assemble_embeddings(in, embeds.data());
     std::vector<int64_t> out_rows;
     for (int64_t r : needed) out_rows.push_back(r - reuse);
     out_rows.push_back(n - 1 - reuse);
-    llm_step(embeds.data(), rest, out_rows, logits, hidden_states);
+    hidden_states = state.prefill(in, out_rows);
   }
   cached_ids = ids;
   // Groups already in the prefill (a forced answer or an answer prefix): record their links.
@@ -404,13 +379,10 @@ Prefilled Pipeline::Impl::prefill(Sequence& seq, const Frame& f, Result& result)
     out.history_objects.push_back(std::move(obj));
     row += rows.size();
   }
-  const int64_t last = logits.shape()[0] - 1;
-  out.last_logits.assign(logits.data_as<float>() + last * vocab, logits.data_as<float>() + (last + 1) * vocab);
   return out;
 }
 
-std::string Pipeline::Impl::decode(Sequence& seq, std::vector<float> logits, const RunOptions& o, Result& result,
-                                   const TextCallback& on_text) {
+std::string Pipeline::Impl::decode(Sequence& seq, const RunOptions& o, Result& result, const TextCallback& on_text) {
   Sampler sampler(o.seed);
   SamplingParams params;
   params.do_sample = o.do_sample;
@@ -425,19 +397,20 @@ std::string Pipeline::Impl::decode(Sequence& seq, std::vector<float> logits, con
     if (!placeholder_ids.count(t) && t != patch_id) penalized_set.insert(t);
   }
   std::vector<int64_t> penalized(penalized_set.begin(), penalized_set.end());
+  LlmState& state = llm();
+  state.start_decode(penalized);
   const size_t stream_start = ids.size();
   std::string streamed;
   std::string stop = "length";
   int64_t steps = 0;
   double engine_ms = 0;
   std::vector<double> overheads_us;
-  Tensor step_logits, step_hidden;
   {
     StageTimer t(result, "decode");
     for (int64_t generated = 1; generated <= o.max_new_tokens; ++generated) {
       const auto step_start = Clock::now();
       double step_engine_ms = 0;
-      const int64_t token = sampler.sample(logits.data(), vocab, params, penalized);
+      const int64_t token = state.next_token(sampler, params, penalized);
       const StepPlan plan = router->plan(token, arena->length(), arena->capacity(), generated == o.max_new_tokens);
       ids.insert(ids.end(), plan.ids.begin(), plan.ids.end());  // empty when the step does not fit
       if (on_text && !plan.ids.empty()) {
@@ -448,16 +421,13 @@ std::string Pipeline::Impl::decode(Sequence& seq, std::vector<float> logits, con
         streamed = text;
       }
       if (plan.feed) {
-        const std::vector<float> rows = router->step_embeddings(plan, {token_rows, {vocab, hidden}});
-        llm_step(rows.data(), plan.rows, plan.output_rows, step_logits, step_hidden);
-        step_engine_ms = last_engine_ms;
+        state.step(plan, *router);
+        step_engine_ms = state.last_engine_ms();
         engine_ms += step_engine_ms;
         ++steps;
-        router->observe(plan, {step_hidden.data_as<float>(), step_hidden.shape()});
-        const int64_t last = step_logits.shape()[0] - 1;
-        logits.assign(step_logits.data_as<float>() + last * vocab, step_logits.data_as<float>() + (last + 1) * vocab);
         if (params.repetition_penalty != 1.0 && penalized_set.insert(token).second) {
           penalized.assign(penalized_set.begin(), penalized_set.end());
+          state.penalize(token);
         }
       }
       if (plan.feed) overheads_us.push_back((ms_since(step_start) - step_engine_ms) * 1000.0);
@@ -466,6 +436,7 @@ std::string Pipeline::Impl::decode(Sequence& seq, std::vector<float> logits, con
         break;
       }
     }
+    state.finish_decode(*router);  // the device path's links, in one copy
   }
   // The loop's own work per fed step, outside the engine call: sampling, planning, the step's rows, the
   // link, streaming (benchmarks/decode_overhead.py reports it against the engine call).
@@ -540,7 +511,7 @@ Result Pipeline::Impl::run(const Image& image, const std::string& prompt, const 
   }
   Prefilled pre = prefill(seq, f, result);
   std::string stop = seq.forced ? "eos" : "length";
-  if (!seq.forced) stop = decode(seq, std::move(pre.last_logits), o, result, on_text);
+  if (!seq.forced) stop = decode(seq, o, result, on_text);
   const std::string text = answer_text(seq.ids, static_cast<size_t>(seq.answer_start));
   const auto label_list = label_groups(text, prompt, o.instruction);
   const std::vector<LinkGroup>& links = router->links();

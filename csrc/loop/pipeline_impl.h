@@ -21,6 +21,7 @@
 #include "loop/assemble.h"
 #include "loop/diffusion.h"
 #include "loop/labels.h"
+#include "loop/llm_state.h"
 #include "loop/router.h"
 #include "loop/sampling.h"
 #include "loop/templates.h"
@@ -156,7 +157,6 @@ struct Sequence {
 };
 
 struct Prefilled {
-  std::vector<float> last_logits;  // [V]
   // The [DET] groups of earlier turns, the keypoint decoder's objects when the answer has none of its own.
   std::vector<LinkGroup> history_objects;
 };
@@ -191,13 +191,9 @@ struct Pipeline::Impl {
   std::vector<int64_t> cached_ids;  // the ids whose KV rows are in the arena
   std::mutex mutex;                 // one request at a time
 
-  // LLM step buffers and names, made once.
-  std::vector<std::string> past_key_names, past_value_names, present_key_names, present_value_names;
-  std::vector<NamedView> step_inputs, step_bound;
-  std::vector<std::string> step_fetch;
-  std::vector<int64_t> positions, rows_buffer;
-  std::vector<uint16_t> half_embeds;
-  double last_engine_ms = 0;  // the last LLM engine call alone
+  // The LLM's steps, on the host or (a CUDA build, a GPU, an llm engine with device_io()) the device; made
+  // with the llm engine, before the arena holds anything.
+  std::unique_ptr<LlmState> llm_state;
 
   Engine& engine(const std::string& graph);
   const GraphEntry& graph(const std::string& name) const { return manifest.graph(name); }
@@ -213,11 +209,10 @@ struct Pipeline::Impl {
   Sequence sequence(const Frame& frame, const std::string& prompt, const RunOptions& options) const;
   std::vector<int64_t> conversation_ids(const std::vector<std::pair<std::string, std::optional<std::string>>>& turns,
                                         const Frame& frame, const std::optional<std::string>& open_answer) const;
-  void llm_step(const float* embeds, int64_t rows, const std::vector<int64_t>& output_rows, Tensor& logits,
-                Tensor& hidden);
+  LlmState& llm();
   Prefilled prefill(Sequence& seq, const Frame& frame, Result& result);
-  std::string decode(Sequence& seq, std::vector<float> logits, const RunOptions& options, Result& result,
-                     const TextCallback& on_text);
+  // Decodes from the logits the prefill left in the LLM state.
+  std::string decode(Sequence& seq, const RunOptions& options, Result& result, const TextCallback& on_text);
   std::string answer_text(const std::vector<int64_t>& ids, size_t start) const;
   std::vector<int64_t> answer_tokens(const std::vector<int64_t>& ids, size_t start) const;
   void dispatch(Frame& frame, const std::map<int64_t, std::string>& labels, const std::vector<LinkGroup>& history,
