@@ -47,18 +47,34 @@ std::string joined(const std::vector<std::string>& names) {
   return out;
 }
 
-// The decoders' [H, W] bool mask as a mono8 image of the frame's header: 255 inside, 0 outside.
-CameraFrame mono8_mask(const Array& mask, const FrameHeader& header) {
-  CameraFrame out;
-  out.header = header;
-  out.height = static_cast<uint32_t>(mask.shape.at(0));
-  out.width = static_cast<uint32_t>(mask.shape.at(1));
-  out.encoding = "mono8";
-  out.step = out.width;
-  out.data.resize(static_cast<size_t>(out.height) * out.width);
-  const bool* in = mask.as<bool>();
-  for (size_t i = 0; i < out.data.size(); ++i) out.data[i] = in[i] ? 255 : 0;
-  return out;
+// Where `label_map` (the semantic map, [H, W] int32) is `index`, as a mono8 image of the frame's header (255
+// inside, 0 outside), and the pixel extent of that region as corners; false when no pixel has that class.
+bool class_region(const Array& label_map, int32_t index, const FrameHeader& header, CameraFrame& mask,
+                  std::array<double, 4>& xyxy) {
+  const int64_t h = label_map.shape.at(0), w = label_map.shape.at(1);
+  mask = CameraFrame{};
+  mask.header = header;
+  mask.height = static_cast<uint32_t>(h);
+  mask.width = static_cast<uint32_t>(w);
+  mask.encoding = "mono8";
+  mask.step = mask.width;
+  mask.data.assign(static_cast<size_t>(h * w), 0);
+  int64_t x0 = w, y0 = h, x1 = -1, y1 = -1;
+  const int32_t* in = label_map.as<int32_t>();
+  for (int64_t y = 0; y < h; ++y) {
+    for (int64_t x = 0; x < w; ++x) {
+      if (in[y * w + x] != index) continue;
+      mask.data[static_cast<size_t>(y * w + x)] = 255;
+      x0 = std::min(x0, x);
+      y0 = std::min(y0, y);
+      x1 = std::max(x1, x);
+      y1 = std::max(y1, y);
+    }
+  }
+  if (x1 < 0) return false;
+  // Pixel (x, y) covers [x, x + 1) x [y, y + 1): the box's far corner is one past the last pixel.
+  xyxy = {static_cast<double>(x0), static_cast<double>(y0), static_cast<double>(x1 + 1), static_cast<double>(y1 + 1)};
+  return true;
 }
 
 // A box given as corners in pixels (Result's box_xyxy) as vision_msgs' centre and size.
@@ -240,21 +256,32 @@ NodeOutput node_output(const Result& result, const NodePrompt& prompt, const Cam
       }
       out.detections.push_back(std::move(d));
     }
+  } else if (prompt.task == NodePrompt::Task::kSegment) {
+    // [SEG] answers a semantic map: one detection per class that covers at least one pixel.
+    if (result.has_segmentation) {
+      const Array& map = result.segmentation.label_map;
+      if (map.shape != std::vector<int64_t>{frame.height, frame.width}) {
+        throw EngineError("node: the semantic map is " + std::to_string(map.shape.at(0)) + "x" +
+                          std::to_string(map.shape.at(1)) + ", expected the frame's " + std::to_string(frame.height) +
+                          "x" + std::to_string(frame.width));
+      }
+      for (size_t k = 0; k < result.segmentation.labels.size(); ++k) {
+        NodeDetection d;
+        std::array<double, 4> xyxy{};
+        if (!class_region(map, static_cast<int32_t>(k), frame.header, d.mask, xyxy)) continue;
+        set_box(d, xyxy);
+        d.class_id = result.segmentation.labels[k];
+        d.score = 1;
+        out.detections.push_back(std::move(d));
+      }
+    }
   } else {
+    // Every object-decoder detection has a mask too; only a segmentation request is asked for masks.
     for (const Detection& r : result.detections) {
       NodeDetection d;
       set_box(d, r.box_xyxy);
       d.class_id = r.label;
       d.score = r.score;
-      // Every object-decoder detection has a mask; only a segmentation request is asked for one.
-      if (prompt.task == NodePrompt::Task::kSegment && !r.mask.empty()) {
-        if (r.mask.shape != std::vector<int64_t>{frame.height, frame.width}) {
-          throw EngineError("node: the mask of '" + r.label + "' is " + std::to_string(r.mask.shape.at(0)) + "x" +
-                            std::to_string(r.mask.shape.at(1)) + ", expected the frame's " +
-                            std::to_string(frame.height) + "x" + std::to_string(frame.width));
-        }
-        d.mask = mono8_mask(r.mask, frame.header);
-      }
       out.detections.push_back(std::move(d));
     }
   }

@@ -292,37 +292,55 @@ TEST(NodeOutput, BoxesBecomeCentreAndSizeInPixelsWithTheFramesHeader) {
   EXPECT_EQ(out.stats.at("reused_rows"), 12);
 }
 
-TEST(NodeOutput, SegmentationMasksAreMono8OfTheFrame) {
+TEST(NodeOutput, SegmentationClassesBecomeMono8MasksWithTheirPixelExtent) {
+  // A 3 x 4 semantic map: class 0 ("sky") in two pixels, class 2 ("road") in one, class 1 ("grass") nowhere.
   vle::Result r;
-  for (int i = 0; i < 2; ++i) {
-    vle::Detection d;
-    d.label = i ? "b" : "a";
-    d.box_xyxy = {0, 0, 4, 3};
-    d.mask = vle::Array::make(vle::Array::Type::kBool, {3, 4});
-    d.mask.as<bool>()[i == 0 ? 5 : 11] = true;
-    r.detections.push_back(d);
+  r.has_segmentation = true;
+  r.segmentation.labels = {"sky", "grass", "road"};
+  r.segmentation.label_map = vle::Array::make(vle::Array::Type::kInt32, {3, 4});
+  int32_t* map = r.segmentation.label_map.as<int32_t>();
+  std::fill(map, map + 12, -1);
+  map[1 * 4 + 1] = 0;  // (x 1, y 1)
+  map[2 * 4 + 3] = 0;  // (x 3, y 2)
+  map[0 * 4 + 2] = 2;  // (x 2, y 0)
+  const NodeOutput out = vle::node_output(r, NodePrompt::segment({"sky", "grass", "road"}), solid_frame(2));
+  ASSERT_EQ(out.detections.size(), 2u);  // grass covers nothing
+  const vle::NodeDetection& sky = out.detections[0];
+  EXPECT_EQ(sky.class_id, "sky");
+  EXPECT_EQ(sky.id, "0");
+  // Pixels x 1..3, y 1..2 cover [1, 4) x [1, 3).
+  EXPECT_DOUBLE_EQ(sky.center.x, 2.5);
+  EXPECT_DOUBLE_EQ(sky.center.y, 2);
+  EXPECT_DOUBLE_EQ(sky.size_x, 3);
+  EXPECT_DOUBLE_EQ(sky.size_y, 2);
+  const vle::NodeDetection& road = out.detections[1];
+  EXPECT_EQ(road.class_id, "road");
+  EXPECT_EQ(road.id, "1");
+  EXPECT_DOUBLE_EQ(road.size_x, 1);
+  EXPECT_DOUBLE_EQ(road.center.x, 2.5);
+  EXPECT_DOUBLE_EQ(road.center.y, 0.5);
+  for (const vle::NodeDetection* d : {&sky, &road}) {
+    EXPECT_EQ(d->mask.encoding, "mono8");
+    EXPECT_EQ(d->mask.width, 4u);
+    EXPECT_EQ(d->mask.height, 3u);
+    EXPECT_EQ(d->mask.step, 4u);
+    EXPECT_EQ(d->mask.header.stamp_sec, 2);
   }
-  const NodeOutput out = vle::node_output(r, NodePrompt::segment({"a", "b"}), solid_frame(2));
-  ASSERT_EQ(out.detections.size(), 2u);
-  EXPECT_EQ(out.detections[1].id, "1");
-  for (int i = 0; i < 2; ++i) {
-    const CameraFrame& m = out.detections[static_cast<size_t>(i)].mask;
-    EXPECT_EQ(m.encoding, "mono8");
-    EXPECT_EQ(m.width, 4u);
-    EXPECT_EQ(m.height, 3u);
-    EXPECT_EQ(m.step, 4u);
-    EXPECT_EQ(m.header.stamp_sec, 2);
-    std::vector<uint8_t> want(12, 0);
-    want[i == 0 ? 5 : 11] = 255;
-    EXPECT_EQ(m.data, want);
-  }
-  // A mask of another size than the frame is a decoder that disagrees with the request: a named error.
-  r.detections[0].mask = vle::Array::make(vle::Array::Type::kBool, {2, 4});
+  std::vector<uint8_t> want(12, 0);
+  want[5] = want[11] = 255;
+  EXPECT_EQ(sky.mask.data, want);
+  want.assign(12, 0);
+  want[2] = 255;
+  EXPECT_EQ(road.mask.data, want);
+
+  // A map of another size than the frame is a decoder that disagrees with the request: a named error.
+  r.segmentation.label_map = vle::Array::make(vle::Array::Type::kInt32, {2, 4});
   try {
-    vle::node_output(r, NodePrompt::segment({"a", "b"}), solid_frame(2));
+    vle::node_output(r, NodePrompt::segment({"sky"}), solid_frame(2));
     ADD_FAILURE() << "no error";
   } catch (const vle::EngineError& e) {
-    EXPECT_NE(std::string(e.what()).find("the mask of 'a' is 2x4, expected the frame's 3x4"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("the semantic map is 2x4, expected the frame's 3x4"), std::string::npos)
+        << e.what();
   }
 }
 

@@ -80,14 +80,16 @@ const char* node_task_name(NodePrompt::Task task);
 // An InputError when the prompt cannot run (no classes to detect, an empty phrase or question, ...).
 void check_node_prompt(const NodePrompt& prompt);
 
-// vision_msgs/Detection2D, with the pose's keypoints and the segment's mask beside it.
+// vision_msgs/Detection2D, with the pose's keypoints and the segment's mask beside it. detect and ground: one
+// per detection; pose: one per pose (its box and keypoints); segment: one per class of the semantic map that
+// covers a pixel (the box is the region's pixel extent); question: none.
 struct NodeDetection {
   struct {
     double x = 0, y = 0, theta = 0;             // the box's centre in the frame's pixels; theta is always 0
   } center;
   double size_x = 0, size_y = 0;                // width and height in pixels
   std::string class_id;                         // the label
-  double score = 0;
+  double score = 0;                             // segment: 1 (a semantic map scores no region)
   std::string id;                               // the detection's index in this output, as text
   struct Keypoint {
     std::string name;
@@ -95,8 +97,8 @@ struct NodeDetection {
     double score = 0;                           // the keypoint decoder's visibility
   };
   std::vector<Keypoint> keypoints;              // pose: one per keypoint name; otherwise empty
-  CameraFrame mask;                             // segment: mono8, the frame's size, 255 inside, 0 outside;
-                                                // otherwise empty (height 0)
+  CameraFrame mask;                             // segment: mono8, the frame's size, 255 where the semantic
+                                                // map has this class, 0 elsewhere; otherwise empty (height 0)
 };
 
 struct NodeCounters {
