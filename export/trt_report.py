@@ -805,30 +805,9 @@ def trt_report(
 # --- an artifact --------------------------------------------------------------------------------------------
 
 
-def _artifact_facts(manifest: dict) -> dict:
-    """Artifact-level numbers the profiles need, from a manifest (docs/architecture.md §2)."""
-    out: dict = {}
-    model = manifest.get("model") or {}
-    clip = (manifest.get("preprocess") or {}).get("clip") or {}
-    det = (manifest.get("preprocess") or {}).get("detection") or {}
-    routing = manifest.get("routing") or {}
-    if model.get("max_context"):
-        out["max_context"] = model["max_context"]
-    if clip.get("max_tiles"):
-        out["max_tiles"] = clip["max_tiles"]
-    if clip.get("patches_per_tile"):
-        out["patches_per_tile"] = clip["patches_per_tile"]
-    if routing:
-        out["max_link_queries"] = max(int(r.get("queries", 0)) for r in routing.values())
-    if det.get("short_side"):
-        out["det_short_side"] = det["short_side"]
-    if det.get("max_long_side"):
-        out["det_max_long_side"] = det["max_long_side"]
-    return out
-
-
 def _model_facts(model, component_facts: dict) -> dict:
-    """The same numbers as `_artifact_facts`, from the reference model during an export."""
+    """The artifact-level numbers the profiles need (the runtime reads them from a manifest,
+    `_core.trt_artifact_profile_facts`), from the reference model during an export."""
     out: dict = {}
     cfg = getattr(model, "config", None)
     llm = component_facts.get("llm") or {}
@@ -877,7 +856,7 @@ def artifact_trt_report(
     if graphs is None:
         manifest = json.loads((folder / contract.MANIFEST_FILE).read_text(encoding="utf-8"))
         graphs = manifest["graphs"]
-        context = _artifact_facts(manifest)
+        context = json.loads(_core.trt_artifact_profile_facts(str(folder)))
         component_facts = {}
     else:
         component_facts = component_facts or {}

@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "artifact/manifest.h"
 #include "bindings/bind_registry.h"
 #include "engines/engine.h"
 #include "engines/ort_profile.h"
@@ -217,6 +218,12 @@ void bind(py::module_& m) {
       },
       py::arg("graph"), py::arg("inputs_json"), py::arg("facts_json"),
       "The TensorRT optimization profiles of a graph (engines/tensorrt_profiles.h), as JSON text.");
+  m.def(
+      "trt_artifact_profile_facts",
+      [](const std::string& artifact_dir) {
+        return vle::artifact_profile_facts(vle::load_manifest(artifact_dir, /*verify_hashes=*/false)).dump();
+      },
+      py::arg("artifact_dir"), "The artifact-level numbers of a manifest the profile planner reads, as JSON text.");
   m.attr("TRT_DEFAULT_MAX_REGIONS") = vle::kDefaultMaxRegions;
   m.attr("TRT_DEFAULT_MAX_LINK_GROUPS") = vle::kDefaultMaxLinkGroups;
   m.attr("TRT_DEFAULT_PREFILL_OPT") = vle::kDefaultPrefillOpt;
