@@ -10,7 +10,9 @@
 #   tiny-random and shapes-tiny exported here (fp32, each graph validated at its first shape), xz-compressed:
 #     the machine has torch but neither diffusers nor our transformers pin, so it cannot export them itself.
 #
-#   bash scripts/gpu_carry.sh            # writes .gpucheck/p00 ... .gpucheck/pNN, prints the device calls
+#   bash scripts/gpu_carry.sh [ARTIFACT ...]   # writes .gpucheck/p00 ... pNN, prints the device calls
+#
+# ARTIFACTs: tiny-random and shapes-tiny by default; naming fewer makes fewer parts (and device calls).
 #
 # Each part is a folder .gpucheck/pNN holding bundle.partNN (the last one also SHA256SUMS); one device call
 # carries one folder and copies it out of the working tree, since every call replaces what it carries.
@@ -34,15 +36,16 @@ fi
 (cd "$dl/debs" && for p in "${DEBS[@]}"; do ls "${p}"_*.deb >/dev/null 2>&1 || apt-get download -q "$p" >/dev/null; done)
 rm -rf "$dl/bundle/debs" && cp -r "$dl/debs" "$dl/bundle/debs"
 
-# 3. the artifacts
-for a in tiny-random shapes-tiny; do
-  if [ ! -f "$dl/bundle/$a.tar.xz" ]; then
-    rm -rf "$dl/$a"
-    "$PY" -c 'import sys; from visionllm_edge.export.exporter import export
-export(sys.argv[1], sys.argv[2], validate="quick", progress=False)' "$a" "$dl/$a"
-    tar -C "$dl" -cf - "$a" | xz -T0 -6 >"$dl/bundle/$a.tar.xz"
-  fi
+# 3. the artifacts, exported afresh every time: they must come from the code being checked
+artifacts=("$@")
+[ ${#artifacts[@]} -gt 0 ] || artifacts=(tiny-random shapes-tiny)
+rm -rf "$dl"/bundle/*.tar.xz "$dl/export"
+for a in "${artifacts[@]}"; do
+  "$PY" -c 'import sys; from visionllm_edge.export.exporter import export
+export(sys.argv[1], sys.argv[2], validate="quick", progress=False)' "$a" "$dl/export/$a"
+  tar -C "$dl/export" -cf - "$a" | xz -T0 -6 >"$dl/bundle/$a.tar.xz"
 done
+rm -rf "$dl/export"
 
 # 4. the parts: each beside the working tree within 64 MiB (tracked and untracked-not-ignored files travel
 # with every call, and the last call carries third_party/ too; 2 MiB spare for files others add meanwhile)
