@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "artifact/files.h"
+#include "artifact/manifest.h"
 #include "engines/engine.h"
 #include "engines/tensorrt.h"
 #include "engines/tensorrt_profiles.h"
@@ -134,6 +135,32 @@ TEST(TensorrtProfiles, DefaultsAndDecoderImageRange) {
   EXPECT_EQ(t.profiles[0].dims.at("batch").why, "the guidance batch ['uncond', 'cond']");
   EXPECT_EQ(shapes_of(t.profiles[0], "sample").min, (std::vector<int64_t>{1, 4, 8, 8}));
   EXPECT_EQ(shapes_of(t.profiles[0], "sample").opt, (std::vector<int64_t>{2, 4, 32, 32}));
+}
+
+TEST(TensorrtProfiles, FactsComeFromTheManifestWithTheGraphsOwnOnTop) {
+  vle::Manifest m;
+  m.model.max_context = 256;
+  m.clip.max_tiles = 6;
+  m.clip.patches_per_tile = 64;
+  m.routing["det"].queries = 100;
+  m.routing["gen"].queries = 64;
+  m.detection.short_side = 800;  // max_long_side 0: no fact
+  EXPECT_EQ(vle::artifact_profile_facts(m), (json{{"max_context", 256}, {"max_tiles", 6}, {"patches_per_tile", 64},
+                                                  {"max_link_queries", 100}, {"det_short_side", 800}}));
+  vle::GraphEntry g;
+  g.facts = {{"max_context", 128}, {"max_groups", 16}};
+  vle::TensorSpec embeds;
+  embeds.name = "inputs_embeds";
+  embeds.dims = {1, -1, 8};
+  embeds.symbols = {"", "S", ""};
+  g.inputs = {embeds};
+  const json facts = vle::profile_facts(m, g);
+  EXPECT_EQ(facts["max_context"], 128);  // the graph's own fact wins
+  EXPECT_EQ(facts["max_groups"], 16);
+  EXPECT_EQ(facts["max_tiles"], 6);
+  const vle::ProfileTable t = vle::profile_shapes("llm", vle::profile_inputs(g), facts);
+  EXPECT_EQ(shapes_of(t.profiles[1], "inputs_embeds").max, (std::vector<int64_t>{1, 128, 8}));
+  EXPECT_EQ(shapes_of(t.profiles[0], "inputs_embeds").max, (std::vector<int64_t>{1, 101, 8}));
 }
 
 // --- profile strings and precision -------------------------------------------------------------------------
