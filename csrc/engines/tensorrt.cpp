@@ -194,7 +194,12 @@ TensorrtPlan plan_tensorrt(const std::string& graph, const TensorrtOptions& opti
 }
 
 bool prepare_engine_cache(const fs::path& dir, const json& stamp) {
-  fs::create_directories(dir);
+  std::error_code made;
+  fs::create_directories(dir, made);
+  if (made) {
+    throw ArtifactError(dir.string() + ": cannot create the TensorRT engine folder (" + made.message() +
+                        "); give a writable one with engine_cache / --engine-cache");
+  }
   const fs::path stamp_file = dir / kEngineStampFile;
   json old;
   bool readable = false;
@@ -223,7 +228,13 @@ bool prepare_engine_cache(const fs::path& dir, const json& stamp) {
       }
     }
   }
-  if (!same) clear_folder(dir);
+  if (!same) {
+    try {
+      clear_folder(dir);
+    } catch (const fs::filesystem_error& e) {
+      throw ArtifactError(dir.string() + ": cannot clear the stale TensorRT engines: " + e.what());
+    }
+  }
   return same;
 }
 

@@ -328,6 +328,16 @@ TEST_F(EngineCache, TheStampIsWrittenWhole) {
   EXPECT_TRUE(vle::prepare_engine_cache(dir_, stamp_));
 }
 
+TEST_F(EngineCache, AFolderThatCannotBeMadeIsNamed) {
+  std::ofstream(dir_.string() + ".file") << "a file where a folder should go";
+  const fs::path under_a_file = fs::path(dir_.string() + ".file") / "llm";
+  const std::string msg =
+      message_of<vle::ArtifactError>([&] { vle::prepare_engine_cache(under_a_file, stamp_); });
+  EXPECT_EQ(msg.rfind(under_a_file.string() + ": cannot create the TensorRT engine folder (", 0), 0u) << msg;
+  EXPECT_NE(msg.find("give a writable one with engine_cache / --engine-cache"), std::string::npos) << msg;
+  fs::remove(dir_.string() + ".file");
+}
+
 // --- what is missing ---------------------------------------------------------------------------------------
 
 TEST(TensorrtBackend, AnOnnxruntimeWithoutTheProviderIsTheNamedError) {
