@@ -5,6 +5,7 @@ GoogleTest's report, the profile's Memcpy nodes, the phase verdicts) judge what 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
-#: A build with VLE_WITH_CUDA=ON, compiled here (nvcc needs no GPU): its CUDA tests skip, naming the reason.
-CUDA_BUILD = REPO / "build" / "h-gpucheck-cuda"
-CUDA_BUILD_COMMAND = (
-    "cmake -S . -B build/h-gpucheck-cuda -DVLE_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 "
-    "-DVLE_BUILD_PYTHON=OFF && cmake --build build/h-gpucheck-cuda"
-)
+#: A build with VLE_WITH_CUDA=ON, compiled here (nvcc needs no GPU): the cuda preset's, as CI builds it, or
+#: the one $VLE_CUDA_BUILD names. Its CUDA tests skip, naming the reason.
+CUDA_BUILD = Path(os.environ.get("VLE_CUDA_BUILD", REPO / "build" / "cuda"))
+CUDA_BUILD_COMMAND = "cmake --preset cuda && cmake --build --preset cuda (or VLE_CUDA_BUILD=DIR)"
 
 #: Requests of vle_run_parity.py that the LLM-only artifact below answers, and one it cannot (no det graph).
 REQUESTS = ["vqa", "caption", "region_caption", "detection"]
