@@ -479,8 +479,8 @@ def python_extension(site: Path, box: float, env: dict) -> dict:
     log: list[str] = []
     cmd = [
         sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-        "--target", str(site), "-Ccmake.define.VLE_WITH_CUDA=ON", "-Ccmake.define.VLE_BUILD_TESTS=ON",
-        f"-Cbuild-dir={PYTHON_BUILD}",
+        "--upgrade", "--target", str(site),  # --upgrade: a rerun on a warm machine replaces the last build
+        "-Ccmake.define.VLE_WITH_CUDA=ON", "-Ccmake.define.VLE_BUILD_TESTS=ON", f"-Cbuild-dir={PYTHON_BUILD}",
         *(f"-Ccmake.define.{d}" for d in cmake_defines()), str(REPO),
     ]  # fmt: skip
     rc = _run_logged(cmd, box, log, env)

@@ -15,12 +15,12 @@
 # onnxruntime with the CUDA EP and the build's packages (scripts/bootstrap.sh's list).
 # With --cpu the bundle is checked and unpacked too but its wheel is not installed (a cp312 CUDA build; the
 # smoke run uses the machine's onnxruntime). --unpack-all-debs unpacks every carried package, also those the
-# machine has: to try the prefix build on a machine that has them all. --out DIR (default: $OUT where set,
-# else ./gpu-check-out). --scratch DIR (default /tmp/vle-gpu-check).
+# machine has: to try the prefix build on a machine that has them all. --out DIR (default: $OUT where set, as
+# on the device machine, else SCRATCH/out). --scratch DIR (default /tmp/vle-gpu-check).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bundle="" out="${OUT:-$PWD/gpu-check-out}" scratch=/tmp/vle-gpu-check cpu=0 all_debs=0 pass=()
+bundle="" out="${OUT:-}" scratch=/tmp/vle-gpu-check cpu=0 all_debs=0 pass=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) bundle=$2; shift 2 ;;
@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ "$cpu" = 1 ] && [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
+out=${out:-$scratch/out}
 mkdir -p "$scratch" "$out"
 log() { echo "gpu_check.sh: $*" >&2; }
 
