@@ -1,61 +1,59 @@
-"""The perception node (`_core.PerceptionNode`, csrc/node/) and KV prefix reuse across frames, on tiny-random.
+"""The perception node (`visionllm_edge.node`, csrc/node/) and KV prefix reuse across frames, on tiny-random.
 
 Reuse across frames: a request on a new image keeps the KV rows before the first patch token (the system
-prompt) and still answers exactly as a fresh Pipeline does. The node: its outputs equal `Pipeline`'s task
-results on the same picture for every encoding the node takes (rgb8, bgr8, rgba8, bgra8 with row padding,
-mono8), carry the frame's stamp, follow set_prompt, and run on the worker thread. Two pipelines that see the
-same requests in the same order compute the same things, so the comparisons are exact. The scheduling itself
-(rate, dropping, stop/start, failures) is tested in C++ (csrc/tests/test_perception_node.cpp).
+prompt) and still gives the tokens a fresh Pipeline gives (boxes agree to float rounding: the reused rows came
+from a prefill of other shapes). The node: its outputs equal `Pipeline`'s task results on the same picture for
+every encoding it takes (rgb8, bgr8, rgba8, bgra8 with row padding, mono8), carry the frame's stamp, follow
+set_prompt, and run on the worker thread; the node and the Pipeline it is compared with see the same requests
+in the same order, so those comparisons are exact. The scheduling itself (rate, dropping, stop/start,
+failures) is tested in C++ (csrc/tests/test_perception_node.cpp).
 """
 
 from __future__ import annotations
 
+import array
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import scene
-from visionllm_edge import _core
 from visionllm_edge.contract import IMAGE_PATCH_TOKEN
+from visionllm_edge.node import PerceptionNode
 from visionllm_edge.pipeline import Pipeline
-from visionllm_edge.runtime.engine import onnxruntime_library
 
 CLASSES = ["circle", "square"]
 #: Random weights score few [SEG] pixels above the manifest's threshold; both sides lower it alike.
 POSTPROCESS = {"seg_score_threshold": 0.0}
 
 
-class Node:
+class Collecting(PerceptionNode):
     """A node on the artifact that collects its outputs and failures."""
 
     def __init__(self, artifact, task="detect", names=CLASSES, text="", rate_hz=0.0):
         self.outputs: list[dict] = []
         self.failures: list[tuple[dict, str]] = []
-        self.core = _core.PerceptionNode(
-            str(artifact),
-            task,
-            list(names),
-            ["person"],
-            text,
-            64,
-            rate_hz,
-            0,
-            onnxruntime_library(),
-            POSTPROCESS,
+        super().__init__(
+            artifact,
             self.outputs.append,
-            lambda header, message: self.failures.append((header, message)),
+            task=task,
+            names=names,
+            text=text,
+            rate_hz=rate_hz,
+            on_failure=lambda header, message: self.failures.append((header, message)),
+            postprocess=POSTPROCESS,
         )
 
-    def run(self, frame: dict) -> dict:
-        """Pushes one frame and runs it now; its output."""
-        self.core.push(**frame)
-        assert self.core.process_pending()
+    def run(self, msg) -> dict:
+        """Pushes one message and runs it now; its output."""
+        self.push_message(msg)
+        assert self.process_pending()
         assert not self.failures, self.failures
         return self.outputs[-1]
 
 
-def frame(rgb: np.ndarray, encoding: str, stamp=(0, 0), pad: int = 0) -> dict:
-    """The picture as a sensor_msgs/Image-like frame of `encoding`, rows padded by `pad` junk bytes."""
+def message(rgb: np.ndarray, encoding: str, stamp=(0, 0), pad: int = 0) -> SimpleNamespace:
+    """The picture as a sensor_msgs/Image-like message of `encoding`, rows padded by `pad` junk bytes."""
     if encoding == "mono8":
         pixels = gray(rgb)[..., None]
     else:
@@ -66,8 +64,16 @@ def frame(rgb: np.ndarray, encoding: str, stamp=(0, 0), pad: int = 0) -> dict:
     h, w, c = pixels.shape
     rows = np.full((h, w * c + pad), 0xEE, dtype=np.uint8)
     rows[:, : w * c] = pixels.reshape(h, w * c)
-    return dict(data=rows.reshape(-1), height=h, width=w, encoding=encoding, step=w * c + pad, stamp=stamp,
-                frame_id="camera_optical")
+    header = SimpleNamespace(stamp=SimpleNamespace(sec=stamp[0], nanosec=stamp[1]), frame_id="camera_optical")
+    return SimpleNamespace(
+        header=header,
+        height=h,
+        width=w,
+        encoding=encoding,
+        is_bigendian=0,
+        step=w * c + pad,
+        data=array.array("B", rows.tobytes()),
+    )  # rclpy's type for uint8[]
 
 
 def gray(rgb: np.ndarray) -> np.ndarray:
@@ -125,21 +131,23 @@ def test_detection_on_a_new_frame_after_reuse_equals_a_fresh_pipeline(artifact):
     assert again.raw["stats"]["reused_rows"] > 0
     assert [d.label for d in again.detections] == [d.label for d in fresh.detections]
     # The reused rows were computed in another prefill (other batch shapes): equal to float rounding.
-    np.testing.assert_allclose([d.box_xyxy for d in again.detections], [d.box_xyxy for d in fresh.detections],
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose([d.score for d in again.detections], [d.score for d in fresh.detections],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        [d.box_xyxy for d in again.detections], [d.box_xyxy for d in fresh.detections], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        [d.score for d in again.detections], [d.score for d in fresh.detections], rtol=1e-4, atol=1e-5
+    )
 
 
 # --- the node ---------------------------------------------------------------------------------------------
 
 
 def test_node_detections_equal_pipeline_detect_for_every_encoding(artifact):
-    node, pipe = Node(artifact), Pipeline.load(artifact, postprocess=POSTPROCESS)
+    node, pipe = Collecting(artifact), Pipeline.load(artifact, postprocess=POSTPROCESS)
     picture = scene(35, 120, 90)
     for i, encoding in enumerate(["rgb8", "bgr8", "rgba8", "bgra8", "mono8"]):
         stamp = (1700000000 + i, 250 * i)
-        out = node.run(frame(picture, encoding, stamp=stamp, pad=3 * i))
+        out = node.run(message(picture, encoding, stamp=stamp, pad=3 * i))
         seen = np.repeat(gray(picture)[..., None], 3, axis=-1) if encoding == "mono8" else picture
         want = pipe.detect(seen, CLASSES)
         assert out["header"] == {"stamp": stamp, "frame_id": "camera_optical"}
@@ -155,30 +163,32 @@ def test_node_detections_equal_pipeline_detect_for_every_encoding(artifact):
 
 
 def test_set_prompt_changes_the_task_from_the_next_frame(artifact):
-    node, pipe = Node(artifact), Pipeline.load(artifact, postprocess=POSTPROCESS)
+    node, pipe = Collecting(artifact), Pipeline.load(artifact, postprocess=POSTPROCESS)
     picture = scene(36, 100, 100)
-    out = node.run(frame(picture, "rgb8", stamp=(1, 0)))
+    out = node.run(message(picture, "rgb8", stamp=(1, 0)))
     assert_same_detections(out, pipe.detect(picture, CLASSES), "detect")
 
-    node.core.set_prompt("ground", text="the red circle")
-    out = node.run(frame(picture, "rgb8", stamp=(2, 0)))
+    node.set_prompt("ground", text="the red circle")
+    out = node.run(message(picture, "rgb8", stamp=(2, 0)))
     assert out["task"] == "ground"
     assert_same_detections(out, pipe.ground(picture, "the red circle"), "ground")
 
-    node.core.set_prompt("segment", names=["circle", "square"])
-    out = node.run(frame(picture, "rgb8", stamp=(3, 0)))
+    node.set_prompt("segment", names=["circle", "square"])
+    out = node.run(message(picture, "rgb8", stamp=(3, 0)))
     want = pipe.segment(picture, ["circle", "square"]).segmentation
     present = [i for i in range(len(want.labels)) if (want.label_map == i).any()]
     assert present, "the semantic map is empty: the comparison would prove nothing"
-    assert [d["results"][0]["hypothesis"]["class_id"] for d in out["detections"]] == [want.labels[i] for i in present]
+    assert [d["results"][0]["hypothesis"]["class_id"] for d in out["detections"]] == [
+        want.labels[i] for i in present
+    ]
     for got, i in zip(out["detections"], present):
         assert got["mask"].dtype == np.uint8 and got["mask"].shape == (100, 100)
         np.testing.assert_array_equal(got["mask"], (want.label_map == i).astype(np.uint8) * 255)
         ys, xs = np.nonzero(want.label_map == i)
         assert corners(got) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
 
-    node.core.set_prompt("pose", names=["nose", "left eye"], objects=["person"])
-    out = node.run(frame(picture, "rgb8", stamp=(4, 0)))
+    node.set_prompt("pose", names=["nose", "left eye"], objects=["person"])
+    out = node.run(message(picture, "rgb8", stamp=(4, 0)))
     want = pipe.pose(picture, ["nose", "left eye"], ["person"])
     assert len(out["detections"]) == len(want.poses) > 0
     for got, ref in zip(out["detections"], want.poses):
@@ -186,43 +196,65 @@ def test_set_prompt_changes_the_task_from_the_next_frame(artifact):
         assert [k["name"] for k in got["keypoints"]] == ref.keypoint_names
         np.testing.assert_array_equal([[k["x"], k["y"], k["score"]] for k in got["keypoints"]], ref.keypoints)
 
-    node.core.set_prompt("question", text="What is in the picture?", max_new_tokens=6)
-    out = node.run(frame(picture, "rgb8", stamp=(5, 0)))
+    node.set_prompt("question", text="What is in the picture?", max_new_tokens=6)
+    out = node.run(message(picture, "rgb8", stamp=(5, 0)))
     assert out["task"] == "question"
     assert out["answer"] == pipe(picture, "What is in the picture?", max_new_tokens=6).text
     assert out["stats"]["reused_rows"] > 0
 
 
 def test_bad_frames_and_prompts_are_value_errors(artifact):
-    node = Node(artifact)
+    node = Collecting(artifact)
     picture = scene(37, 40, 30)
-    with pytest.raises(ValueError, match=r"'rgb16' is not supported; supported: rgb8, bgr8, rgba8, bgra8, mono8"):
-        node.core.push(**{**frame(picture, "rgb8"), "encoding": "rgb16"})
-    short = frame(picture, "rgb8")
-    short["data"] = short["data"][:-1]
-    with pytest.raises(ValueError, match=r"data has 3599 bytes, expected at least step 120 x height 30 = 3600"):
-        node.core.push(**short)
+    bad = message(picture, "rgb8")
+    bad.encoding = "rgb16"
+    with pytest.raises(
+        ValueError, match=r"'rgb16' is not supported; supported: rgb8, bgr8, rgba8, bgra8, mono8"
+    ):
+        node.push_message(bad)
+    short = message(picture, "rgb8")
+    short.data = short.data[:-1]
+    with pytest.raises(
+        ValueError, match=r"data has 3599 bytes, expected at least step 120 x height 30 = 3600"
+    ):
+        node.push_message(short)
     with pytest.raises(ValueError, match=r"unknown task 'track'"):
-        node.core.set_prompt("track")
-    with pytest.raises(TypeError, match=r"bytes or a uint8 numpy array"):
-        node.core.push(**{**frame(picture, "rgb8"), "data": np.zeros(3600, dtype=np.float32)})
-    assert node.core.counters["received"] == 0
-    node.core.push(**{**frame(picture, "rgb8"), "data": frame(picture, "rgb8")["data"].tobytes()})
-    assert node.core.counters["received"] == 1
+        node.set_prompt("track")
+    with pytest.raises(ValueError, match=r"node prompt \(ground\): text is empty"):
+        node.set_prompt("ground")
+    with pytest.raises(TypeError, match=r"must be uint8, got float32"):
+        node.push(picture.astype(np.float32))
+    with pytest.raises(ValueError, match=r"a rgba8 picture is H x W x 4, got shape \(30, 40, 3\)"):
+        node.push(picture, "rgba8")
+    assert node.counters["received"] == 0
+
+
+def test_push_of_a_numpy_picture_equals_the_message_path(artifact):
+    node = Collecting(artifact)
+    picture = scene(39, 64, 48)
+    node.push(picture[..., ::-1], "bgr8", stamp=(7, 8), frame_id="cam")
+    assert node.process_pending()
+    node.push(gray(picture), "mono8")
+    assert node.process_pending()
+    again = Collecting(artifact)
+    want = [again.run(message(picture, "bgr8")), again.run(message(picture, "mono8"))]
+    assert node.outputs[0]["header"] == {"stamp": (7, 8), "frame_id": "cam"}
+    for got, ref in zip(node.outputs, want):
+        assert got["detections"] == ref["detections"]
 
 
 def test_the_worker_thread_runs_the_newest_frame(artifact):
-    node = Node(artifact, rate_hz=50.0)
-    node.core.start()
+    node = Collecting(artifact, rate_hz=50.0)
+    node.start()
     try:
-        assert node.core.running
-        node.core.push(**frame(scene(38, 64, 64), "rgb8", stamp=(10, 0)))
+        assert node.running
+        node.push_message(message(scene(38, 64, 64), "rgb8", stamp=(10, 0)))
         deadline = time.monotonic() + 60
         while not node.outputs and time.monotonic() < deadline:
             time.sleep(0.01)
     finally:
-        node.core.stop()
-    assert not node.core.running
+        node.stop()
+    assert not node.running
     assert not node.failures, node.failures
     assert [o["header"]["stamp"] for o in node.outputs] == [(10, 0)]
     assert node.outputs[0]["latency_ms"] >= node.outputs[0]["run_ms"] > 0

@@ -3,6 +3,7 @@
 #include "visionllm_edge/perception_node.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <exception>
 #include <memory>
