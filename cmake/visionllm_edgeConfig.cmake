@@ -6,4 +6,8 @@ find_dependency(nlohmann_json 3)
 find_dependency(OpenSSL COMPONENTS Crypto)
 find_dependency(PkgConfig)
 pkg_check_modules(SENTENCEPIECE REQUIRED IMPORTED_TARGET sentencepiece)
+include("${CMAKE_CURRENT_LIST_DIR}/visionllm_edge-options.cmake")
+if(visionllm_edge_WITH_CUDA)  # built with VLE_WITH_CUDA: the library links CUDA::cudart_static
+  find_dependency(CUDAToolkit)
+endif()
 include("${CMAKE_CURRENT_LIST_DIR}/visionllm_edge-targets.cmake")
