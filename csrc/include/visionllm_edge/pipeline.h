@@ -12,7 +12,8 @@
 // assembly, prefill into the KV arena, decoding with the super link (a routing token's step is the 1 + N rows
 // [E(token); Q_kind]), dispatch of the groups to the decoders, the diffusion loop for [GEN]/[EDIT],
 // post-processing. A Pipeline keeps the last frame's encodings and KV rows and reuses the longest common
-// prefix, so several requests on one frame encode it once. A Pipeline serves one request at a time (calls
+// prefix, so several requests on one frame encode it once, and a request on a new frame recomputes only from
+// the first image row on (the system prompt's rows are kept). A Pipeline serves one request at a time (calls
 // from several threads are serialised); use one Pipeline per thread for parallel requests.
 #pragma once
 
