@@ -3,7 +3,7 @@ markdown report. `scripts/gpu_check.sh` sets up the machine (the carried onnxrun
 build packages) and calls this; DEVELOPERS.md says how to get it onto the borrowed GPU machine.
 
     python3 benchmarks/gpu_check.py --out DIR [--tiny-random DIR] [--shapes-tiny DIR]
-    python3 benchmarks/gpu_check.py --cpu --out DIR --tiny-random DIR [--build-dir build/h-gpucheck]
+    python3 benchmarks/gpu_check.py --cpu --out DIR --tiny-random DIR [--build-dir build/cuda]
 
 Phases, in this order, each with its own time box inside one budget (`--budget-s`, 470 s by default, so
 that the whole check ends within 8 minutes); the measurements come before the second build, so that a slow
@@ -59,8 +59,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
+# vle_run_parity (the parity requests and tolerances) and llm_kv_step are imported where they are used: they
+# import visionllm_edge, which on the GPU machine exists only once the python_extension phase has built it.
 sys.path.insert(0, str(BENCHMARKS))
-from vle_run_parity import BOX_TOL, REQUESTS, SAMPLING  # noqa: E402  (the parity requests and tolerances)
 
 PHASES = (
     "environment",
@@ -495,6 +496,8 @@ def python_extension(site: Path, box: float, env: dict) -> dict:
 def request_kwargs(req, max_new_tokens: int, seed: int) -> tuple[dict, list | None]:
     """`Pipeline.__call__` keywords and regions for one of vle_run_parity's requests (the same settings
     its two commands get)."""
+    from vle_run_parity import SAMPLING
+
     kwargs = {"max_new_tokens": max_new_tokens, "seed": seed}
     if req.answer_prefix is not None:
         kwargs["answer_prefix"] = req.answer_prefix
@@ -508,6 +511,7 @@ def compare_results(a, b) -> dict:
     """What issue 17's bar compares between two columns: text, tokens, stop reason and groups equal; boxes
     and keypoints within BOX_TOL. Masks, the semantic map and generated images are measured, not held."""
     import numpy as np
+    from vle_run_parity import BOX_TOL
 
     row = {
         "text": a.text == b.text,
@@ -548,6 +552,7 @@ def pipelines(config: dict, emit) -> dict:
     import numpy as np
     from visionllm_edge import Pipeline
     from visionllm_edge.demo import demo_scene
+    from vle_run_parity import REQUESTS
 
     result = phase_result("pipelines", "ran")
     image = np.asarray(demo_scene())
