@@ -224,11 +224,16 @@ def child_main(names: str, config_json: str, out_path: str) -> int:
         import traceback
 
         done = [r["phase"] for r in emit.results if r["status"] != "ran"]
+        raised = None
         for n in names.split(","):
-            if n not in done:
+            if n in done:
+                continue
+            if raised is None:
+                raised = n
                 error = f"{type(e).__name__}: {e}"
                 emit(phase_result(n, "error", error, traceback=traceback.format_exc()[-3000:]))
-                break
+            else:  # the phases after it share its process and its graph
+                emit(skipped(n, f"{raised} raised before this phase could run"))
     return 0
 
 
@@ -948,6 +953,10 @@ def run_check(args) -> dict:
         return min(BOXES[name], deadline - time.monotonic())
 
     def timed(names: list[str], fn) -> None:
+        if set(names) <= set(args.skip):
+            for n in names:
+                results[n] = skipped(n, "--skip")
+            return
         left = box(names[0])
         if left < 5:
             for n in names:
@@ -1122,6 +1131,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--budget-s", type=float, default=470.0, help="the whole run's time budget (default 470)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument(
+        "--skip", nargs="+", default=[], choices=PHASES, metavar="PHASE", help="phases not to run this time"
+    )
     ap.add_argument(
         "--requests", nargs="+", default=None, help="only these of vle_run_parity's tasks (default: all)"
     )
