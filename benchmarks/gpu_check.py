@@ -657,24 +657,6 @@ def time_calls(fn, sync, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def memcpy_nodes(profile: Path) -> list[dict]:
-    """The Memcpy nodes an ONNX Runtime profile ran (`MemcpyToHost` / `MemcpyFromHost`, which the CUDA EP
-    inserts where a tensor crosses between host and device), with their output bytes."""
-    events = json.loads(profile.read_text())
-    found = []
-    for e in events:
-        args = e.get("args", {})
-        if e.get("cat") == "Node" and str(args.get("op_name", "")).startswith("Memcpy"):
-            found.append(
-                {
-                    "node": e.get("name", ""),
-                    "op": args["op_name"],
-                    "bytes": int(args.get("output_size", 0) or 0),
-                }
-            )
-    return found
-
-
 class DecodeStep:
     """One exported llm.onnx step with its arena on `device`, bound as the runtime binds it: the past as the
     prefix `[0:past]` of each layer's arena, the new K/V row written at `[past]`, the logits and hidden state
@@ -747,6 +729,7 @@ def decode_phases(config: dict, emit) -> None:
     import onnxruntime as ort
     import torch
     from llm_kv_step import WIDTHS, build_model
+    from visionllm_edge import _core
     from visionllm_edge.export.onnx.base import ExportSettings, export_graph
     from visionllm_edge.export.onnx.llm import build_graph
 
@@ -859,7 +842,8 @@ def decode_phases(config: dict, emit) -> None:
         prof.run(binding)
     sync()
     profile = Path(prof.session.end_profiling())
-    nodes = memcpy_nodes(profile)
+    # The core's reader (engines/ort_profile.h): the Memcpy kernels of each run, with their output bytes.
+    nodes = [n for run in _core.profile_copies(str(profile)) for n in run["nodes"]]
     layer_past_bytes = past * s.num_key_value_heads * s.head_dim * width
     big = [n for n in nodes if n["bytes"] >= layer_past_bytes]
     profile_result["data"].update(past=past, memcpy_nodes=nodes, layer_past_bytes=layer_past_bytes, steps=5)

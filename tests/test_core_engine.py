@@ -6,6 +6,7 @@ Runs csrc/tests/data/elementwise.onnx (made by csrc/tests/data/make_fixtures.py)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -135,7 +136,42 @@ def test_a_cpu_session_has_no_device_io_and_profiles_its_runs(tmp_path):
         engine.run(feeds(), ["sum"])
     profile = engine.end_profiling()
     assert Path(profile).parent == tmp_path and Path(profile).name.startswith("p_")
-    assert _core.profile_copies(profile) == [(0, 0), (0, 0)]  # two runs, no host<->device copy on the CPU
+    no_copies = {"to_host": 0, "from_host": 0, "nodes": []}  # no host<->device copy on the CPU
+    assert _core.profile_copies(profile) == [no_copies, no_copies]  # two runs
+
+
+def test_profile_copies_lists_each_runs_memcpy_nodes_with_their_bytes(tmp_path):
+    # What ONNX Runtime writes for a CUDA session: each kernel's "<node>_kernel_time" event inside its
+    # model_run, output_size as a decimal string; the fence event and the MatMul are not copies.
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 100, "dur": 50},
+        {"cat": "Node", "name": "Memcpy_0_fence_before", "ts": 100, "dur": 0,
+         "args": {"op_name": "MemcpyToHost"}},
+        {"cat": "Node", "name": "Memcpy_0_kernel_time", "ts": 101, "dur": 3,
+         "args": {"op_name": "MemcpyToHost", "output_size": "4096"}},
+        {"cat": "Node", "name": "MatMul_1_kernel_time", "ts": 105, "dur": 30,
+         "args": {"op_name": "MatMul", "output_size": "8"}},
+        {"cat": "Node", "name": "Memcpy_1_kernel_time", "ts": 140, "dur": 3,
+         "args": {"op_name": "MemcpyFromHost", "output_size": "16"}},
+        {"cat": "Session", "name": "model_run", "ts": 200, "dur": 50},
+    ]  # fmt: skip
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(events))
+    assert _core.profile_copies(str(path)) == [
+        {
+            "to_host": 1,
+            "from_host": 1,
+            "nodes": [
+                {"op": "MemcpyToHost", "node": "Memcpy_0", "bytes": 4096},
+                {"op": "MemcpyFromHost", "node": "Memcpy_1", "bytes": 16},
+            ],
+        },
+        {"to_host": 0, "from_host": 0, "nodes": []},
+    ]
+    del events[2]["args"]["output_size"]  # a size that cannot be read would pass the GPU check's bar unseen
+    path.write_text(json.dumps(events))
+    with pytest.raises(ManifestError, match="MemcpyToHost node 'Memcpy_0' has no output_size"):
+        _core.profile_copies(str(path))
 
 
 def test_the_gil_is_released_while_a_graph_runs():

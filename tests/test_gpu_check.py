@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py without a GPU: the `--cpu` smoke run writes the report the GPU run writes, with the
 GPU-only phases skipped and saying why, and the pieces the GPU run relies on (the two columns' comparison,
-GoogleTest's report, the profile's Memcpy nodes, the phase verdicts) judge what they are given."""
+GoogleTest's report, the phase verdicts) judge what they are given. The profile's Memcpy nodes are read by the
+core's `_core.profile_copies`, tested in test_core_engine.py."""
 
 from __future__ import annotations
 
@@ -155,19 +156,6 @@ def test_verdicts_never_pass_a_phase_that_checked_nothing_or_failed_a_check():
     gpu_check.add_check(good, "a", True)
     assert gpu_check.settle(good)["status"] == "passed"
     assert gpu_check.settle(gpu_check.skipped("x", "no GPU"))["status"] == "skipped"
-
-
-def test_profile_reader_finds_memcpy_nodes_and_their_bytes(tmp_path):
-    events = [
-        {"cat": "Session", "name": "model_run", "args": {}},
-        {"cat": "Node", "name": "Memcpy_0", "args": {"op_name": "MemcpyToHost", "output_size": "4096"}},
-        {"cat": "Node", "name": "MatMul_1_kernel_time", "args": {"op_name": "MatMul", "output_size": "8"}},
-        {"cat": "Node", "name": "Memcpy_1", "args": {"op_name": "MemcpyFromHost", "output_size": "16"}},
-    ]  # fmt: skip
-    path = tmp_path / "profile.json"
-    path.write_text(json.dumps(events))
-    found = gpu_check.memcpy_nodes(path)
-    assert [(n["op"], n["bytes"]) for n in found] == [("MemcpyToHost", 4096), ("MemcpyFromHost", 16)]
 
 
 def test_gtest_reader_takes_skip_reasons_from_the_output():

@@ -230,11 +230,27 @@ void bind(py::module_& m) {
   m.def(
       "profile_copies",
       [](const std::string& path) {
-        std::vector<std::pair<int, int>> out;
-        for (const vle::RunCopies& r : vle::profile_copies(path)) out.emplace_back(r.to_host, r.from_host);
+        py::list out;
+        for (const vle::RunCopies& r : vle::profile_copies(path)) {
+          py::list nodes;
+          for (const vle::CopyNode& n : r.nodes) {
+            py::dict node;
+            node["op"] = n.op;
+            node["node"] = n.node;
+            node["bytes"] = n.bytes;
+            nodes.append(node);
+          }
+          py::dict run;
+          run["to_host"] = r.to_host;
+          run["from_host"] = r.from_host;
+          run["nodes"] = nodes;
+          out.append(run);
+        }
         return out;
       },
-      py::arg("path"), "(MemcpyToHost, MemcpyFromHost) counts of each run in an ONNX Runtime profile.");
+      py::arg("path"),
+      "Each run of an ONNX Runtime profile (engines/ort_profile.h): {'to_host', 'from_host': counts, 'nodes': "
+      "[{'op', 'node', 'bytes'}]}.");
   m.def("available_providers", &vle::available_providers, py::arg("onnxruntime_library"));
   m.def("onnxruntime_library_in_use", &vle::onnxruntime_library_in_use, py::arg("onnxruntime_library"));
 }

@@ -1,10 +1,12 @@
 // Reading an ONNX Runtime profile (ort_profile.h). The file is a Chrome trace: a JSON array of events with
-// "cat" ("Session" or "Node"), "name", "ts" and "dur" in microseconds, and for nodes "args.op_name". A node's
-// kernel is the event named "<node>_kernel_time" (the "_fence_before" / "_fence_after" events are not runs
-// of it); it belongs to the model_run whose span holds its start.
+// "cat" ("Session" or "Node"), "name", "ts" and "dur" in microseconds, and for nodes "args.op_name" and
+// "args.output_size" (the bytes of its outputs, which ONNX Runtime writes as a decimal string). A node's kernel
+// is the event named "<node>_kernel_time" (the "_fence_before" / "_fence_after" events are not runs of it); it
+// belongs to the model_run whose span holds its start.
 #include "engines/ort_profile.h"
 
 #include <algorithm>
+#include <charconv>
 #include <fstream>
 #include <utility>
 
@@ -43,10 +45,26 @@ std::vector<RunCopies> profile_copies(const std::filesystem::path& profile_json)
     const auto args = e.find("args");
     const std::string op = args != e.end() && args->is_object() ? args->value("op_name", "") : "";
     if (op != "MemcpyToHost" && op != "MemcpyFromHost") continue;
+    const std::string node = name.substr(0, name.size() - kernel.size());
     const int64_t ts = number(e, "ts");
     for (size_t r = 0; r < runs.size(); ++r) {
       if (ts >= runs[r].first && ts <= runs[r].second) {
         (op == "MemcpyToHost" ? out[r].to_host : out[r].from_host) += 1;
+        // A size that cannot be read would pass the bar on bytes unseen, so it is an error, not 0.
+        const auto size = args->find("output_size");
+        int64_t bytes = -1;
+        if (size != args->end() && size->is_number_integer()) {
+          bytes = size->get<int64_t>();
+        } else if (size != args->end() && size->is_string()) {
+          const std::string& text = size->get_ref<const std::string&>();
+          const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), bytes);
+          if (ec != std::errc() || end != text.data() + text.size()) bytes = -1;
+        }
+        if (bytes < 0) {
+          throw ArtifactError(profile_json.string() + ": " + op + " node '" + node +
+                              "' has no output_size (a whole number of bytes) in its args");
+        }
+        out[r].nodes.push_back({op, node, bytes});
         break;
       }
     }

@@ -233,11 +233,14 @@ TEST(OnnxRuntimeEngine, ProfileCountsRunsAndTheirCopies) {
   const std::filesystem::path snippet = dir / "gpu.json";
   std::ofstream(snippet) << R"([
     {"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 90},
-    {"cat": "Node", "name": "Memcpy_token_0_kernel_time", "ts": 101, "dur": 3, "args": {"op_name": "MemcpyFromHost"}},
+    {"cat": "Node", "name": "Memcpy_token_0_kernel_time", "ts": 101, "dur": 3,
+     "args": {"op_name": "MemcpyFromHost", "output_size": "8"}},
     {"cat": "Node", "name": "Memcpy_token_0_fence_before", "ts": 100, "dur": 0, "args": {"op_name": "MemcpyFromHost"}},
     {"cat": "Node", "name": "MatMul_kernel_time", "ts": 105, "dur": 30, "args": {"op_name": "MatMul"}},
-    {"cat": "Node", "name": "Memcpy_token_1_kernel_time", "ts": 140, "dur": 3, "args": {"op_name": "MemcpyToHost"}},
-    {"cat": "Node", "name": "Memcpy_token_2_kernel_time", "ts": 142, "dur": 3, "args": {"op_name": "MemcpyToHost"}},
+    {"cat": "Node", "name": "Memcpy_token_1_kernel_time", "ts": 140, "dur": 3,
+     "args": {"op_name": "MemcpyToHost", "output_size": "4096"}},
+    {"cat": "Node", "name": "Memcpy_token_2_kernel_time", "ts": 142, "dur": 3,
+     "args": {"op_name": "MemcpyToHost", "output_size": "16"}},
     {"cat": "Session", "name": "model_run", "ts": 100, "dur": 50},
     {"cat": "Node", "name": "MatMul_kernel_time", "ts": 205, "dur": 30, "args": {"op_name": "MatMul"}},
     {"cat": "Session", "name": "model_run", "ts": 200, "dur": 50}
@@ -247,10 +250,60 @@ TEST(OnnxRuntimeEngine, ProfileCountsRunsAndTheirCopies) {
   EXPECT_EQ(copies[0].from_host, 1);
   EXPECT_EQ(copies[0].to_host, 2);
   EXPECT_EQ(copies[1].from_host + copies[1].to_host, 0);
+  ASSERT_EQ(copies[0].nodes.size(), 3u);
+  EXPECT_EQ(copies[0].nodes[0].op, "MemcpyFromHost");
+  EXPECT_EQ(copies[0].nodes[0].node, "Memcpy_token_0");
+  EXPECT_TRUE(copies[1].nodes.empty());
+  EXPECT_TRUE(runs[0].nodes.empty());
 
   std::ofstream(dir / "not.json") << R"({"traceEvents": []})";
   EXPECT_EQ(message_of<vle::ArtifactError>([&] { vle::profile_copies(dir / "not.json"); }),
             (dir / "not.json").string() + ": not an ONNX Runtime profile (a JSON array of trace events)");
+  std::filesystem::remove_all(dir);
+}
+
+// The bytes of each copy are its output_size, a decimal string as ONNX Runtime writes it (a number is read
+// too); the GPU check's bar is on them, so a Memcpy kernel without a readable size is an error, never 0.
+TEST(OnnxRuntimeEngine, ProfileListsEachCopyNodeWithItsBytes) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("vle-profile-bytes-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  const std::filesystem::path snippet = dir / "gpu.json";
+  std::ofstream(snippet) << R"([
+    {"cat": "Session", "name": "model_run", "ts": 100, "dur": 50},
+    {"cat": "Node", "name": "Memcpy_past_kernel_time", "ts": 101, "dur": 3,
+     "args": {"op_name": "MemcpyFromHost", "output_size": "1048576"}},
+    {"cat": "Node", "name": "MatMul_kernel_time", "ts": 105, "dur": 30,
+     "args": {"op_name": "MatMul", "output_size": "64"}},
+    {"cat": "Node", "name": "Memcpy_pos_kernel_time", "ts": 140, "dur": 3,
+     "args": {"op_name": "MemcpyToHost", "output_size": 8}},
+    {"cat": "Session", "name": "model_run", "ts": 200, "dur": 50},
+    {"cat": "Node", "name": "Memcpy_pos_kernel_time", "ts": 201, "dur": 3,
+     "args": {"op_name": "MemcpyToHost", "output_size": "8"}}
+  ])";
+  const std::vector<vle::RunCopies> runs = vle::profile_copies(snippet);
+  ASSERT_EQ(runs.size(), 2u);
+  ASSERT_EQ(runs[0].nodes.size(), 2u);
+  EXPECT_EQ(runs[0].nodes[0].op, "MemcpyFromHost");
+  EXPECT_EQ(runs[0].nodes[0].node, "Memcpy_past");
+  EXPECT_EQ(runs[0].nodes[0].bytes, 1048576);
+  EXPECT_EQ(runs[0].nodes[1].op, "MemcpyToHost");
+  EXPECT_EQ(runs[0].nodes[1].node, "Memcpy_pos");
+  EXPECT_EQ(runs[0].nodes[1].bytes, 8);
+  EXPECT_EQ(runs[0].to_host, 1);
+  EXPECT_EQ(runs[0].from_host, 1);
+  ASSERT_EQ(runs[1].nodes.size(), 1u);
+  EXPECT_EQ(runs[1].nodes[0].bytes, 8);
+  EXPECT_EQ(runs[1].to_host, 1);
+
+  const std::filesystem::path unsized = dir / "unsized.json";
+  std::ofstream(unsized) << R"([
+    {"cat": "Session", "name": "model_run", "ts": 100, "dur": 50},
+    {"cat": "Node", "name": "Memcpy_past_kernel_time", "ts": 101, "dur": 3, "args": {"op_name": "MemcpyFromHost"}}
+  ])";
+  EXPECT_EQ(message_of<vle::ArtifactError>([&] { vle::profile_copies(unsized); }),
+            unsized.string() + ": MemcpyFromHost node 'Memcpy_past' has no output_size (a whole number of bytes) "
+                               "in its args");
   std::filesystem::remove_all(dir);
 }
 
