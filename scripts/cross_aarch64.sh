@@ -14,6 +14,8 @@
 #   - header-only libraries (nlohmann-json, stb) and sentencepiece's headers: the host's, the same files;
 #   - libonnxruntime: the manylinux aarch64 wheel of the onnxruntime version in .venv, from PyPI, its library
 #     unpacked into build/aarch64-ort (the preset's VLE_ONNXRUNTIME_LIBRARY, opened at run time).
+# Last, where CI's earlier steps left an artifact and the host's vle-run, whole requests through the aarch64 vle-run
+# under qemu must give the host's answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -93,4 +95,41 @@ cmake --build --preset aarch64-cross
 phase "build"
 ctest --preset aarch64-cross
 phase "ctest under qemu-aarch64"
+
+# --- 5. whole requests: aarch64 vle-run under qemu against the host's --------------------------------------------
+# Same artifact, image and options on both (greedy, sampled with a seed, a region): the printed answer (its text,
+# the stop reason, and detections where the model emits any) must be byte for byte the same.
+# CI exports build/ci-artifact and builds build/cpu/vle-run in its earlier steps; elsewhere this is skipped.
+artifact=${VLE_CROSS_ARTIFACT:-build/ci-artifact}
+if [ -f "$artifact/manifest.json" ] && [ -x build/cpu/vle-run ]; then
+  t=$(mktemp -d)
+  trap 'rm -rf "$t"' EXIT
+  .venv/bin/python -c '
+import sys
+from PIL import Image, ImageDraw
+im = Image.new("RGB", (96, 80), (30, 30, 30))
+ImageDraw.Draw(im).ellipse((10, 10, 50, 50), fill=(200, 40, 40))
+im.save(sys.argv[1])' "$t/scene.png"
+  requests=("--prompt|What is in the image?"
+            "--prompt|Please detect the circle."
+            "--prompt|Describe the image.|--sample|--seed|7"
+            "--prompt|What is in <region>?|--region|8,8,52,52")
+  n=0
+  for r in "${requests[@]}"; do
+    IFS='|' read -r -a opts <<<"$r"
+    common=("$artifact" --image "$t/scene.png" --max-new-tokens 24 "${opts[@]}")
+    build/cpu/vle-run "${common[@]}" >"$t/host.txt"
+    qemu-aarch64 -L build/aarch64/qemu-aarch64-prefix build/aarch64/vle-run "${common[@]}" >"$t/aarch64.txt"
+    if ! cmp -s "$t/host.txt" "$t/aarch64.txt"; then
+      echo "cross_aarch64: vle-run ${opts[*]}: the aarch64 answer differs from the host's" >&2
+      diff "$t/host.txt" "$t/aarch64.txt" >&2 || true
+      exit 1
+    fi
+    n=$((n + 1))
+  done
+  rm -rf "$t" && trap - EXIT
+  phase "vle-run under qemu-aarch64: $n requests on $artifact, the same answers as the host's"
+else
+  echo "cross_aarch64: no vle-run comparison: needs $artifact/manifest.json (visionllm-edge export) and build/cpu/vle-run"
+fi
 echo "cross_aarch64: done in $((SECONDS - started)) s"
