@@ -331,6 +331,12 @@ def _cmd_export(args) -> int:
     return main_export(args)
 
 
+def _cmd_bench(args) -> int:
+    from visionllm_edge import bench
+
+    return bench.main(args)
+
+
 def _cmd_demo(args) -> int:
     from visionllm_edge import demo
 
@@ -456,6 +462,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--threads", type=int, default=0, help="intra-op threads per graph (0: ONNX Runtime's)")
     ev.set_defaults(func=_cmd_eval)
+
+    bench = sub.add_parser(
+        "bench",
+        help="per-stage latency (min/median/p90/max), decode ms/token at KV lengths, memory and the "
+        "measured hardware floors of an artifact",
+    )
+    bench.add_argument("artifact", help="artifact folder written by 'visionllm-edge export'")
+    bench.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated subset of vqa,caption,detect,ground,segment,pose,generate,edit "
+        "(default: all the artifact serves)",
+    )
+    bench.add_argument(
+        "--past", default="128,512,2048", help="KV lengths to time decode at (comma-separated; '' for none)"
+    )
+    bench.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
+    bench.add_argument("--repeat", type=int, default=5, help="timed repetitions (default 5)")
+    bench.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads per graph (0: ONNX Runtime's)"
+    )
+    bench.add_argument("--providers", default=None, help="ONNX Runtime providers, e.g. CPUExecutionProvider")
+    bench.add_argument("--new-tokens", type=int, default=16, help="decode steps per request (default 16)")
+    bench.add_argument("--json", default=None, help="write the run's record as JSON here")
+    bench.add_argument("--md", default=None, help="write the markdown table here")
+    bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser(
         "demo",
