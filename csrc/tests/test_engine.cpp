@@ -16,6 +16,7 @@
 #include "engines/engine.h"
 #include "engines/ort_profile.h"
 #include "visionllm_edge/errors.h"
+#include "tests/test_util.h"
 
 namespace {
 
@@ -30,20 +31,7 @@ vle::TensorView view(std::vector<T>& v, vle::DType dtype, std::vector<int64_t> s
   return {dtype, std::move(shape), v.data()};
 }
 
-// Runs `call` and returns the message of the vle error of type E it throws; fails the test otherwise.
-template <typename E, typename F>
-std::string message_of(F call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw another exception: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "did not throw";
-  return "";
-}
+using vle::test_util::message_of;
 
 struct Inputs {
   std::vector<float> a{1, 2, 3, 4, 5, 6};

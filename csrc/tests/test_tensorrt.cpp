@@ -20,6 +20,7 @@
 #include "engines/tensorrt.h"
 #include "engines/tensorrt_profiles.h"
 #include "visionllm_edge/errors.h"
+#include "tests/test_util.h"
 
 namespace {
 
@@ -28,19 +29,7 @@ using nlohmann::json;
 
 const fs::path kData = fs::path(VLE_SOURCE_DIR) / "csrc/tests/data";
 
-template <typename E, typename F>
-std::string message_of(F call) {
-  try {
-    call();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw another exception: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "did not throw";
-  return "";
-}
+using vle::test_util::message_of;
 
 // An input with symbolic axes ("" for a static one).
 vle::ProfileInput input(const std::string& name, std::vector<int64_t> dims, std::vector<std::string> symbols) {

@@ -418,8 +418,8 @@ def markdown(record: dict) -> str:
     return head + "\n".join(lines) + tail
 
 
-def main(args) -> int:
-    """The `bench` subcommand."""
+def main(args, providers: list[str] | None) -> int:
+    """The `bench` subcommand; `providers` as the CLI parsed `--providers`."""
     tty = sys.stderr.isatty()
 
     def progress(msg: str) -> None:
@@ -428,7 +428,6 @@ def main(args) -> int:
         else:
             print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     record = run_bench(
         args.artifact,
         tasks=args.tasks,

@@ -334,7 +334,7 @@ def _cmd_export(args) -> int:
 def _cmd_bench(args) -> int:
     from visionllm_edge import bench
 
-    return bench.main(args)
+    return bench.main(args, _providers(args.providers))
 
 
 def _cmd_demo(args) -> int:
