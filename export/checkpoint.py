@@ -380,63 +380,174 @@ def _randomise(model: VisionLLMv2, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def save_official(model: VisionLLMv2, directory: str | Path, max_shard_bytes: int = 2 << 30) -> Path:
-    """Writes `model` in the official layout (config, sharded `.bin` + index, tokenizer files).
+def _plan_shards(
+    state: dict[str, torch.Tensor], max_shard_bytes: int, dtype: torch.dtype | None = None
+) -> tuple[list[list[str]], int]:
+    """Which keys go into which shard, in key order, and the bytes of the distinct tensors.
+
+    Bytes are counted in each tensor's own dtype, or, with `dtype`, floating tensors in that one (the dtype
+    they will be written in).
+
+    A new shard starts when the next distinct tensor would take the current one over `max_shard_bytes`.
+    Alias keys are kept, as transformers 4.34 `.bin` saving does: in the shard of the first key of their
+    tensor, counted once in the total. On meta (no storage) an alias must be the same object as its first
+    key, as in `state_dict(keep_vars=True)`.
+    """
+    shards: list[list[str]] = [[]]
+    size = 0
+    total = 0
+    shard_of: dict[object, int] = {}  # a tensor -> its shard (aliases follow their first key)
+    for key, value in state.items():
+        ident = _same_tensor_key(value)
+        if ident in shard_of:
+            shards[shard_of[ident]].append(key)
+            continue
+        itemsize = value.element_size()
+        if dtype is not None and value.is_floating_point():
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+        nbytes = value.numel() * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        shard_of[ident] = len(shards) - 1
+        size += nbytes
+        total += nbytes
+    return shards, total
+
+
+def _write_official(
+    directory: Path,
+    config: ModelConfig,
+    tokenizer_dir: Path | None,
+    plan: list[list[str]],
+    total: int,
+    shard_tensors: Callable[[list[str]], dict[str, torch.Tensor]],
+) -> Path:
+    """Writes an official-layout folder: each shard of `plan` from `shard_tensors(keys)` in turn (only one
+    shard's tensors alive at a time), the index, `config.json` and the tokenizer files.
 
     Written to a temporary folder beside the target and renamed when complete, so an interrupted save
-    leaves nothing that looks like a checkpoint. Alias keys are kept, as transformers 4.34 `.bin` saving does:
-    in the shard of the first key of their tensor, and counted once in the index's `total_size`.
+    leaves nothing that looks like a checkpoint.
     """
-    directory = Path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory}: already exists; choose a new folder")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        state = model.state_dict()
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        total = 0
-        shard_of: dict[object, int] = {}  # a tensor -> its shard (aliases follow their first key)
-        for key, value in state.items():
-            ident = _same_tensor_key(value)
-            if ident in shard_of:
-                shards[shard_of[ident]][key] = value
-                continue
-            nbytes = value.numel() * value.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = value
-            shard_of[ident] = len(shards) - 1
-            size += nbytes
-            total += nbytes
-        n = len(shards)
+        n = len(plan)
         weight_map = {}
-        for i, shard in enumerate(shards, start=1):
+        for i, keys in enumerate(plan, start=1):
             name = f"pytorch_model-{i:05d}-of-{n:05d}.bin"
-            torch.save(shard, tmp / name)
-            for key in shard:
+            torch.save(shard_tensors(keys), tmp / name)
+            for key in keys:
                 weight_map[key] = name
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        config = model.config.to_dict()
+        raw = config.to_dict()
         # As `save_pretrained` writes them (a null left in memory would otherwise reach the file).
-        config["architectures"] = config.get("architectures") or ["VisionLLMv2Model"]
-        config["model_type"] = config.get("model_type") or "visionllmv2"
-        if EXTENSION_KEY in config and not config[EXTENSION_KEY]:
-            del config[EXTENSION_KEY]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tok_dir = getattr(model, "tokenizer_dir", None)
-        if tok_dir is not None:
+        raw["architectures"] = raw.get("architectures") or ["VisionLLMv2Model"]
+        raw["model_type"] = raw.get("model_type") or "visionllmv2"
+        if EXTENSION_KEY in raw and not raw[EXTENSION_KEY]:
+            del raw[EXTENSION_KEY]
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+        if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
-                if (Path(tok_dir) / name).is_file():
-                    shutil.copyfile(Path(tok_dir) / name, tmp / name)
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def save_official(model: VisionLLMv2, directory: str | Path, max_shard_bytes: int = 2 << 30) -> Path:
+    """Writes `model` in the official layout (config, sharded `.bin` + index, tokenizer files).
+
+    Written to a temporary folder beside the target and renamed when complete (see `_write_official`); alias
+    keys are kept in the shard of the first key of their tensor (see `_plan_shards`).
+    """
+    state = model.state_dict()
+    plan, total = _plan_shards(state, max_shard_bytes)
+    return _write_official(
+        Path(directory),
+        model.config,
+        getattr(model, "tokenizer_dir", None),
+        plan,
+        total,
+        lambda keys: {key: state[key] for key in keys},
+    )
+
+
+def save_random_official(
+    config: ModelConfig | str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    max_shard_bytes: int = 2 << 30,
+    tokenizer_dir: str | Path | None = None,
+) -> Path:
+    """Writes a seeded random-weight checkpoint of `config` in the official layout, never holding the model.
+
+    For the released 7B (9.4 G parameters: 37 GB in float32, 19 GB in float16), which no machine of ours can
+    build in memory: the model is built with its parameters on the meta device (`_parameters_on_meta`; buffers
+    real), the shards are planned from the meta state as `save_official` plans them, and each shard's tensors
+    are drawn in `dtype` when that shard is written and dropped after it, so the peak is about one shard
+    (`max_shard_bytes`). Floating buffers are converted to `dtype`, others kept.
+
+    The values follow `_randomise`'s noise on a zero start, except 1-D `weight`s, which start at one (the
+    norms' scales): >=2-D N(0, 0.5/sqrt(fan_in)), 1-D weights 1 + N(0, 0.1), other 1-D tensors N(0, 0.05),
+    one draw per distinct tensor (aliases share it), a generator seeded with `seed` + 1 drawing in key
+    order. They are not the values `load_reference` gives a buildable configuration (that starts from each
+    module's own initialisation, which needs the model in memory); for speed and memory any values do.
+
+    Args:
+        config: a `ModelConfig` or a named configuration (`visionllmv2-7b`).
+        directory: the new checkpoint folder (must not exist).
+        seed: seed of the values (the same seed writes the same files).
+        dtype: floating dtype on disk (the release is float16).
+        max_shard_bytes: shard size, as in `save_official`.
+        tokenizer_dir: tokenizer files to copy; default the configuration's bundled tokenizer, else the test
+            tokenizer (`tiny_tokenizer`: no released tokenizer is on our machines, as for the 2-layer config).
+
+    Returns:
+        The folder.
+    """
+    if isinstance(config, str):
+        config = named_config(config)
+    if tokenizer_dir is None:
+        tokenizer_dir = data_path(config.extension.get("tokenizer") or "tiny_tokenizer")
+    with _parameters_on_meta():
+        model = build_model(config)
+    state = model.state_dict(keep_vars=True)
+    plan, total = _plan_shards(state, max_shard_bytes, dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def draw(key: str, value: torch.Tensor) -> torch.Tensor:
+        if value.device.type != "meta":  # a buffer
+            return value.detach().to(dtype) if value.is_floating_point() else value.detach().clone()
+        if not value.is_floating_point():
+            raise CheckpointError(f"{config.source}: parameter '{key}' has dtype {value.dtype}; cannot draw it")
+        out = torch.empty(value.shape, dtype=dtype)
+        if value.dim() >= 2:
+            return out.normal_(0.0, 0.5 / value[0].numel() ** 0.5, generator=generator)
+        if key.endswith("weight"):
+            return out.normal_(1.0, 0.1, generator=generator)
+        return out.normal_(0.0, 0.05, generator=generator)
+
+    def shard_tensors(keys: list[str]) -> dict[str, torch.Tensor]:
+        drawn: dict[object, torch.Tensor] = {}
+        out = {}
+        for key in keys:
+            ident = _same_tensor_key(state[key])
+            if ident not in drawn:
+                drawn[ident] = draw(key, state[key])
+            out[key] = drawn[ident]
+        return out
+
+    return _write_official(Path(directory), config, Path(tokenizer_dir), plan, total, shard_tensors)
 
 
 # --- partial loading: only the parts one exported component needs -----------------------------------------
