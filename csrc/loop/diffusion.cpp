@@ -1,6 +1,7 @@
 #include "loop/diffusion.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -223,7 +224,7 @@ int64_t guidance_batch(int64_t n, double guidance, bool editing, double image_gu
 
 Tensor denoise(const UNetFn& unet, const TensorView& cond, const TensorView& uncond, const TensorView& noise,
                int64_t steps, double guidance, const std::optional<TensorView>& image_latents,
-               double image_guidance, const DDIMConfig& config) {
+               double image_guidance, const DDIMConfig& config, std::vector<double>* step_ms) {
   if (!unet) throw InputError("denoise: no UNet given");
   require_float32_host(cond, "cond");
   require_float32_host(uncond, "uncond");
@@ -310,6 +311,7 @@ Tensor denoise(const UNetFn& unet, const TensorView& cond, const TensorView& unc
   const int64_t count = n * plane;
 
   for (int64_t t : schedule.timesteps()) {
+    const auto step_start = std::chrono::steady_clock::now();
     // DDIM's scale_model_input is the identity: the latents go to the UNet as they are.
     for (int64_t row = 0; row < batch; ++row) {
       std::memcpy(sample.data() + row * in_plane, latents + (row % n) * plane, sizeof(float) * plane);
@@ -331,6 +333,10 @@ Tensor denoise(const UNetFn& unet, const TensorView& cond, const TensorView& unc
       guided_eps = eps.data();
     }
     schedule.step(guided_eps, t, latents, count);
+    if (step_ms) {
+      const auto elapsed = std::chrono::steady_clock::now() - step_start;
+      step_ms->push_back(std::chrono::duration<double, std::milli>(elapsed).count());
+    }
   }
   return latents_tensor;
 }

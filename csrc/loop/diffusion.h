@@ -103,9 +103,10 @@ int64_t guidance_batch(int64_t n, double guidance, bool editing, double image_gu
 //   uncond  [1 or n, L, D]  the unconditional context
 //   noise   [n, C, h, w]    the initial noise
 // All float32 in host memory. InputError naming the argument on anything else; exceptions thrown by `unet`
-// pass through.
+// pass through. With `step_ms`, each step's wall time in milliseconds is appended to it, one per timestep:
+// the UNet call on the guidance batch with its input copies, the guidance and the scheduler update.
 Tensor denoise(const UNetFn& unet, const TensorView& cond, const TensorView& uncond, const TensorView& noise,
                int64_t steps, double guidance, const std::optional<TensorView>& image_latents = std::nullopt,
-               double image_guidance = 1.5, const DDIMConfig& config = {});
+               double image_guidance = 1.5, const DDIMConfig& config = {}, std::vector<double>* step_ms = nullptr);
 
 }  // namespace vle
