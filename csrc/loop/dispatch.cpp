@@ -1,6 +1,12 @@
 // Dispatch of the answer's super-link groups: the object decoder, the keypoint decoder, and for [GEN] /
 // [EDIT] the mapper, the DDIM loop with guidance and the VAE; then post-processing into the Result.
+//
+// Timings: "link" is the super-link hand-off (grouping the links per decoder and building each decoder's
+// query inputs from them; the decode loop adds the device path's copy of the link rows), each decoder's
+// stage its graph calls, and "denoise" the DDIM loop alone, inside the gen_decoder / edit_decoder stage
+// (which also holds the mapper and the VAE).
 #include "loop/pipeline_impl.h"
+#include "loop/summary.h"
 
 namespace vle {
 
@@ -35,33 +41,52 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
     const auto it = labels.find(position);
     return it == labels.end() ? std::string() : it->second;
   };
+  // Every decoder below takes groups of this answer: without links there is nothing to hand off.
+  if (router->links().empty()) return;
   const Postprocess& post = manifest.postprocess;
   if (decoders.count(kObjectDecoder)) {
-    const std::vector<DecoderGroup> groups = router->groups_for(kObjectDecoder).at(0).second;
+    std::vector<DecoderGroup> groups;
+    {
+      StageTimer t(result, "link");
+      groups = router->groups_for(kObjectDecoder).at(0).second;
+    }
     if (!groups.empty()) {
       const DetectionInput& det = frame_detection_input(f, o);
       const GraphEntry& g = graph(contract::graph::kDet);
       const int64_t max_groups = fact_int(g, "max_groups", fact_int(g, "max_text_len", 256));
       const int64_t num_queries = fact_int(g, "num_queries");
+      // One decoder call per max_groups groups: its text query [1, k, nq, H] and query mask [1, k].
+      struct Call {
+        int64_t k = 0, nq = 0;
+        std::vector<float> query;
+        std::vector<uint8_t> query_mask;
+      };
+      std::vector<Call> calls;
+      {
+        StageTimer t(result, "link");
+        for (size_t begin = 0; begin < groups.size(); begin += static_cast<size_t>(max_groups)) {
+          const size_t end = std::min(groups.size(), begin + static_cast<size_t>(max_groups));
+          Call c;
+          c.k = static_cast<int64_t>(end - begin);
+          c.nq = groups[begin].link.num_queries;
+          for (size_t i = begin; i < end; ++i) {
+            c.query.insert(c.query.end(), groups[i].link.states->begin(), groups[i].link.states->end());
+          }
+          c.query_mask.assign(static_cast<size_t>(c.k), 1);
+          calls.push_back(std::move(c));
+        }
+      }
       std::vector<Array> logits, boxes, masks;
       {
         StageTimer t(result, "object_decoder");
         std::vector<int64_t> query_index(static_cast<size_t>(num_queries));
         for (int64_t i = 0; i < num_queries; ++i) query_index[static_cast<size_t>(i)] = i;
-        for (size_t begin = 0; begin < groups.size(); begin += static_cast<size_t>(max_groups)) {
-          const size_t end = std::min(groups.size(), begin + static_cast<size_t>(max_groups));
-          const int64_t k = static_cast<int64_t>(end - begin);
-          const int64_t nq = groups[begin].link.num_queries;
-          std::vector<float> query;
-          for (size_t i = begin; i < end; ++i) {
-            query.insert(query.end(), groups[i].link.states->begin(), groups[i].link.states->end());
-          }
-          std::vector<uint8_t> query_mask(static_cast<size_t>(k), 1);
+        for (Call& c : calls) {
           auto out = engine(contract::graph::kDet)
                          .run({{contract::io::kPixelValues, {DType::kFloat32, det.pixel_values.shape, det.pixel_values.data.get()}},
                                {contract::io::kPixelMask, {DType::kBool, det.pixel_mask.shape, det.pixel_mask.data.get()}},
-                               {contract::io::kTextQuery, {DType::kFloat32, {1, k, nq, hidden}, query.data()}},
-                               {contract::io::kTextQueryMask, {DType::kBool, {1, k}, query_mask.data()}},
+                               {contract::io::kTextQuery, {DType::kFloat32, {1, c.k, c.nq, hidden}, c.query.data()}},
+                               {contract::io::kTextQueryMask, {DType::kBool, {1, c.k}, c.query_mask.data()}},
                                {contract::io::kMaskQueryIndex, {DType::kInt64, {1, num_queries}, query_index.data()}}},
                               {}, {contract::io::kLogits, contract::io::kPredBoxes, contract::io::kPredMasks});
           logits.push_back(to_array(out[0]));
@@ -93,7 +118,11 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
     }
   }
   if (decoders.count(kPoseDecoder)) {
-    const DecoderGroups pose_groups = router->groups_for(kPoseDecoder);
+    DecoderGroups pose_groups;
+    {
+      StageTimer t(result, "link");
+      pose_groups = router->groups_for(kPoseDecoder);
+    }
     std::vector<const LinkGroup*> objects;
     for (const DecoderGroup& g : pose_groups.at(0).second) objects.push_back(&g.link);
     if (objects.empty()) {
@@ -101,7 +130,6 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
     }
     const std::vector<DecoderGroup>& keypoints = pose_groups.at(1).second;
     if (!keypoints.empty() && !objects.empty()) {
-      const DetectionInput& det = frame_detection_input(f, o);
       const GraphEntry& g = graph(contract::graph::kPose);
       const int64_t max_keypoints = fact_int(g, "max_keypoints", 68);
       constexpr int64_t kSlots = 100;
@@ -112,18 +140,24 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
       }
       const int64_t nq = keypoints[0].link.num_queries;
       const size_t group = static_cast<size_t>(nq * hidden);
-      std::vector<float> obj(static_cast<size_t>(kSlots) * group, 0.f), kpt(static_cast<size_t>(kSlots) * group, 0.f);
+      std::vector<float> obj, kpt;
       std::vector<uint8_t> om(kSlots, 0), km(kSlots, 0);
-      for (size_t i = 0; i < objects.size(); ++i) {
-        const std::vector<float>& states = *objects[i]->states;
-        if (states.size() != group) throw InputError("pose: an object group has the wrong number of states");
-        std::copy(states.begin(), states.end(), obj.begin() + i * group);
-        om[i] = 1;
+      {
+        StageTimer t(result, "link");
+        obj.assign(static_cast<size_t>(kSlots) * group, 0.f);
+        kpt.assign(static_cast<size_t>(kSlots) * group, 0.f);
+        for (size_t i = 0; i < objects.size(); ++i) {
+          const std::vector<float>& states = *objects[i]->states;
+          if (states.size() != group) throw InputError("pose: an object group has the wrong number of states");
+          std::copy(states.begin(), states.end(), obj.begin() + i * group);
+          om[i] = 1;
+        }
+        for (size_t i = 0; i < keypoints.size(); ++i) {
+          std::copy(keypoints[i].link.states->begin(), keypoints[i].link.states->end(), kpt.begin() + i * group);
+          km[i] = 1;
+        }
       }
-      for (size_t i = 0; i < keypoints.size(); ++i) {
-        std::copy(keypoints[i].link.states->begin(), keypoints[i].link.states->end(), kpt.begin() + i * group);
-        km[i] = 1;
-      }
+      const DetectionInput& det = frame_detection_input(f, o);
       std::vector<Tensor> out;
       {
         StageTimer t(result, "pose_decoder");
@@ -147,23 +181,37 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
                    det.resized_hw, f.width, f.height, post, result);
     }
   }
+  std::vector<double> step_ms;  // every UNet step of the request, [GEN] and [EDIT] alike
   for (const std::string& kind : contract::generation_kinds()) {
     if (!decoders.count(kind)) continue;
-    const std::vector<DecoderGroup> groups = router->groups_for(kind).at(0).second;
+    std::vector<DecoderGroup> groups;
+    std::vector<float> states;  // the mapper's input [n, nq, H]
+    {
+      StageTimer t(result, "link");
+      groups = router->groups_for(kind).at(0).second;
+      for (const DecoderGroup& g : groups) states.insert(states.end(), g.link.states->begin(), g.link.states->end());
+    }
     if (groups.empty()) continue;
     StageTimer t(result, kind + "_decoder");
-    diffusion(kind, groups, f, o, result);
+    diffusion(kind, groups, states, f, o, result, step_ms);
+  }
+  if (!step_ms.empty()) {
+    const Summary steps = summarize(step_ms);
+    result.stats["diffusion_steps"] = static_cast<double>(steps.n);
+    result.stats["diffusion_step_ms_min"] = steps.min;
+    result.stats["diffusion_step_ms_median"] = steps.median;
+    result.stats["diffusion_step_ms_max"] = steps.max;
   }
 }
 
-void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<DecoderGroup>& groups, const Frame& f,
-                               const RunOptions& o, Result& result) {
+void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<DecoderGroup>& groups,
+                               const std::vector<float>& states, const Frame& f, const RunOptions& o, Result& result,
+                               std::vector<double>& step_ms) {
   const int64_t n = static_cast<int64_t>(groups.size());
   const int64_t nq = groups[0].link.num_queries;
-  std::vector<float> states;
-  for (const DecoderGroup& g : groups) states.insert(states.end(), g.link.states->begin(), g.link.states->end());
   const std::string mapper = kind + contract::graph::kMapperSuffix;
-  auto mapped = engine(mapper).run({{contract::io::kLinkStates, {DType::kFloat32, {n, nq, hidden}, states.data()}}}, {},
+  float* link_states = const_cast<float*>(states.data());  // an input: the engine only reads it
+  auto mapped = engine(mapper).run({{contract::io::kLinkStates, {DType::kFloat32, {n, nq, hidden}, link_states}}}, {},
                                    {contract::io::kConditioning});
   Array cond = to_array(mapped[0]);
   auto& raw = result.decoders[kind];
@@ -225,10 +273,14 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
   const DDIMConfig config = DDIMConfig::from_facts(*scheduler);
   std::optional<TensorView> image_view_latents;
   if (!image_latents.empty()) image_view_latents = TensorView{DType::kFloat32, noise_shape, image_latents.data()};
-  const Tensor latents =
-      denoise(unet_fn, {DType::kFloat32, cond.shape, cond.data.get()}, uncond.view(),
-              {DType::kFloat32, noise_shape, noise.data.get()}, manifest.generation.diffusion_steps,
-              manifest.generation.guidance_scale, image_view_latents, manifest.generation.image_guidance_scale, config);
+  Tensor latents;
+  {
+    StageTimer t(result, "denoise");
+    latents = denoise(unet_fn, {DType::kFloat32, cond.shape, cond.data.get()}, uncond.view(),
+                      {DType::kFloat32, noise_shape, noise.data.get()}, manifest.generation.diffusion_steps,
+                      manifest.generation.guidance_scale, image_view_latents, manifest.generation.image_guidance_scale,
+                      config, &step_ms);
+  }
   auto decoded = engine(kind + contract::graph::kVaeDecoderSuffix)
                      .run({{contract::io::kLatents, latents.view()}}, {},
                           {contract::io::kImages});

@@ -436,7 +436,13 @@ std::string Pipeline::Impl::decode(Sequence& seq, const RunOptions& o, Result& r
         break;
       }
     }
-    state.finish_decode(*router);  // the device path's links, in one copy
+  }
+  {
+    // The super-link hand-off starts here: the device path's link rows come to the host in one copy (the
+    // host path observed them at each routing step). Timed as "link" when the answer has links.
+    const auto link_start = Clock::now();
+    state.finish_decode(*router);
+    if (!router->links().empty()) add_timing(result, "link", ms_since(link_start));
   }
   // The loop's own work per fed step, outside the engine call: sampling, planning, the step's rows, the
   // link, streaming (benchmarks/decode_overhead.py reports it against the engine call).

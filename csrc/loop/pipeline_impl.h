@@ -217,8 +217,10 @@ struct Pipeline::Impl {
   std::vector<int64_t> answer_tokens(const std::vector<int64_t>& ids, size_t start) const;
   void dispatch(Frame& frame, const std::map<int64_t, std::string>& labels, const std::vector<LinkGroup>& history,
                 const RunOptions& options, Result& result);
-  void diffusion(const std::string& kind, const std::vector<DecoderGroup>& groups, const Frame& frame,
-                 const RunOptions& options, Result& result);
+  // The mapper on the groups' link states ([n, nq, H], gathered by dispatch as part of the link stage), the
+  // denoising loop (its steps' times appended to `step_ms`) and the VAE.
+  void diffusion(const std::string& kind, const std::vector<DecoderGroup>& groups, const std::vector<float>& states,
+                 const Frame& frame, const RunOptions& options, Result& result, std::vector<double>& step_ms);
 };
 
 }  // namespace vle

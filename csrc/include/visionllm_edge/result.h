@@ -69,8 +69,10 @@ struct Result {
   SemanticMap segmentation;
   std::vector<Pose> poses;
   std::vector<Array> images;       // [H, W, 3] uint8 each
-  std::vector<std::pair<std::string, double>> timings_ms;  // per stage, in the order they ran (a stage
-                                                           // listed twice counts as the sum of its times)
+  std::vector<std::pair<std::string, double>> timings_ms;  // per stage, in the order they ended (a stage
+                                                           // listed twice counts as the sum of its times;
+                                                           // the keys: docs/architecture.md §3; "denoise"
+                                                           // is a part of gen_decoder / edit_decoder)
 
   // For parity checks and benchmarks: the whole id sequence, every decoder's raw tensors (by decoder, then
   // output name) and loop counters (reused_rows, decode_steps, decode_engine_ms, ...).
