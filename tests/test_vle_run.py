@@ -5,13 +5,19 @@ equal mask areas and semantic-map pixel counts, generated images within 1e-3 of 
 and `ldd vle-run` names no libpython. The requests and the comparison are those of
 benchmarks/vle_run_parity.py, which runs the same check on any artifact (e.g. shapes-tiny).
 
+`vle-run --bench`: the record's fields, each summary equal to numpy's over the record's own repetitions, the
+loop's link / denoise / diffusion-step figures, and the bad options' messages.
+
 The binary is `build/cpu/vle-run` (the `cpu` CMake preset) or `$VLE_RUN`; without it these tests skip.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,3 +146,100 @@ def test_comparison_sees_each_kind_of_difference():
     assert changed(lambda r: r.result["poses"][0]["box_xyxy"].__setitem__(0, float("nan")))
     assert changed(lambda r: r.images[0].__setitem__((0, 0, 0), 101))  # one level is 1/255 > 1e-3
     assert changed(lambda r: setattr(r, "stdout", r.stdout.replace("eos", "length")))
+
+
+# --- vle-run --bench --------------------------------------------------------------------------------------
+
+SUMMARY_KEYS = ["min", "median", "p90", "max", "n"]
+
+
+def _numpy_summary(values) -> dict:
+    """What `visionllm-edge bench` reports for a quantity (bench.summary), computed here."""
+    v = np.asarray(values, dtype=np.float64)
+    return {
+        "min": float(v.min()),
+        "median": float(np.median(v)),
+        "p90": float(np.percentile(v, 90)),
+        "max": float(v.max()),
+        "n": int(v.size),
+    }
+
+
+def test_vle_run_bench_record(vle_run, tiny_artifact, scene_png, tmp_path):
+    import onnxruntime
+    import visionllm_edge
+    from visionllm_edge.pipeline import Pipeline
+
+    gen = next(r for r in parity.REQUESTS if r.task == "generation")  # a link, a denoising loop, decoding
+    out = tmp_path / "bench.json"
+    cmd = [str(vle_run), str(tiny_artifact), "--image", str(scene_png), "--prompt", gen.prompt]
+    cmd += ["--answer-prefix", gen.answer_prefix, "--max-new-tokens", "4"]
+    cmd += ["--bench", "--repeat", "2", "--bench-json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    assert "bench: 2 runs after 1 warm-up, each on a fresh frame (ms)" in proc.stdout
+    rec = json.loads(out.read_text())
+
+    assert rec["kind"] == "vle-run --bench"
+    assert rec["versions"] == {
+        "visionllm_edge": visionllm_edge.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    art = rec["artifact"]
+    assert Path(art["path"]) == Path(tiny_artifact).resolve()
+    manifest_bytes = (Path(tiny_artifact) / "manifest.json").read_bytes()
+    assert art["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    assert {"llm", "gen"} <= set(art["components"])
+    assert rec["options"]["repeat"] == 2 and rec["options"]["warmup"] == 1
+    assert rec["options"]["prompt"] == gen.prompt
+
+    pipe = Pipeline.load(tiny_artifact)
+    reps = rec["repetitions"]
+    assert len(reps) == 2
+    stages = rec["stages_ms"]
+    for stage in ("preprocess", "tokenize", "prefill", "decode", "link", "denoise", "gen_decoder", "total"):
+        assert stage in stages, stage
+    for stage, s in stages.items():
+        assert list(s) == SUMMARY_KEYS, stage
+        assert s["min"] <= s["median"] <= s["p90"] <= s["max"], (stage, s)
+        assert s == _numpy_summary([r["timings_ms"][stage] for r in reps]), stage
+        assert f"  {stage} " in proc.stdout, stage  # a row of the printed table
+    assert rec["end_to_end_ms"] == _numpy_summary([r["wall_ms"] for r in reps])
+    for r in reps:
+        t = r["timings_ms"]
+        assert t["denoise"] <= t["gen_decoder"]
+        assert r["stats"]["diffusion_steps"] == pipe.manifest.generation.diffusion_steps
+    per_token = [r["timings_ms"]["decode"] / r["stats"]["decode_steps"] for r in reps]
+    assert rec["decode"]["ms_per_token"] == _numpy_summary(per_token)
+    for name, s in rec["stats"].items():
+        assert s == _numpy_summary([r["stats"][name] for r in reps]), name
+
+    mem = rec["memory"]
+    assert mem["arena_bytes"] == pipe.arena_bytes and mem["context_capacity"] == pipe.context_capacity
+    assert mem["peak_rss_bytes"] > 0 and mem["peak_rss_source"] in ("VmHWM", "getrusage")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bench", "--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+        (["--bench", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
+        (["--bench", "--repeat", "two"], "argument --repeat: invalid int value: 'two'"),
+        (["--repeat", "3"], "argument --repeat: only with --bench"),
+        (["--bench-json", "out.json"], "argument --bench-json: only with --bench"),
+        (
+            ["--bench", "--bench-json", "{missing}/bench.json"],
+            "argument --bench-json: the folder {missing} does not exist",
+        ),
+    ],
+)
+def test_vle_run_bench_bad_options(vle_run, tmp_path, argv, message):
+    missing = tmp_path / "no-such-folder"
+    argv = [a.format(missing=missing) for a in argv]
+    # Refused before the artifact is read: a folder that does not exist is never looked at.
+    cmd = [str(vle_run.resolve()), str(tmp_path / "no-artifact"), "--image", "x.png", "--prompt", "hi", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: vle-run ")
+    assert proc.stderr.rstrip().endswith("vle-run: error: " + message.format(missing=missing))
+    assert not missing.exists() and not (tmp_path / "out.json").exists()

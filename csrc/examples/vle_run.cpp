@@ -5,20 +5,29 @@
 //           [--fp16] [--engine-cache DIR] [--device-id N]
 //           [--seed S] [--sample] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
 //           [--json OUT] [--timings] [--save-images DIR]
+//           [--bench [--warmup W] [--repeat N] [--bench-json OUT]]
 // --json writes the same document as `visionllm-edge run --json`; --save-images writes the generated
-// images of [GEN] / [EDIT] as DIR/image_<i>.png.
+// images of [GEN] / [EDIT] as DIR/image_<i>.png. --bench runs the request W + N times, each on a fresh frame,
+// and prints min / median / p90 / max of every stage of the N measured runs, decode ms/token, peak RSS and
+// the KV arena's bytes; --bench-json writes them as one record with the figures named as
+// `visionllm-edge bench` names its per-stage summaries.
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -29,11 +38,21 @@
 #include <stb/stb_image_write.h>
 #pragma GCC diagnostic pop
 
+#include <nlohmann/json.hpp>
 #include <visionllm_edge/pipeline.h>
 
-// The one private helper vle-run shares with the library: Python's repr of a label, so that the output
-// matches `visionllm-edge run` character for character.
+// The private helpers vle-run shares with the library: Python's repr of a label, so that the output matches
+// `visionllm-edge run` character for character; and for --bench the summary statistic the loop's own stats
+// use (numpy's), the manifest's model name and sha256, and the ONNX Runtime version.
+#include "artifact/files.h"
+#include "artifact/manifest.h"
+#include "engines/onnxruntime.h"
+#include "loop/summary.h"
 #include "text/utf8.h"
+
+#ifndef VLE_VERSION
+#define VLE_VERSION "unknown"
+#endif
 
 namespace {
 
@@ -42,7 +61,8 @@ constexpr const char* kUsage =
     "               [--max-new-tokens N] [--threads N] [--providers A,B] [--max-context N] [--backend NAME]\n"
     "               [--fp16] [--engine-cache DIR] [--device-id N]\n"
     "               [--seed S] [--sample] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]\n"
-    "               [--json OUT] [--timings] [--save-images DIR]\n";
+    "               [--json OUT] [--timings] [--save-images DIR]\n"
+    "               [--bench [--warmup W] [--repeat N] [--bench-json OUT]]\n";
 
 // Detections and poses listed per request; the rest are counted (all of them are in --json).
 constexpr size_t kListLimit = 25;
@@ -58,6 +78,9 @@ struct Args {
   vle::LoadOptions load;
   vle::RunOptions run;
   bool timings = false;
+  bool bench = false;
+  long long warmup = 1, repeat = 5;
+  std::optional<std::string> bench_json;
 };
 
 std::string trim(const std::string& s) {
@@ -117,6 +140,7 @@ std::vector<std::string> parse_providers(const std::string& text) {
 Args parse_args(int argc, char** argv) {
   Args a;
   std::vector<std::string> positional;
+  std::vector<std::string> bench_flags;  // the options that only --bench reads, as given
   bool have_image = false, have_prompt = false;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -175,6 +199,17 @@ Args parse_args(int argc, char** argv) {
       a.timings = true;
     } else if (flag == "--save-images") {
       a.save_images = value();
+    } else if (flag == "--bench") {
+      a.bench = true;
+    } else if (flag == "--warmup") {
+      a.warmup = parse_int(flag, value());
+      bench_flags.push_back(flag);
+    } else if (flag == "--repeat") {
+      a.repeat = parse_int(flag, value());
+      bench_flags.push_back(flag);
+    } else if (flag == "--bench-json") {
+      a.bench_json = value();
+      bench_flags.push_back(flag);
     } else if (flag.size() > 1 && flag[0] == '-') {
       throw UsageError("unrecognized arguments: " + flag);
     } else {
@@ -192,6 +227,16 @@ Args parse_args(int argc, char** argv) {
     throw UsageError("the following arguments are required: " + list);
   }
   a.artifact = positional[0];
+  if (!a.bench && !bench_flags.empty()) throw UsageError("argument " + bench_flags[0] + ": only with --bench");
+  if (a.warmup < 0) throw UsageError("argument --warmup: must be 0 or more, got " + std::to_string(a.warmup));
+  if (a.repeat < 1) throw UsageError("argument --repeat: must be at least 1, got " + std::to_string(a.repeat));
+  if (a.bench_json) {
+    // Refused before the artifact loads and the runs take their time.
+    const std::filesystem::path parent = std::filesystem::absolute(*a.bench_json).parent_path();
+    if (!std::filesystem::is_directory(parent)) {
+      throw UsageError("argument --bench-json: the folder " + parent.string() + " does not exist");
+    }
+  }
   return a;
 }
 
@@ -288,11 +333,8 @@ void write_file(const std::string& path, const std::string& text) {
   if (!out) throw vle::InputError("cannot write " + path + ": " + std::strerror(errno));
 }
 
-int run(const Args& a) {
-  // The image is read (and refused) before any graph is loaded.
-  const vle::Image image = vle::Image::load(a.image);
-  vle::Pipeline pipe = vle::Pipeline::load(a.artifact, a.load);
-  const vle::Result result = pipe.run(image, a.prompt, a.run);
+// Prints a result as `visionllm-edge run` does, with what --json and --save-images ask for.
+void report(const Args& a, const vle::Result& result) {
   // The text may hold a NUL (a byte token): written whole, as Python's print writes it.
   std::fwrite(result.text.data(), 1, result.text.size(), stdout);
   std::fputc('\n', stdout);
@@ -315,6 +357,189 @@ int run(const Args& a) {
       std::printf("wrote %s\n", path.c_str());
     }
   }
+}
+
+int run(const Args& a) {
+  // The image is read (and refused) before any graph is loaded.
+  const vle::Image image = vle::Image::load(a.image);
+  vle::Pipeline pipe = vle::Pipeline::load(a.artifact, a.load);
+  report(a, pipe.run(image, a.prompt, a.run));
+  return 0;
+}
+
+// --- --bench ----------------------------------------------------------------------------------------------
+
+using Clock = std::chrono::steady_clock;
+using Json = nlohmann::ordered_json;
+
+double ms_since(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+// The process's peak resident set in bytes and where it was read: VmHWM in /proc/self/status where there
+// is one, else getrusage's ru_maxrss (KiB on Linux).
+std::pair<int64_t, std::string> peak_rss() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return {std::stoll(line.substr(6)) * 1024, "VmHWM"};
+  }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return {static_cast<int64_t>(usage.ru_maxrss) * 1024, "getrusage"};
+}
+
+std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    const size_t colon = line.find(':');
+    if (line.rfind("model name", 0) == 0 && colon != std::string::npos) return trim(line.substr(colon + 1));
+  }
+  return "unknown";
+}
+
+// Measured values by name, the names in the order they first appeared.
+struct Series {
+  std::vector<std::string> names;
+  std::map<std::string, std::vector<double>> values;
+  void add(const std::string& name, double v) {
+    if (!values.count(name)) names.push_back(name);
+    values[name].push_back(v);
+  }
+};
+
+Json summary_json(const std::vector<double>& values) {
+  const vle::Summary s = vle::summarize(values);
+  return {{"min", s.min}, {"median", s.median}, {"p90", s.p90}, {"max", s.max}, {"n", s.n}};
+}
+
+void print_row(const std::string& name, const std::vector<double>& values, const std::string& note = "") {
+  const vle::Summary s = vle::summarize(values);
+  std::printf("  %-22s %10.2f %10.2f %10.2f %10.2f%s\n", name.c_str(), s.min, s.median, s.p90, s.max, note.c_str());
+}
+
+Json options_json(const Args& a) {
+  std::string providers;
+  for (const std::string& p : a.load.providers) providers += (providers.empty() ? "" : ",") + p;
+  return {{"image", std::filesystem::absolute(a.image).string()},
+          {"prompt", a.prompt},
+          {"regions", a.run.regions.size()},
+          {"answer_prefix", a.run.answer_prefix ? Json(*a.run.answer_prefix) : Json(nullptr)},
+          {"max_new_tokens", a.run.max_new_tokens},
+          {"seed", a.run.seed},
+          {"sample", a.run.do_sample},
+          {"temperature", a.run.temperature},
+          {"top_k", a.run.top_k},
+          {"top_p", a.run.top_p},
+          {"repetition_penalty", a.run.repetition_penalty},
+          {"backend", a.load.backend},
+          {"providers", a.load.providers},
+          {"threads", a.load.threads},
+          {"max_context", a.load.max_context},
+          {"warmup", a.warmup},
+          {"repeat", a.repeat},
+          {"fresh_frame_each_run", true}};
+}
+
+int bench(const Args& a) {
+  const vle::Image image = vle::Image::load(a.image);
+  const auto load_start = Clock::now();
+  vle::Pipeline pipe = vle::Pipeline::load(a.artifact, a.load);
+  const double load_ms = ms_since(load_start);
+
+  Series stages, stats;
+  std::vector<double> wall, ms_per_token, engine_ms_per_token;
+  Json repetitions = Json::array();
+  vle::Result last;
+  for (long long i = 0; i < a.warmup + a.repeat; ++i) {
+    // A fresh frame each time, so that every run encodes the image (as `visionllm-edge bench` does with a
+    // new picture per repetition); the system prompt's KV rows stay, as they do in use.
+    pipe.forget_frame();
+    const auto start = Clock::now();
+    vle::Result r = pipe.run(image, a.prompt, a.run);
+    const double ms = ms_since(start);
+    if (i >= a.warmup) {
+      Json timings = Json::object();
+      for (const auto& [stage, unused] : r.timings_ms) {
+        if (timings.contains(stage)) continue;  // a stage listed twice is summed by timing()
+        timings[stage] = r.timing(stage);
+        stages.add(stage, r.timing(stage));
+      }
+      Json run_stats = Json::object();
+      for (const auto& [name, v] : r.stats) {
+        run_stats[name] = v;
+        stats.add(name, v);
+      }
+      wall.push_back(ms);
+      const auto steps = r.stats.find("decode_steps");
+      if (steps != r.stats.end() && steps->second > 0) {
+        ms_per_token.push_back(r.timing("decode") / steps->second);
+        engine_ms_per_token.push_back(r.stats.at("decode_engine_ms") / steps->second);
+      }
+      repetitions.push_back({{"wall_ms", ms}, {"timings_ms", timings}, {"stats", run_stats}});
+    }
+    last = std::move(r);
+  }
+  report(a, last);
+
+  std::printf("bench: %lld runs after %lld warm-up, each on a fresh frame (ms)\n", a.repeat, a.warmup);
+  std::printf("  %-22s %10s %10s %10s %10s\n", "stage", "min", "median", "p90", "max");
+  for (const std::string& stage : stages.names) {
+    const std::vector<double>& v = stages.values.at(stage);
+    const bool every_run = static_cast<long long>(v.size()) == a.repeat;
+    print_row(stage, v, every_run ? "" : "  (in " + std::to_string(v.size()) + " runs)");
+  }
+  print_row("end to end", wall);
+  if (!ms_per_token.empty()) {
+    print_row("decode ms/token", ms_per_token, "  (decode / decode_steps)");
+  } else {
+    std::printf("  %-22s no decode step (a forced or one-token answer)\n", "decode ms/token");
+  }
+  if (stats.values.count("diffusion_step_ms_median")) {
+    print_row("diffusion step", stats.values.at("diffusion_step_ms_median"), "  (each run's median step)");
+  }
+  const auto [rss, rss_source] = peak_rss();
+  std::printf("peak RSS %.1f MiB (%s), KV arena %.1f MiB (%lld rows)\n", rss / 1048576.0, rss_source.c_str(),
+              pipe.arena_bytes() / 1048576.0, static_cast<long long>(pipe.context_capacity()));
+
+  if (a.bench_json) {
+    const vle::Manifest manifest = vle::load_manifest(pipe.artifact_dir(), /*verify_hashes=*/false);
+    char date[32];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    Json stages_json = Json::object(), stats_json = Json::object();
+    for (const std::string& stage : stages.names) stages_json[stage] = summary_json(stages.values.at(stage));
+    for (const std::string& name : stats.names) stats_json[name] = summary_json(stats.values.at(name));
+    Json decode = nullptr;
+    if (!ms_per_token.empty()) {
+      decode = {{"ms_per_token", summary_json(ms_per_token)},
+                {"engine_ms_per_token", summary_json(engine_ms_per_token)}};
+    }
+    const Json record = {
+        {"kind", "vle-run --bench"},
+        {"date", date},
+        {"versions",
+         {{"visionllm_edge", VLE_VERSION}, {"onnxruntime", vle::onnxruntime_version(a.load.onnxruntime_library)}}},
+        {"machine",
+         {{"cpu_model", cpu_model()}, {"cores", std::thread::hardware_concurrency()}, {"threads", a.load.threads}}},
+        {"artifact",
+         {{"path", pipe.artifact_dir()},
+          {"model", manifest.model.name},
+          {"manifest_sha256", vle::file_sha256(manifest.manifest_file)},
+          {"components", pipe.components()}}},
+        {"options", options_json(a)},
+        {"load_ms", load_ms},
+        {"stages_ms", stages_json},
+        {"end_to_end_ms", summary_json(wall)},
+        {"decode", decode},
+        {"stats", stats_json},
+        {"memory", {{"peak_rss_bytes", rss}, {"peak_rss_source", rss_source}, {"arena_bytes", pipe.arena_bytes()},
+                    {"context_capacity", pipe.context_capacity()}}},
+        {"repetitions", repetitions}};
+    write_file(*a.bench_json, record.dump(1, ' ', false, Json::error_handler_t::replace) + "\n");
+    std::printf("wrote %s\n", a.bench_json->c_str());
+  }
   return 0;
 }
 
@@ -329,7 +554,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return run(args);
+    return args.bench ? bench(args) : run(args);
   } catch (const vle::EngineError& e) {  // not the user's doing: said as such
     std::fflush(stdout);
     std::fprintf(stderr, "vle-run: engine error: %s\n", e.what());

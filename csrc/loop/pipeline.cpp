@@ -604,6 +604,11 @@ DetectionInput Pipeline::detection_input(const Image& image) {
   return impl_->detection_input(image);
 }
 
+void Pipeline::forget_frame() {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->frame.reset();  // the next frame_for makes a new frame and trims the cached ids to its rule
+}
+
 int64_t Pipeline::context_capacity() const { return impl_->arena->capacity(); }
 int64_t Pipeline::context_length() const { return impl_->arena->length(); }
 int64_t Pipeline::arena_bytes() const {

@@ -147,6 +147,10 @@ class Pipeline {
 
   // The decoders' input for an image, as the loop prepares it.
   DetectionInput detection_input(const Image& image);
+  // Forgets the last frame's encodings: the next request encodes its image as a new frame (preprocess,
+  // vision, region run again; the KV rows before the first image row stay). Benchmarks repeat one request
+  // this way.
+  void forget_frame();
   // KV arena facts: capacity in rows, rows in use, bytes reserved.
   int64_t context_capacity() const;
   int64_t context_length() const;
