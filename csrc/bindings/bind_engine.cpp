@@ -251,6 +251,25 @@ void bind(py::module_& m) {
       py::arg("path"),
       "Each run of an ONNX Runtime profile (engines/ort_profile.h): {'to_host', 'from_host': counts, 'nodes': "
       "[{'op', 'node', 'bytes'}]}.");
+  m.def(
+      "profile_flops",
+      [](const std::string& path) {
+        py::list out;
+        for (const vle::RunFlops& r : vle::profile_flops(path)) {
+          py::dict run;
+          run["ts_us"] = r.ts_us;
+          run["dur_us"] = r.dur_us;
+          run["float"] = r.float_flops;
+          run["int8"] = r.int8_flops;
+          run["nbits"] = r.nbits_flops;
+          run["uncounted"] = r.uncounted;
+          out.append(run);
+        }
+        return out;
+      },
+      py::arg("path"),
+      "Each run of an ONNX Runtime profile (engines/ort_profile.h): {'ts_us', 'dur_us', 'float', 'int8', "
+      "'nbits': FLOPs by rate class, 'uncounted': {op: kernels of compute ops without a rule}}.");
   m.def("available_providers", &vle::available_providers, py::arg("onnxruntime_library"));
   m.def("onnxruntime_library_in_use", &vle::onnxruntime_library_in_use, py::arg("onnxruntime_library"));
 }

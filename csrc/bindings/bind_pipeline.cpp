@@ -210,8 +210,9 @@ void bind_pipeline(py::module_& m) {
              const std::map<std::string, std::map<std::string, std::string>>& provider_options, int threads,
              int64_t max_context, const std::vector<std::string>& components, bool verify_hashes,
              const std::string& onnxruntime_library, const std::map<std::string, double>& postprocess, bool fp16,
-             const std::string& engine_cache, int device_id) {
+             const std::string& engine_cache, int device_id, const std::string& profile_dir) {
             vle::LoadOptions o;
+            o.profile_dir = profile_dir;
             o.fp16 = fp16;
             o.engine_cache = engine_cache;
             o.device_id = device_id;
@@ -230,7 +231,7 @@ void bind_pipeline(py::module_& m) {
           py::arg("artifact_dir"), py::arg("backend"), py::arg("providers"), py::arg("provider_options"),
           py::arg("threads"), py::arg("max_context"), py::arg("components"), py::arg("verify_hashes"),
           py::arg("onnxruntime_library"), py::arg("postprocess"), py::arg("fp16") = false,
-          py::arg("engine_cache") = "", py::arg("device_id") = 0)
+          py::arg("engine_cache") = "", py::arg("device_id") = 0, py::arg("profile_dir") = "")
       .def(
           "run",
           [](vle::Pipeline& p, const py::object& image, const std::string& prompt, const py::dict& options,
@@ -286,6 +287,8 @@ void bind_pipeline(py::module_& m) {
       .def_property_readonly("context_capacity", &vle::Pipeline::context_capacity)
       .def_property_readonly("context_length", &vle::Pipeline::context_length)
       .def_property_readonly("arena_bytes", &vle::Pipeline::arena_bytes)
+      .def("end_profiling", &vle::Pipeline::end_profiling,
+           "Ends the profile of every engine made so far (load's profile_dir); returns {graph: file}.")
       .def_property_readonly("artifact_dir", &vle::Pipeline::artifact_dir)
       .def_property_readonly("components", &vle::Pipeline::components);
 }

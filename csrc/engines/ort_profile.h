@@ -1,9 +1,11 @@
 // ONNX Runtime's session profile (EngineOptions::profile_prefix), read back: how many host<->device copies
-// each run made. The GPU check's bar "no Memcpy on the hot path" is that every decode step's run has none.
+// each run made (the GPU check's bar "no Memcpy on the hot path" is that every decode step's run has none),
+// and how many FLOPs each run's matrix kernels did at the shapes they ran (the bench's compute floors).
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -29,5 +31,27 @@ struct RunCopies {
 // A file that is missing or is not a profile (a JSON array of trace events), or a Memcpy kernel without a
 // whole-number output_size, is an ArtifactError naming it.
 std::vector<RunCopies> profile_copies(const std::filesystem::path& profile_json);
+
+// The arithmetic of one Run, counted from each kernel's input_type_shape / output_type_shape (a multiply-add is
+// 2 FLOPs), by the rate class it runs at:
+//   float: MatMul, FusedMatMul, Gemm, FusedGemm, Conv, FusedConv, NhwcFusedConv, ConvTranspose;
+//   int8:  MatMulInteger, DynamicQuantizeMatMul, MatMulIntegerToFloat, QLinearMatMul, ConvInteger, QLinearConv;
+//   nbits: MatMulNBits (4-bit weights; its accuracy_level picks the compute precision, which the profile does
+//          not record).
+// A matrix product is 2 * |Y| * K, K read from A beside Y's rows (A may be transposed: with A = [.., a, b] and
+// Y = [.., M, N], K is b when a == M, else a); a convolution 2 * |Y| * |W| / W[0] (each output element is one
+// filter's dot product: Cin / group x kernel); a transposed convolution 2 * |X| * |W| / W[0] (each input
+// element is scattered through Cout / group x kernel weights). The shapes are those the kernel ran, so NCHWc
+// blocked convolutions count their padded channels. Other ops (element-wise, norms, softmax, gathers,
+// Einsum) are not counted: a floor from these counts is a lower bound of the run's work.
+struct RunFlops {
+  int64_t ts_us = 0, dur_us = 0;       // the model_run event's start (since the session's profiler began), span
+  int64_t float_flops = 0, int8_flops = 0, nbits_flops = 0;
+  std::map<std::string, int> uncounted;  // kernels of compute-heavy ops the counter has no rule for, by op
+};
+
+// One entry per "model_run" event, in time order. A counted kernel without the shapes its rule needs is an
+// ArtifactError naming the node; so is a file that is not a profile.
+std::vector<RunFlops> profile_flops(const std::filesystem::path& profile_json);
 
 }  // namespace vle

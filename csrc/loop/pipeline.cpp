@@ -163,6 +163,9 @@ Engine& Pipeline::Impl::engine(const std::string& name) {
   eo.threads = options.threads;
   eo.onnxruntime_library = options.onnxruntime_library;
   eo.device_id = options.device_id;
+  if (!options.profile_dir.empty()) {
+    eo.profile_prefix = (std::filesystem::path(options.profile_dir) / name).string();
+  }
   if (options.backend == "tensorrt") {
     const GraphEntry& g = manifest.graph(name);
     eo.tensorrt.fp16 = options.fp16;
@@ -611,6 +614,17 @@ void Pipeline::forget_frame() {
 
 int64_t Pipeline::context_capacity() const { return impl_->arena->capacity(); }
 int64_t Pipeline::context_length() const { return impl_->arena->length(); }
+
+std::map<std::string, std::string> Pipeline::end_profiling() {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  std::map<std::string, std::string> files;
+  for (auto& [name, engine] : impl_->engines) {
+    std::string file = engine->end_profiling();
+    if (!file.empty()) files.emplace(name, std::move(file));
+  }
+  return files;
+}
+
 int64_t Pipeline::arena_bytes() const {
   const KVArena& a = *impl_->arena;
   return 2 * a.num_layers() * a.capacity() * static_cast<int64_t>(a.row_bytes());

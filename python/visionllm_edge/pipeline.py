@@ -144,6 +144,7 @@ class Pipeline:
         fp16: bool = False,
         engine_cache=None,
         device_id: int = 0,
+        profile_dir=None,
     ) -> Pipeline:
         """Opens an artifact folder.
 
@@ -167,6 +168,8 @@ class Pipeline:
             engine_cache: tensorrt backend: the folder of the stamped engines, one sub-folder per graph
                 (default: the artifact's engines/). A ValueError with onnxruntime.
             device_id: the CUDA device of the CUDA and TensorRT providers.
+            profile_dir: a folder where each engine writes ONNX Runtime's session profile (every node's op,
+                shapes and time; `end_profiling` completes the files). The bench counts FLOPs from them.
         """
         folder = Path(artifact_dir)
         manifest = load_manifest(folder, verify_hashes=verify_hashes)
@@ -186,6 +189,7 @@ class Pipeline:
             bool(fp16),
             "" if engine_cache is None else str(engine_cache),
             int(device_id),
+            "" if profile_dir is None else str(profile_dir),
         )
         return cls(core, manifest)
 
@@ -243,6 +247,10 @@ class Pipeline:
     def context_capacity(self) -> int:
         """Rows the KV arena holds."""
         return self._core.context_capacity
+
+    def end_profiling(self) -> dict[str, str]:
+        """With `load(profile_dir=...)`: ends the profile of every engine made so far; {graph: file}."""
+        return dict(self._core.end_profiling())
 
     @property
     def arena_bytes(self) -> int:

@@ -97,6 +97,9 @@ struct LoadOptions {
   bool fp16 = false;
   std::string engine_cache;
   int device_id = 0;                        // the CUDA device of the CUDA and TensorRT providers
+  // A folder: each engine writes ONNX Runtime's session profile there (<folder>/<graph>_<date>.json, every
+  // node's op, shapes and time), completed by Pipeline::end_profiling(); the bench counts FLOPs from it.
+  std::string profile_dir;
 };
 
 struct RunOptions {
@@ -155,6 +158,9 @@ class Pipeline {
   int64_t context_capacity() const;
   int64_t context_length() const;
   int64_t arena_bytes() const;
+  // With LoadOptions::profile_dir: ends the profile of every engine made so far and returns graph -> file.
+  // Their sessions profile no more; an engine made later starts a profile of its own.
+  std::map<std::string, std::string> end_profiling();
   // The artifact folder and the components (graph groups) it holds.
   const std::string& artifact_dir() const;
   std::vector<std::string> components() const;
