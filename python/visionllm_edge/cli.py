@@ -485,8 +485,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--providers", default=None, help="ONNX Runtime providers, e.g. CPUExecutionProvider")
     bench.add_argument("--new-tokens", type=int, default=16, help="decode steps per request (default 16)")
+    bench.add_argument(
+        "--compare",
+        choices=("reference",),
+        default=None,
+        help="also run the PyTorch reference on the same requests, interleaved (torch: the [export] extra)",
+    )
+    bench.add_argument(
+        "--reference-source",
+        default=None,
+        help="the reference's weights: a checkpoint folder or a model name (default: the artifact's model)",
+    )
+    bench.add_argument(
+        "--no-flops",
+        dest="flops",
+        action="store_false",
+        help="skip the profiled FLOP pass (no compute floors for prefill, vision and the decoders)",
+    )
     bench.add_argument("--json", default=None, help="write the run's record as JSON here")
     bench.add_argument("--md", default=None, help="write the markdown table here")
+    bench.add_argument("--plot", default=None, help="draw each stage's ratio to its floor into this PNG")
+    bench.add_argument("--quiet", action="store_true", help="no progress on stderr")
     bench.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser(
