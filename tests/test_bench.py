@@ -75,8 +75,11 @@ def test_bench_cli_json_md_plot_and_reference(tiny_artifact, tmp_path, capsys):
     for d in rec["decode"]:
         assert _ordered(d["ms_per_token"]) and d["floor_ms_per_token"] > 0 and d["ratio_to_floor"] > 0
         assert d["past_reached"]["median"] >= d["past"] * 0.9
+    assert rec["command"].startswith(f"visionllm-edge bench {tiny_artifact} --tasks vqa,detect,generate")
+    assert cli.main(["bench", *rec["command"].split()[2:], "--repeat", "0"]) == 2  # it parses back
     text = md.read_text()
-    assert "| decode |" in text and "| detect | object_decoder |" in text and "speed-up" in text
+    assert text.startswith(f"`{rec['command']}`") and "| decode |" in text
+    assert "| detect | object_decoder |" in text and "speed-up" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 100_000
 
 

@@ -16,8 +16,11 @@ word) so that it fills about P rows, then `--new-tokens` steps are decoded; ms/t
 the decode steps (the engine's share is reported too). The past reached is reported as measured.
 
 **Floors** (each measured by this tool in the same run, on this machine, with the bench's threads):
-- DRAM read bandwidth: a numpy sum over a 256 MiB array split across the threads (best of 5). The decode
-  floor at a past = (the LLM graph's bytes, external data included, + the KV bytes read at that past) ÷ it.
+- Read bandwidth: a numpy sum over an array split across the threads (best of 5), 256 MiB for DRAM. The
+  decode floor at a past = (the LLM graph's bytes, external data included, + the KV bytes read at that past)
+  ÷ the read rate of a working set of that size: DRAM's once it is 256 MiB or more, else that of an array of
+  that size read over and over, which the caches serve (a small model's weights stay in L2 / L3, where a
+  DRAM floor would not bound its decode).
 - GEMM rates, through ONNX Runtime itself (the library the runtime opens, through the runtime's own engine,
   with intra-op threads = `--threads`): fp32 `MatMul`, int8 `DynamicQuantizeMatMul` (A quantized to u8 per
   call, s8 weights: what ONNX Runtime makes of the exporter's dynamic int8 MatMuls) and 4-bit `MatMulNBits`
@@ -54,6 +57,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import sys
 import tempfile
 import time
@@ -161,16 +165,29 @@ def check_plot_path(path) -> Path | None:
 # --- hardware floors --------------------------------------------------------------------------------------
 
 
-def dram_bandwidth(threads: int, mib: int = 256, tries: int = 5) -> float:
-    """Bytes/s of a summed read of a `mib` MiB float32 array split over `threads` threads; best of `tries`."""
-    a = np.ones(mib * 2**20 // 4, dtype=np.float32)
+DRAM_SET = 256 * 2**20  # bytes: well past any last-level cache here, so its reads come from DRAM
+
+
+def read_bandwidth(threads: int, nbytes: int = DRAM_SET, tries: int = 5) -> float:
+    """Bytes/s of summed reads of an `nbytes` float32 array (at least 1 MiB, at most `DRAM_SET`) split over
+    `threads` threads; each try reads at least `DRAM_SET` bytes (a small array over and over); best of
+    `tries`."""
+    size = int(min(max(nbytes, 2**20), DRAM_SET))
+    a = np.ones(size // 4, dtype=np.float32)
     parts = np.array_split(a, max(threads, 1))
+    passes = max(1, DRAM_SET // a.nbytes)
+
+    def read(part):
+        for _ in range(passes):
+            np.sum(part)
+
     best = 0.0
     with concurrent.futures.ThreadPoolExecutor(max(threads, 1)) as pool:
+        list(pool.map(read, parts))  # first touch
         for _ in range(tries):
             t0 = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = max(best, a.nbytes / (time.perf_counter() - t0))
+            list(pool.map(read, parts))
+            best = max(best, a.nbytes * passes / (time.perf_counter() - t0))
     return best
 
 
@@ -306,6 +323,13 @@ def _cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
 def machine(threads: int, providers) -> dict:
     try:
         import onnxruntime as ort
@@ -315,16 +339,12 @@ def machine(threads: int, providers) -> dict:
         ort_version, available = None, []
     from visionllm_edge import __version__
 
-    try:
-        load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        load = None
     return {
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
         "threads": threads,
         "threads_note": "ONNX Runtime's default" if threads == 0 else "intra-op threads per graph",
-        "load_average": load,
+        "load_average": _load_average(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -730,7 +750,7 @@ def run_bench(
     # Floors first, on a quiet machine (nothing of ours runs beside them).
     say("floors: DRAM bandwidth, GEMM rates", 0, total=total)
     bw_threads = threads or os.cpu_count() or 1
-    bandwidth = dram_bandwidth(bw_threads)
+    bandwidth = read_bandwidth(bw_threads)
     precisions = {e.precision for e in manifest.graphs.values()}
     kinds = (
         ["fp32"] + (["int8"] if "int8" in precisions else []) + (["nbits"] if "int4" in precisions else [])
@@ -755,7 +775,9 @@ def run_bench(
     for p in pasts:
         d = _decode_at(pipe, p, new_tokens, _scene(99), repeat, warmup, say)
         kv = row_bytes * d["past_reached"]["median"]
-        floor_ms = (weights + kv) / bandwidth * 1e3
+        rate = bandwidth if weights + kv >= DRAM_SET else read_bandwidth(bw_threads, int(weights + kv))
+        floor_ms = (weights + kv) / rate * 1e3
+        d["read_bytes_per_s"] = rate
         d["floor_ms_per_token"] = floor_ms
         d["weight_bytes"] = weights
         d["kv_bytes_read"] = kv
@@ -855,7 +877,8 @@ def run_bench(
                         # Each step reads every weight once: the larger of the two floors holds.
                         steps = t["decode_steps"]["median"]
                         entry["compute_floor_ms"] = floor_ms
-                        entry["bandwidth_floor_ms"] = steps * weights / bandwidth * 1e3
+                        rate = bandwidth if weights >= DRAM_SET else read_bandwidth(bw_threads, weights)
+                        entry["bandwidth_floor_ms"] = steps * weights / rate * 1e3
                         entry["floor_ms"] = floor_ms = max(floor_ms, entry["bandwidth_floor_ms"])
                     if measured and floor_ms:
                         entry["ratio_to_floor"] = measured["median"] / floor_ms
@@ -896,6 +919,7 @@ def run_bench(
         "the link stage's floor (a hand-off of a few rows: no GEMM to count)",
         "preprocess, tokenize and postprocess floors (no matrix work)",
     ]
+    record["machine"]["load_average_end"] = _load_average()
     say("done", 0)
     return record
 
@@ -925,10 +949,12 @@ def _gflops(f: dict) -> str:
 def markdown(record: dict) -> str:
     m, a, o, fl = record["machine"], record["artifact"], record["options"], record["floors"]
     rates = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in fl["gemm_flops_per_s"].items())
-    head = (
+    head = f"`{record['command']}`\n\n" if "command" in record else ""
+    head += (
         f"**visionllm-edge bench** `{a['model']}` (manifest sha256 `{a['manifest_sha256'][:12]}`), "
         f"{record['date']}; {m['cpu_model']}, {m['cores']} cores, threads {m['threads']} "
-        f"({m['threads_note']}), load {m['load_average']}; onnxruntime {m['onnxruntime']} "
+        f"({m['threads_note']}), load average {m['load_average']} at the start, "
+        f"{m.get('load_average_end')} at the end; onnxruntime {m['onnxruntime']} "
         f"{','.join(m['providers_used'])}; visionllm-edge {m['visionllm_edge']}; {o['repeat']} repetitions "
         "after "
         f"{o['warmup']} warm-up. Floors: DRAM read {fl['dram_read_bytes_per_s'] / 1e9:.1f} GB/s "
@@ -981,10 +1007,11 @@ def markdown(record: dict) -> str:
             + (" | |" if cmp else "")
         )
     tail = (
-        "\n\nFloors: decode at a past = (LLM weight bytes + KV bytes read) ÷ DRAM bandwidth; compute "
+        "\n\nFloors: decode at a past = (LLM weight bytes + KV bytes read) ÷ the read rate of that many "
+        "bytes (DRAM's from 256 MiB; the caches' below); compute "
         "stages = FLOPs counted from the graphs' profiles at the shapes that ran ÷ the GEMM rate of their "
         "class; a task's decode stage = the larger of its FLOP floor and steps × LLM weight bytes ÷ "
-        "bandwidth.\n"
+        "their read rate.\n"
     )
     if record["flags"]:
         tail += "Flags: " + "; ".join(record["flags"]) + ".\n"
@@ -1045,6 +1072,29 @@ def plot(record: dict, path: Path) -> None:
     img.save(path, optimize=True)
 
 
+def command_line(args) -> str:
+    """The `visionllm-edge bench` command that gives these options (written into the record)."""
+    words = ["visionllm-edge", "bench", str(args.artifact)]
+    for flag, value in (
+        ("--tasks", args.tasks),
+        ("--past", args.past),
+        ("--warmup", args.warmup),
+        ("--repeat", args.repeat),
+        ("--threads", args.threads),
+        ("--providers", args.providers),
+        ("--new-tokens", args.new_tokens),
+        ("--compare", args.compare),
+        ("--reference-source", args.reference_source),
+        ("--json", args.json),
+        ("--md", args.md),
+        ("--plot", args.plot),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    words += (["--no-flops"] if not args.flops else []) + (["--quiet"] if args.quiet else [])
+    return shlex.join(words)
+
+
 def main(args, providers: list[str] | None) -> int:
     """The `bench` subcommand; `providers` as the CLI parsed `--providers`."""
     plot_path = check_plot_path(args.plot)
@@ -1066,6 +1116,7 @@ def main(args, providers: list[str] | None) -> int:
         )
     finally:
         bar.close()
+    record["command"] = command_line(args)
     text = markdown(record)
     print(text)
     if args.json:
