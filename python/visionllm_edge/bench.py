@@ -15,7 +15,9 @@ prompt's KV rows are reused as they are in use (`reused_rows` is reported).
 word) so that it fills about P rows, then `--new-tokens` steps are decoded; ms/token is the decode stage over
 the decode steps (the engine's share is reported too). The past reached is reported as measured.
 
-**Floors** (each measured by this tool in the same run, on this machine, with the bench's threads):
+**Floors** (each measured by this tool in the same run, on this machine, with the bench's threads; every rate
+is the best of samples taken before the timed work, after the decode runs, after each task and at the end,
+since on a shared machine one busy moment would lower a rate and so raise its floor above the truth):
 - Read bandwidth: a numpy sum over an array split across the threads (best of 5), 256 MiB for DRAM. The
   decode floor at a past = (the LLM graph's bytes, external data included, + the KV bytes read at that past)
   ÷ the read rate of a working set of that size: DRAM's once it is 256 MiB or more, else that of an array of
@@ -310,6 +312,42 @@ def gemm_rate(kind: str, threads: int, providers=None, sizes=(1024, 2048), tries
                     best, best_n = rate, n
             del engine
     return {"flops_per_s": best, "n": best_n}
+
+
+class Rates:
+    """The best read and GEMM rates seen over a run. A busy moment on a shared machine measures a rate below
+    the machine's, and a floor from it is too high (a ratio below 1 that says nothing about the runtime), so
+    the rates are sampled before, between and after the timed work, and every floor uses the best sample."""
+
+    def __init__(self, threads: int, providers, kinds):
+        self.threads, self.providers = threads, providers
+        self.read_threads = threads or os.cpu_count() or 1
+        self.gemm = {k: {"flops_per_s": 0.0, "n": 0} for k in kinds}
+        self.read: dict[int, float] = {DRAM_SET: 0.0}  # working-set bytes, clipped as read_bandwidth does
+        self.samples = 0
+
+    @staticmethod
+    def _key(nbytes: float) -> int:
+        return int(min(max(nbytes, 2**20), DRAM_SET))
+
+    def want(self, nbytes: float) -> None:
+        """Measure the read rate of an `nbytes` working set from the next sample on."""
+        self.read.setdefault(self._key(nbytes), 0.0)
+
+    def sample(self) -> None:
+        for size in self.read:
+            self.read[size] = max(self.read[size], read_bandwidth(self.read_threads, size))
+        for kind, best in self.gemm.items():
+            got = gemm_rate(kind, self.threads, self.providers)
+            if got["flops_per_s"] > best["flops_per_s"]:
+                self.gemm[kind] = got
+        self.samples += 1
+
+    def read_rate(self, nbytes: float) -> float:
+        return self.read[self._key(nbytes)]
+
+    def flops(self) -> dict[str, float]:
+        return {k: v["flops_per_s"] for k, v in self.gemm.items()}
 
 
 # --- machine facts ----------------------------------------------------------------------------------------
@@ -665,6 +703,51 @@ class _Progress:
             print(file=self.stream, flush=True)
 
 
+def _time_task(pipe, ref, requests: Requests, task: str, ti: int, warmup: int, repeat: int, say) -> dict:
+    """One task's repetitions: the runtime on a fresh frame each, the reference (if any) right after it."""
+    stages: dict[str, list[float]] = {}
+    ref_stages: dict[str, list[float]] = {}
+    wall, ref_wall, reused, stats = [], [], [], []
+    for i in range(warmup + repeat):
+        image = _scene(1000 * ti + i)  # a fresh frame: vision runs every time
+        t0 = time.perf_counter()
+        r = requests.runtime(pipe, task, image)
+        ms = (time.perf_counter() - t0) * 1e3
+        say(f"{task}: runtime {i + 1}/{warmup + repeat}")
+        if ref is not None:  # interleaved: runtime, reference, runtime, ...
+            t0 = time.perf_counter()
+            rr = requests.reference(ref, task, image)
+            ref_ms = (time.perf_counter() - t0) * 1e3
+            say(f"{task}: reference {i + 1}/{warmup + repeat}")
+        if i < warmup:
+            continue
+        for stage, v in r.timings.items():
+            stages.setdefault(stage, []).append(float(v))
+        wall.append(ms)
+        reused.append(float(r.raw["stats"].get("reused_rows", 0)))
+        stats.append(dict(r.raw["stats"]))
+        if ref is not None:
+            for stage, v in rr.timings.items():
+                ref_stages.setdefault(stage, []).append(float(v))
+            ref_wall.append(ref_ms)
+    t = {
+        "stages_ms": {s: summary(v) for s, v in stages.items()},
+        "end_to_end_ms": summary(wall),
+        "reused_rows": summary(reused),
+        "decode_steps": summary(float(s.get("decode_steps", 0)) for s in stats),
+    }
+    diffusion = _diffusion(stats)
+    if diffusion:
+        t["diffusion"] = diffusion
+    if ref is not None:
+        t["reference"] = {
+            "stages_ms": {s: summary(v) for s, v in ref_stages.items()},
+            "end_to_end_ms": summary(ref_wall),
+        }
+        t["speedup_over_reference"] = t["reference"]["end_to_end_ms"]["median"] / t["end_to_end_ms"]["median"]
+    return t
+
+
 def run_bench(
     artifact,
     tasks: str | None = None,
@@ -747,44 +830,27 @@ def run_bench(
 
     reps = warmup + repeat
     total = len(pasts) * reps + len(task_list) * (1 + reps * (2 if compare else 1) + (2 if flops else 0))
-    # Floors first, on a quiet machine (nothing of ours runs beside them).
-    say("floors: DRAM bandwidth, GEMM rates", 0, total=total)
-    bw_threads = threads or os.cpu_count() or 1
-    bandwidth = read_bandwidth(bw_threads)
     precisions = {e.precision for e in manifest.graphs.values()}
-    kinds = (
-        ["fp32"] + (["int8"] if "int8" in precisions else []) + (["nbits"] if "int4" in precisions else [])
-    )
-    rates = {k: gemm_rate(k, threads, providers) for k in kinds}
-    record["floors"] = {
-        "dram_read_bytes_per_s": bandwidth,
-        "dram_threads": bw_threads,
-        "gemm_flops_per_s": {k: v["flops_per_s"] for k, v in rates.items()},
-        "gemm_n": {k: v["n"] for k, v in rates.items()},
-        "gemm_note": "one-node ONNX graphs (MatMul fp32; DynamicQuantizeMatMul u8s8; MatMulNBits 4-bit block "
-        f"32, accuracy 4) through the runtime's engine, threads {threads} (0: ONNX Runtime's default), "
-        "best of "
-        "n = 1024 and 2048, 5 tries each",
-    }
-    flop_rates = {k: v["flops_per_s"] for k, v in rates.items()}
+    kinds = ["fp32"] + ["int8"] * ("int8" in precisions) + ["nbits"] * ("int4" in precisions)
+    rates = Rates(threads, providers, kinds)
+    weights = llm_weight_bytes(manifest) if "llm" in components else 0
+    if weights:
+        rates.want(weights)  # a task's decode stage reads them once a step
+    say("floors: read bandwidth, GEMM rates", 0, total=total)
+    rates.sample()
 
     # Decode at each past, then one pass of every task: the runtime alone, so peak RSS is the runtime's.
-    weights = llm_weight_bytes(manifest) if "llm" in components else 0
     row_bytes = pipe.arena_bytes / cap
     decode = []
     for p in pasts:
         d = _decode_at(pipe, p, new_tokens, _scene(99), repeat, warmup, say)
-        kv = row_bytes * d["past_reached"]["median"]
-        rate = bandwidth if weights + kv >= DRAM_SET else read_bandwidth(bw_threads, int(weights + kv))
-        floor_ms = (weights + kv) / rate * 1e3
-        d["read_bytes_per_s"] = rate
-        d["floor_ms_per_token"] = floor_ms
         d["weight_bytes"] = weights
-        d["kv_bytes_read"] = kv
-        d["ratio_to_floor"] = d["ms_per_token"]["median"] / floor_ms
-        d["ratio_below_1"] = d["ratio_to_floor"] < 1.0
+        d["kv_bytes_read"] = row_bytes * d["past_reached"]["median"]
+        rates.want(weights + d["kv_bytes_read"])
         decode.append(d)
     record["decode"] = decode
+    if pasts:
+        rates.sample()
     for ti, task in enumerate(task_list):
         requests.runtime(pipe, task, _scene(500 + ti))
         say(f"{task}: first request")
@@ -811,97 +877,74 @@ def run_bench(
 
     tasks_out: dict = {}
     for ti, task in enumerate(task_list):
-        stages: dict[str, list[float]] = {}
-        ref_stages: dict[str, list[float]] = {}
-        wall, ref_wall, reused, stats = [], [], [], []
-        for i in range(warmup + repeat):
-            image = _scene(1000 * ti + i)  # a fresh frame: vision runs every time
-            t0 = time.perf_counter()
-            r = requests.runtime(pipe, task, image)
-            ms = (time.perf_counter() - t0) * 1e3
-            say(f"{task}: runtime {i + 1}/{warmup + repeat}")
-            if ref is not None:  # interleaved: runtime, reference, runtime, ...
-                t0 = time.perf_counter()
-                rr = requests.reference(ref, task, image)
-                ref_ms = (time.perf_counter() - t0) * 1e3
-                say(f"{task}: reference {i + 1}/{warmup + repeat}")
-            if i < warmup:
-                continue
-            for stage, v in r.timings.items():
-                stages.setdefault(stage, []).append(float(v))
-            wall.append(ms)
-            reused.append(float(r.raw["stats"].get("reused_rows", 0)))
-            stats.append(dict(r.raw["stats"]))
-            if ref is not None:
-                for stage, v in rr.timings.items():
-                    ref_stages.setdefault(stage, []).append(float(v))
-                ref_wall.append(ref_ms)
-        t = {
-            "stages_ms": {s: summary(v) for s, v in stages.items()},
-            "end_to_end_ms": summary(wall),
-            "reused_rows": summary(reused),
-            "decode_steps": summary(float(s.get("decode_steps", 0)) for s in stats),
-        }
-        diffusion = _diffusion(stats)
-        if diffusion:
-            t["diffusion"] = diffusion
-        if ref is not None:
-            t["reference"] = {
-                "stages_ms": {s: summary(v) for s, v in ref_stages.items()},
-                "end_to_end_ms": summary(ref_wall),
-            }
-            t["speedup_over_reference"] = (
-                t["reference"]["end_to_end_ms"]["median"] / t["end_to_end_ms"]["median"]
-            )
-        tasks_out[task] = t
+        tasks_out[task] = _time_task(pipe, ref, requests, task, ti, warmup, repeat, say)
+        rates.sample()
     record["tasks"] = tasks_out
     del ref, pipe  # the FLOP pass loads its own pipelines: one model in memory at a time
 
-    flags = [
-        f"decode at past {d['past']}: ratio {d['ratio_to_floor']:.2f} is below 1 (a wrong floor)"
-        for d in decode
-        if d["ratio_below_1"]
-    ]
+    counted: dict[str, dict] = {}
     if flops:
         with tempfile.TemporaryDirectory(prefix="vle-bench-profile-") as scratch:
             for task in task_list:
                 say(f"{task}: FLOP pass (profiled)", 2)
-                counted = profile_task(folder, task, requests, threads, providers, Path(scratch))
-                t = tasks_out[task]
-                t["floors"] = {}
-                for stage, f in counted.items():
-                    measured = t["end_to_end_ms"] if stage == "end_to_end" else t["stages_ms"].get(stage)
-                    floor_ms = _floor_ms(f, flop_rates)
-                    entry = {"flops": f, "floor_ms": floor_ms}
-                    if stage == "decode" and floor_ms:
-                        # Each step reads every weight once: the larger of the two floors holds.
-                        steps = t["decode_steps"]["median"]
-                        entry["compute_floor_ms"] = floor_ms
-                        rate = bandwidth if weights >= DRAM_SET else read_bandwidth(bw_threads, weights)
-                        entry["bandwidth_floor_ms"] = steps * weights / rate * 1e3
-                        entry["floor_ms"] = floor_ms = max(floor_ms, entry["bandwidth_floor_ms"])
-                    if measured and floor_ms:
-                        entry["ratio_to_floor"] = measured["median"] / floor_ms
-                        entry["ratio_below_1"] = entry["ratio_to_floor"] < 1.0
-                        if entry["ratio_below_1"]:
-                            flags.append(
-                                f"{task} {stage}: ratio {entry['ratio_to_floor']:.2f} is below 1 "
-                                "(a wrong floor)"
-                            )
-                    t["floors"][stage] = entry
-                diffusion, unet = t.get("diffusion"), counted.get("denoise")
-                if diffusion and unet:
-                    steps = diffusion["steps"]["median"]
-                    per_step = {k: (v / steps if isinstance(v, int) else v) for k, v in unet.items()}
-                    floor_ms = _floor_ms(per_step, flop_rates)
-                    diffusion["floor_ms_per_step"] = floor_ms
-                    if floor_ms:
-                        diffusion["ratio_to_floor"] = diffusion["step_ms"]["median"] / floor_ms
-                        if diffusion["ratio_to_floor"] < 1.0:
-                            flags.append(
-                                f"{task} diffusion step: ratio {diffusion['ratio_to_floor']:.2f} is below 1 "
-                                "(a wrong floor)"
-                            )
+                counted[task] = profile_task(folder, task, requests, threads, providers, Path(scratch))
+    say("floors: read bandwidth, GEMM rates", 0)
+    rates.sample()
+
+    # Every floor from the best rates of the run.
+    flop_rates = rates.flops()
+    record["floors"] = {
+        "dram_read_bytes_per_s": rates.read_rate(DRAM_SET),
+        "read_threads": rates.read_threads,
+        "read_bytes_per_s_by_working_set": {str(k): v for k, v in sorted(rates.read.items())},
+        "gemm_flops_per_s": flop_rates,
+        "gemm_n": {k: v["n"] for k, v in rates.gemm.items()},
+        "samples": rates.samples,
+        "note": "each rate is the best of the samples taken before, between and after the timed work. GEMM: "
+        "one-node ONNX graphs (MatMul fp32; DynamicQuantizeMatMul u8s8; MatMulNBits 4-bit block 32, accuracy "
+        f"4) through the runtime's engine at threads {threads} (0: ONNX Runtime's default), n = 1024 and "
+        "2048, 5 tries each a sample",
+    }
+    flags = []
+
+    def ratio(entry: dict, measured_ms: float, floor_ms: float | None, what: str) -> None:
+        if not floor_ms:
+            return
+        entry["ratio_to_floor"] = measured_ms / floor_ms
+        entry["ratio_below_1"] = entry["ratio_to_floor"] < 1.0
+        if entry["ratio_below_1"]:
+            flags.append(f"{what}: ratio {entry['ratio_to_floor']:.2f} is below 1 (a wrong floor)")
+
+    for d in decode:
+        d["read_bytes_per_s"] = rates.read_rate(weights + d["kv_bytes_read"])
+        d["floor_ms_per_token"] = (weights + d["kv_bytes_read"]) / d["read_bytes_per_s"] * 1e3
+        ratio(d, d["ms_per_token"]["median"], d["floor_ms_per_token"], f"decode at past {d['past']}")
+    for task, stages in counted.items():
+        t = tasks_out[task]
+        t["floors"] = {}
+        for stage, f in stages.items():
+            measured = t["end_to_end_ms"] if stage == "end_to_end" else t["stages_ms"].get(stage)
+            entry = {"flops": f, "floor_ms": _floor_ms(f, flop_rates)}
+            if stage == "decode" and entry["floor_ms"]:
+                # Each step reads every weight once: the larger of the two floors holds.
+                entry["compute_floor_ms"] = entry["floor_ms"]
+                steps = t["decode_steps"]["median"]
+                entry["bandwidth_floor_ms"] = steps * weights / rates.read_rate(weights) * 1e3
+                entry["floor_ms"] = max(entry["floor_ms"], entry["bandwidth_floor_ms"])
+            if measured:
+                ratio(entry, measured["median"], entry["floor_ms"], f"{task} {stage}")
+            t["floors"][stage] = entry
+        diffusion, unet = t.get("diffusion"), stages.get("denoise")
+        if diffusion and unet:
+            steps = diffusion["steps"]["median"]
+            per_step = {k: (v / steps if isinstance(v, int) else v) for k, v in unet.items()}
+            diffusion["floor_ms_per_step"] = _floor_ms(per_step, flop_rates)
+            ratio(
+                diffusion,
+                diffusion["step_ms"]["median"],
+                diffusion["floor_ms_per_step"],
+                f"{task} diffusion step",
+            )
     record["flags"] = flags
     if compare:
         slow = {
@@ -958,7 +1001,8 @@ def markdown(record: dict) -> str:
         f"{','.join(m['providers_used'])}; visionllm-edge {m['visionllm_edge']}; {o['repeat']} repetitions "
         "after "
         f"{o['warmup']} warm-up. Floors: DRAM read {fl['dram_read_bytes_per_s'] / 1e9:.1f} GB/s "
-        f"({fl['dram_threads']} threads); GEMM through ONNX Runtime: {rates}. Peak RSS "
+        f"({fl['read_threads']} threads); GEMM through ONNX Runtime: {rates} (best of {fl['samples']} "
+        "samples over the run). Peak RSS "
         f"{record['memory']['peak_rss_bytes'] / 2**20:.0f} MiB (runtime alone), KV arena "
         f"{record['memory']['arena_bytes'] / 2**20:.1f} MiB ({record['memory']['context_capacity']} rows)."
     )
