@@ -298,3 +298,20 @@ def test_progress_bar_on_a_terminal_and_quiet():
     bar("x")
     bar.close()
     assert quiet.getvalue() == ""
+
+
+def test_rates_keep_the_best_sample(monkeypatch):
+    """A busy moment measures a low rate: the floors use the best sample of the run, per kind and set."""
+    gemm = iter([10.0, 30.0, 20.0])
+    reads = iter([5.0, 1.0, 7.0, 2.0, 3.0, 9.0])
+    monkeypatch.setattr(
+        bench, "gemm_rate", lambda kind, threads, providers: {"flops_per_s": next(gemm), "n": 8}
+    )
+    monkeypatch.setattr(bench, "read_bandwidth", lambda threads, nbytes: next(reads))
+    rates = bench.Rates(threads=2, providers=None, kinds=["fp32"])
+    rates.want(3 * 2**20)
+    for _ in range(3):
+        rates.sample()
+    assert rates.samples == 3 and rates.flops() == {"fp32": 30.0}
+    # Each sample reads DRAM's set, then the wanted one: (5, 1), (7, 2), (3, 9).
+    assert rates.read_rate(bench.DRAM_SET) == 7.0 and rates.read_rate(3 * 2**20) == 9.0
