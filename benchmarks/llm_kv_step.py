@@ -11,9 +11,12 @@ two-block graph):
 - the reference `LlamaForCausalLM.forward` eager step (head-major past, concat inside) + the lm_head row.
 
 The fp32 forms are checked to agree before timing. Medians of `--repeats` undisturbed calls after `--warmup`
-calls; the bandwidth floor uses the 2-thread DRAM read rate measured in shared/research/perf_anchors.md
-(34.2 GB/s). Needs ~9 GB of RAM and a few minutes on 2 cores (graphs are written with external data to keep
-memory down; `--workdir DIR --reuse` keeps them for the next run).
+calls. The bandwidth floor is measured in the same rounds: the DRAM read rate of numpy's matrix-vector
+product (OpenBLAS sgemv, its own threads) over a 512 MiB matrix of random floats, the fastest reader found
+on this machine (benchmarks/results/floor_gaps.md: a threaded `np.sum` reads slower than ONNX Runtime's
+own MatMuls, and a matrix of equal values reads faster than DRAM allows). Needs ~9 GB of RAM and a few
+minutes on 2 cores (graphs are written with external data to keep memory down; `--workdir DIR --reuse`
+keeps them for the next run).
 
     python3 benchmarks/llm_kv_step.py [--pasts 64 2048] [--repeats 7] [--threads 2] [--quantized]
 """
@@ -44,8 +47,8 @@ WIDTHS = dict(
     num_key_value_heads=32,
     max_position_embeddings=4096,
 )
-#: 2-thread DRAM read rate of the development machine (perf_anchors.md §0), for the floor column.
-READ_GB_PER_S = 34.2
+#: Bytes of the matrix the read floor streams: well past the 32 MiB L3.
+FLOOR_BYTES = 512 << 20
 
 
 def build_model(layers: int, seed: int, widths: dict = WIDTHS) -> LlamaForCausalLM:
@@ -109,6 +112,13 @@ def time_interleaved(fns: dict, warmup: int, repeats: int, max_stall: float = 0.
     return {
         name: (clean[name], True) if len(clean[name]) >= repeats else (every[name], False) for name in names
     }
+
+
+def read_floor(nbytes: int = FLOOR_BYTES, seed: int = 0):
+    """A call that streams `nbytes` of random float32 from DRAM once (an sgemv): its rate is the floor."""
+    matrix = np.random.default_rng(seed).standard_normal((nbytes // 4 // 4096, 4096), dtype=np.float32)
+    vector = np.ones(4096, dtype=np.float32)
+    return lambda: matrix @ vector
 
 
 def ort_session(path: Path, threads: int):
@@ -194,6 +204,7 @@ def main(argv=None) -> int:
         f.update({name: a[:past] for name, a in arena.items()})
         return f
 
+    floor_read = read_floor()
     results: dict[tuple[str, int], tuple[list[float], bool]] = {}
     outputs: dict[tuple[str, int], np.ndarray] = {}
     sessions = {name: ort_session(path, args.threads) for name, path in paths.items()}
@@ -215,12 +226,13 @@ def main(argv=None) -> int:
                 return llm.lm_head(out.hidden[:, -1]).numpy()
 
         f = feeds(past)
-        fns = {"eager": eager}
+        fns = {"eager": eager, "floor": floor_read}
         fns.update(
             {name: (lambda sess=sess, f=f: sess.run(["logits"], f)[0]) for name, sess in sessions.items()}
         )
         for name, fn in fns.items():
-            outputs[(name, past)] = fn()
+            if name != "floor":
+                outputs[(name, past)] = fn()
         for name, timed in time_interleaved(fns, args.warmup, args.repeats).items():
             results[(name, past)] = timed
         del ref_past, fns
@@ -243,15 +255,18 @@ def main(argv=None) -> int:
     print(
         f"One decode step (S=1, R=1), {n} layers at 7B widths, fp32, {args.threads} threads; median ms of "
         f"{args.repeats} undisturbed calls after {args.warmup} warm-up, backends interleaved (min-max; "
-        f"* = too few undisturbed calls: median of all); load average at the end {os.getloadavg()[0]:.2f}"
+        f"* = too few undisturbed calls: median of all); load average at the end {os.getloadavg()[0]:.2f}. "
+        "Floor: (step weights + past K/V) / the read rate of the same rounds."
     )
     print()
     print(
-        "| past | floor | eager torch | ORT concat | ORT two-block | concat - two-block | eager / two-block |"
+        "| past | read GB/s | floor | eager torch | ORT concat | ORT two-block | two-block / floor "
+        "| concat - two-block | eager / two-block |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for past in args.pasts:
-        floor = (weight_bytes + past * kv_row_bytes) / (READ_GB_PER_S * 1e9) * 1e3
+        rate = FLOOR_BYTES / (med(("floor", past)) * 1e-3)
+        floor = (weight_bytes + past * kv_row_bytes) / rate * 1e3
         cells = []
         for key in ("eager", "two_block", "concat"):
             t, clean = results[(key, past)]
@@ -260,7 +275,10 @@ def main(argv=None) -> int:
         eager_c, two_c, concat_c = cells
         saved = med(("concat", past)) - med(("two_block", past))
         ratio = med(("eager", past)) / med(("two_block", past))
-        print(f"| {past} | {floor:.1f} | {eager_c} | {concat_c} | {two_c} | {saved:+.1f} | {ratio:.2f} |")
+        print(
+            f"| {past} | {rate / 1e9:.1f} | {floor:.1f} | {eager_c} | {concat_c} | {two_c} | "
+            f"{med(('two_block', past)) / floor:.2f} | {saved:+.1f} | {ratio:.2f} |"
+        )
     if args.quantized:
         print()
         print(
