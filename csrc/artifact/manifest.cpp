@@ -11,6 +11,7 @@
 #include "artifact/contract.h"
 #include "artifact/files.h"
 #include "artifact/json_text.h"
+#include "artifact/limits.h"
 #include "text/utf8.h"
 #include "visionllm_edge/errors.h"
 
@@ -138,8 +139,10 @@ class Parser {
     return value;
   }
 
-  // JSON integers only: 64.0 and true are not counts or ids, whatever JSON Schema says.
-  int64_t integer(const Json& value, const std::string& path, std::optional<int64_t> minimum = {}) const {
+  // JSON integers only: 64.0 and true are not counts or ids, whatever JSON Schema says. A size takes its cap
+  // from artifact/limits.h as `maximum`.
+  int64_t integer(const Json& value, const std::string& path, std::optional<int64_t> minimum = {},
+                  std::optional<int64_t> maximum = {}) const {
     if (!value.is_number_integer()) fail(path, "expected an integer, got " + describe(value));
     if (value.is_number_unsigned() &&
         value.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
@@ -149,6 +152,8 @@ class Parser {
     const int64_t v = value.get<int64_t>();
     if (minimum && v < *minimum)
       fail(path, "must be >= " + std::to_string(*minimum) + ", got " + std::to_string(v));
+    if (maximum && v > *maximum)
+      fail(path, "must be <= " + std::to_string(*maximum) + " (docs/limits.md), got " + std::to_string(v));
     return v;
   }
 
@@ -294,14 +299,14 @@ class Parser {
            {"name", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
             "max_context", "rope_theta", "rms_norm_eps"});
     out.name = string(node["name"], key_child(path, "name"), true);
-    auto count = [&](const char* key) { return integer(node[key], key_child(path, key), 1); };
-    out.hidden_size = count("hidden_size");
-    out.num_layers = count("num_layers");
-    out.num_heads = count("num_heads");
-    out.num_kv_heads = count("num_kv_heads");
-    out.head_dim = count("head_dim");
-    out.vocab_size = count("vocab_size");
-    out.max_context = count("max_context");
+    auto count = [&](const char* key, int64_t cap) { return integer(node[key], key_child(path, key), 1, cap); };
+    out.hidden_size = count("hidden_size", limits::kMaxHiddenSize);
+    out.num_layers = count("num_layers", limits::kMaxLayers);
+    out.num_heads = count("num_heads", limits::kMaxHeads);
+    out.num_kv_heads = count("num_kv_heads", limits::kMaxHeads);
+    out.head_dim = count("head_dim", limits::kMaxHeadDim);
+    out.vocab_size = count("vocab_size", limits::kMaxVocab);
+    out.max_context = count("max_context", limits::kMaxContext);
     out.rope_theta = number(node["rope_theta"], key_child(path, "rope_theta"), {}, {}, true);
     out.rms_norm_eps = number(node["rms_norm_eps"], key_child(path, "rms_norm_eps"), {}, {}, true);
     if (out.num_heads % out.num_kv_heads) {
@@ -458,7 +463,7 @@ class Parser {
         fail(key_child(at, "decoder"), "kind " + utf8::python_repr(kind) + " goes to the " + utf8::python_repr(decoder) +
                                            " decoder, got " + utf8::python_repr(r.decoder));
       }
-      r.queries = integer(entry["queries"], key_child(at, "queries"), 1);
+      r.queries = integer(entry["queries"], key_child(at, "queries"), 1, limits::kMaxQueries);
       // Perception groups use distinct placeholders [EMB], [EMB2], ...; only generation repeats one.
       const auto placeholders = static_cast<int64_t>(contract::placeholders().size());
       if (!contract::is_generation_kind(kind) && r.queries > placeholders) {
@@ -516,14 +521,14 @@ class Parser {
         object(node["clip"], at,
                {"tile_size", "max_tiles", "patches_per_tile", "mean", "std", "resample", "candidate_grids"});
     ClipPreprocess& c = m.clip;
-    c.max_tiles = integer(clip["max_tiles"], key_child(at, "max_tiles"), 1);
+    c.max_tiles = integer(clip["max_tiles"], key_child(at, "max_tiles"), 1, limits::kMaxTiles);
     const std::string grids_at = key_child(at, "candidate_grids");
     const Json& grids = array(clip["candidate_grids"], grids_at, {}, 1);
     for (size_t i = 0; i < grids.size(); ++i) {
       const std::string g_at = key_child(grids_at, i);
       const Json& grid = array(grids[i], g_at, 2);
-      const int64_t cols = integer(grid[0], key_child(g_at, 0), 1);
-      const int64_t rows = integer(grid[1], key_child(g_at, 1), 1);
+      const int64_t cols = integer(grid[0], key_child(g_at, 0), 1, limits::kMaxTiles);
+      const int64_t rows = integer(grid[1], key_child(g_at, 1), 1, limits::kMaxTiles);
       const std::string shown = std::to_string(cols) + "x" + std::to_string(rows);
       int64_t tiles = 0;
       if (__builtin_mul_overflow(cols, rows, &tiles) || tiles > c.max_tiles) {
@@ -535,8 +540,9 @@ class Parser {
       }
       c.candidate_grids.emplace_back(cols, rows);
     }
-    c.tile_size = integer(clip["tile_size"], key_child(at, "tile_size"), 1);
-    c.patches_per_tile = integer(clip["patches_per_tile"], key_child(at, "patches_per_tile"), 1);
+    c.tile_size = integer(clip["tile_size"], key_child(at, "tile_size"), 1, limits::kMaxTileSize);
+    c.patches_per_tile =
+        integer(clip["patches_per_tile"], key_child(at, "patches_per_tile"), 1, limits::kMaxPatchesPerTile);
     c.mean = triple(clip["mean"], key_child(at, "mean"));
     c.std = triple(clip["std"], key_child(at, "std"), true);
     const Names bicubic = {contract::kClipResample};
@@ -546,13 +552,14 @@ class Parser {
     const Json& det = object(node["detection"], at,
                              {"short_side", "max_long_side", "size_divisibility", "mean", "std", "resample"});
     DetectionPreprocess& d = m.detection;
-    d.short_side = integer(det["short_side"], key_child(at, "short_side"), 1);
-    d.max_long_side = integer(det["max_long_side"], key_child(at, "max_long_side"), 1);
+    d.short_side = integer(det["short_side"], key_child(at, "short_side"), 1, limits::kMaxImageSide);
+    d.max_long_side = integer(det["max_long_side"], key_child(at, "max_long_side"), 1, limits::kMaxImageSide);
     if (d.max_long_side < d.short_side) {
       fail(key_child(at, "max_long_side"),
            std::to_string(d.max_long_side) + " is below short_side " + std::to_string(d.short_side));
     }
-    d.size_divisibility = integer(det["size_divisibility"], key_child(at, "size_divisibility"), 1);
+    d.size_divisibility =
+        integer(det["size_divisibility"], key_child(at, "size_divisibility"), 1, limits::kMaxSizeDivisibility);
     d.mean = triple(det["mean"], key_child(at, "mean"));
     d.std = triple(det["std"], key_child(at, "std"), true);
     const Names bilinear = {contract::kDetectionResample};
@@ -561,7 +568,7 @@ class Parser {
     at = key_child(path, "diffusion");
     const Json& diff = object(node["diffusion"], at, {"gen_image_size", "edit_image_size"});
     for (const char* key : {"gen_image_size", "edit_image_size"}) {
-      const int64_t size = integer(diff[key], key_child(at, key), 1);
+      const int64_t size = integer(diff[key], key_child(at, key), 1, limits::kMaxImageSide);
       if (size % contract::kVaeScale) {
         fail(key_child(at, key), std::to_string(size) + " is not a multiple of " +
                                      std::to_string(contract::kVaeScale) + " (the VAE's scale)");
@@ -579,11 +586,11 @@ class Parser {
     // null: no NMS.
     if (!node["nms_iou"].is_null())
       out.nms_iou = number(node["nms_iou"], key_child(path, "nms_iou"), {}, 1.0, true);
-    out.det_top_k = integer(node["det_top_k"], key_child(path, "det_top_k"), 1);
+    out.det_top_k = integer(node["det_top_k"], key_child(path, "det_top_k"), 1, limits::kMaxTopK);
     out.det_score_threshold = unit("det_score_threshold");
     out.mask_threshold = unit("mask_threshold");
     out.seg_score_threshold = unit("seg_score_threshold");
-    out.pose_top_k = integer(node["pose_top_k"], key_child(path, "pose_top_k"), 1);
+    out.pose_top_k = integer(node["pose_top_k"], key_child(path, "pose_top_k"), 1, limits::kMaxTopK);
     out.pose_score_threshold = unit("pose_score_threshold");
   }
 
@@ -608,7 +615,8 @@ class Parser {
       }
       (std::string(key) == "bos_id" ? g.bos_id : g.eos_id) = id;
     }
-    g.diffusion_steps = integer(node["diffusion_steps"], key_child(path, "diffusion_steps"), 1);
+    g.diffusion_steps =
+        integer(node["diffusion_steps"], key_child(path, "diffusion_steps"), 1, limits::kMaxDiffusionSteps);
     g.guidance_scale = number(node["guidance_scale"], key_child(path, "guidance_scale"), 0.0);
     g.image_guidance_scale =
         number(node["image_guidance_scale"], key_child(path, "image_guidance_scale"), 0.0);

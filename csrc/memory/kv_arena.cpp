@@ -1,5 +1,7 @@
 #include "memory/kv_arena.h"
 
+#include "memory/checked.h"
+
 #include <cstring>
 #include <new>
 #include <stdexcept>
@@ -39,14 +41,28 @@ KVArena::KVArena(int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t
                                 "got " + std::to_string(num_layers) + ", " + std::to_string(capacity) + ", " +
                                 std::to_string(kv_heads) + ", " + std::to_string(head_dim));
   }
-  const size_t bytes = static_cast<size_t>(capacity) * row_bytes();
+  // Checked before anything is allocated: a capacity or width whose product wraps would otherwise allocate a
+  // small block that rows are then written past.
+  row_bytes_ = static_cast<size_t>(
+      checked_product({kv_heads, head_dim, static_cast<int64_t>(kv_dtype_size(dtype))}, "KVArena row bytes"));
+  const int64_t layer_bytes = checked_mul(capacity, static_cast<int64_t>(row_bytes_), "KVArena bytes per layer");
+  total_bytes_ = checked_product({2, num_layers, layer_bytes}, "KVArena total bytes");
+  const auto bytes = static_cast<size_t>(layer_bytes);
   keys_.reserve(static_cast<size_t>(num_layers));
   values_.reserve(static_cast<size_t>(num_layers));
   // The host allocator hands large blocks out as lazily mapped zero pages, so a generous capacity costs
   // address space, not resident memory, until it is used.
   for (int64_t l = 0; l < num_layers; ++l) {
     for (auto* arena : {&keys_, &values_}) {
-      arena->emplace_back(static_cast<std::byte*>(allocator.allocate(bytes)), AllocatorDeleter{&allocator});
+      void* block = nullptr;
+      try {
+        block = allocator.allocate(bytes);
+      } catch (const std::bad_alloc&) {
+        throw std::length_error("KVArena: cannot allocate " + std::to_string(total_bytes_) + " bytes (" +
+                                std::to_string(num_layers) + " layers x K and V x " + std::to_string(capacity) +
+                                " rows x " + std::to_string(row_bytes_) + " bytes a row)");
+      }
+      arena->emplace_back(static_cast<std::byte*>(block), AllocatorDeleter{&allocator});
     }
   }
 }

@@ -33,7 +33,8 @@ struct KVRows {
 
 class KVArena {
  public:
-  // Every row starts zeroed (the allocator's contract), so rows past the length read as zeros.
+  // Every row starts zeroed (the allocator's contract), so rows past the length read as zeros. Sizes whose
+  // byte count overflows int64, and an allocation that fails, are std::length_error naming the sizes.
   KVArena(int64_t num_layers, int64_t capacity, int64_t kv_heads, int64_t head_dim, KVDType dtype,
           Allocator& allocator = host_allocator());
   KVArena(const KVArena&) = delete;
@@ -47,7 +48,9 @@ class KVArena {
   MemoryKind memory() const { return allocator_->kind(); }
   int64_t length() const { return length_; }
   size_t element_size() const { return kv_dtype_size(dtype_); }
-  size_t row_bytes() const { return static_cast<size_t>(kv_heads_ * head_dim_) * element_size(); }
+  size_t row_bytes() const { return row_bytes_; }
+  // K and V of every layer: 2 x num_layers x capacity x row_bytes (checked against overflow at construction).
+  int64_t total_bytes() const { return total_bytes_; }
 
   // Address of row `row` (0 <= row <= capacity) of a layer's K or V arena: the base for engine binding.
   void* key_row(int64_t layer, int64_t row);
@@ -83,6 +86,8 @@ class KVArena {
   int64_t head_dim_;
   KVDType dtype_;
   int64_t length_ = 0;
+  size_t row_bytes_ = 0;
+  int64_t total_bytes_ = 0;
   Allocator* allocator_;
   std::vector<Buffer> keys_;
   std::vector<Buffer> values_;

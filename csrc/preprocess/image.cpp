@@ -21,16 +21,14 @@
 #include <stb/stb_image.h>
 #pragma GCC diagnostic pop
 
+#include "artifact/limits.h"
 #include "visionllm_edge/pipeline.h"
 
 namespace vle {
 namespace {
 
-// The largest side accepted, as the Python SDK's MAX_IMAGE_SIDE.
-constexpr int64_t kMaxImageSide = 16384;
-// The most pixels a file may decode to, checked from its header before any pixel is decoded (Pillow's
-// decompression-bomb limit, which the Python SDK inherits).
-constexpr int64_t kMaxImagePixels = 178956970;
+using limits::kMaxImagePixels;
+using limits::kMaxImageSide;
 
 std::string size_text(int64_t width, int64_t height) {
   return std::to_string(width) + "x" + std::to_string(height);

@@ -115,6 +115,51 @@ TEST(KVArena, DeviceArenaRefusesHostAppendNamingWhy) {
   EXPECT_EQ(arena.length(), 2);
 }
 
+// Sizes whose byte count wraps int64 (the earlier hostile pass: a manifest context that passed validation
+// made capacity x row bytes wrap, the allocation small, and the first rows written past it) are refused
+// before anything is allocated, naming the product.
+TEST(KVArena, SizesWhoseBytesOverflowAreRefusedBeforeAllocating) {
+  struct Case {
+    int64_t layers, capacity, heads, head_dim;
+    const char* names;
+  };
+  const int64_t big = int64_t{1} << 40;
+  for (const Case& c : {Case{1, big, 1 << 20, 64, "KVArena bytes per layer"},
+                        Case{1, 4, big, big, "KVArena row bytes"},
+                        Case{big, big, 1, 1, "KVArena total bytes"}}) {
+    RecordingAllocator allocator(vle::MemoryKind::kHost);
+    try {
+      vle::KVArena arena(c.layers, c.capacity, c.heads, c.head_dim, vle::KVDType::kFloat32, allocator);
+      FAIL() << "an arena of " << c.capacity << " rows was accepted";
+    } catch (const std::length_error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string(c.names) + ": "), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("overflows int64"), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(allocator.sizes.empty()) << c.names;
+  }
+}
+
+// An allocation the machine cannot give is a length_error naming the arena's sizes, not a bare bad_alloc.
+TEST(KVArena, AFailedAllocationNamesTheArenasSizes) {
+  struct Refusing final : vle::Allocator {
+    void* allocate(size_t) override { throw std::bad_alloc(); }
+    void deallocate(void*) noexcept override {}
+    vle::MemoryKind kind() const override { return vle::MemoryKind::kHost; }
+  } refusing;
+  try {
+    vle::KVArena arena(2, 1000, 4, 8, vle::KVDType::kFloat16, refusing);
+    FAIL() << "the arena was made from a refusing allocator";
+  } catch (const std::length_error& e) {
+    EXPECT_STREQ(e.what(), "KVArena: cannot allocate 256000 bytes (2 layers x K and V x 1000 rows x 64 bytes a row)");
+  }
+}
+
+TEST(KVArena, TotalBytesIsEveryLayersKAndV) {
+  vle::KVArena arena(3, 10, 2, 4, vle::KVDType::kFloat16);
+  EXPECT_EQ(arena.row_bytes(), 2u * 4 * 2);
+  EXPECT_EQ(arena.total_bytes(), 2 * 3 * 10 * 16);
+}
+
 TEST(HostAllocator, BuffersAreAlignedAndZeroed) {
   vle::Allocator& host = vle::host_allocator();
   for (size_t bytes : {size_t{0}, size_t{1}, size_t{63}, size_t{64}, size_t{1000}, size_t{1} << 22}) {

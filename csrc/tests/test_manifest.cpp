@@ -431,8 +431,25 @@ TEST_F(ManifestTest, CorruptedManifestsAreRefusedWithTheKeyPath) {
        [](auto&, Json& d) {
          d["preprocess"]["clip"]["candidate_grids"][0] = {int64_t{1} << 40, int64_t{1} << 40};
        },
-       "preprocess.clip.candidate_grids[0]: grid 1099511627776x1099511627776 has more tiles than max_tiles "
-       "4"},
+       "preprocess.clip.candidate_grids[0][0]: must be <= 64 (docs/limits.md), got 1099511627776"},
+      // Every size the manifest sets has a cap (artifact/limits.h): a context that passes as a positive
+      // integer once made the KV arena's byte count wrap, and the arena too small for the rows written.
+      {"context-over-cap", [](auto&, Json& d) { d["model"]["max_context"] = int64_t{1} << 40; },
+       "model.max_context: must be <= 1048576 (docs/limits.md), got 1099511627776"},
+      {"layers-over-cap", [](auto&, Json& d) { d["model"]["num_layers"] = 5000; },
+       "model.num_layers: must be <= 1024 (docs/limits.md), got 5000"},
+      {"head-dim-over-cap", [](auto&, Json& d) { d["model"]["head_dim"] = int64_t{1} << 32; },
+       "model.head_dim: must be <= 1024 (docs/limits.md), got 4294967296"},
+      {"vocab-over-cap", [](auto&, Json& d) { d["model"]["vocab_size"] = int64_t{1} << 30; },
+       "model.vocab_size: must be <= 16777216 (docs/limits.md), got 1073741824"},
+      {"queries-over-cap", [](auto&, Json& d) { d["routing"]["gen"]["queries"] = 100000; },
+       "routing.gen.queries: must be <= 4096 (docs/limits.md), got 100000"},
+      {"tile-size-over-cap", [](auto&, Json& d) { d["preprocess"]["clip"]["tile_size"] = 1 << 20; },
+       "preprocess.clip.tile_size: must be <= 4096 (docs/limits.md), got 1048576"},
+      {"steps-over-cap", [](auto&, Json& d) { d["generation"]["diffusion_steps"] = 1000000; },
+       "generation.diffusion_steps: must be <= 1000 (docs/limits.md), got 1000000"},
+      {"top-k-over-cap", [](auto&, Json& d) { d["postprocess"]["det_top_k"] = int64_t{1} << 40; },
+       "postprocess.det_top_k: must be <= 10000 (docs/limits.md), got 1099511627776"},
       {"grid-twice", [](auto&, Json& d) { d["preprocess"]["clip"]["candidate_grids"][1] = {1, 1}; },
        "preprocess.clip.candidate_grids[1]: grid 1x1 is listed twice"},
       {"no-grids", [](auto&, Json& d) { d["preprocess"]["clip"]["candidate_grids"] = Json::array(); },
