@@ -25,7 +25,16 @@ NAME_LISTS = [
     ["caf\u00e9", "\u00a0sofa\u3000", "it's", 'say "hi"'],
 ]
 PHRASES = ["the red ball", "  a dog on the left  ", "a circle...", "make it blue.", "x . . ", "\u2003tree"]
-BAD_NAMES = [[], [""], ["cat", "  "], ["a", "\u3000\n"], ["ok", "it's", ""]]
+BAD_NAMES = [
+    [],
+    [""],
+    ["cat", "  "],
+    ["a", "\u3000\n"],
+    ["ok", "it's", ""],
+    ["cat[DET]"],  # a special token's spelling would add a group or a marker
+    ["ok", "<region>"],
+    ["a\x00b"],  # a control character
+]
 
 
 @pytest.mark.parametrize("names", NAME_LISTS)
@@ -58,6 +67,20 @@ def test_template_errors_equal_python(names):
         with pytest.raises(ValueError) as got_one:
             _core.template_generation(names[0])
         assert str(got_one.value) == str(expected.value)
+
+
+def test_label_delimiters_are_refused_in_list_names_only():
+    # The answer's labels are split at the delimiters, so "cup of tea[DET]" would be labelled "tea"; a
+    # phrase or a caption is never split.
+    with pytest.raises(ValueError) as expected:
+        templates.detection(["cup of tea"])
+    with pytest.raises(ValueError) as got:
+        _core.template_detection(["cup of tea"])
+    assert str(got.value) == str(expected.value) == (
+        "name 'cup of tea' contains ' of ', where the answer's labels are split: its label would not be the name"
+    )
+    assert _core.template_grounding("cup of tea") == templates.grounding("cup of tea")
+    assert _core.template_generation("a cup of tea, on a table") == templates.generation("a cup of tea, on a table")
 
 
 # --- Result.to_json -----------------------------------------------------------------------------------------

@@ -663,7 +663,7 @@ def test_greedy_is_argmax_after_penalty():
 
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p"),
-    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.6), (0.9, 8, 0.9), (1.0, 100, 0.0)],
+    [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.6), (0.9, 8, 0.9), (1.0, 100, 0.01)],
 )
 def test_sampling_distribution_matches_numpy(temperature, top_k, top_p):
     logits = np.random.default_rng(6).standard_normal(40).astype(np.float32) * 2
@@ -699,7 +699,7 @@ def test_top_k_keeps_ties_and_top_p_drops_by_mass_before():
     probs = _core.sampling_probabilities(np.array([1.0, 3.0, 2.0, 3.0, 2.0], np.float32), params, [])
     assert (probs > 0).tolist() == [False, True, True, True, True]  # both tie with the 3rd value
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05])).astype(np.float32)
-    for top_p, kept in [(0.75, [0, 1]), (0.85, [0, 1, 2]), (0.4, [0]), (0.0, [0]), (0.96, [0, 1, 2, 3])]:
+    for top_p, kept in [(0.75, [0, 1]), (0.85, [0, 1, 2]), (0.4, [0]), (0.96, [0, 1, 2, 3])]:
         probs = _core.sampling_probabilities(logits, _core.SamplingParams(do_sample=True, top_p=top_p), [])
         assert np.flatnonzero(probs).tolist() == kept, top_p
         assert probs.sum() == pytest.approx(1.0)
@@ -736,8 +736,9 @@ def test_sampler_argument_errors():
         sampler.sample(np.zeros((1, 4), np.float32), _core.SamplingParams(), [])
     with pytest.raises(ValueError, match="temperature must be positive when sampling, got 0"):
         sampler.sample(logits, _core.SamplingParams(do_sample=True, temperature=0.0), [])
-    with pytest.raises(ValueError, match="top_p must be in"):
-        sampler.sample(logits, _core.SamplingParams(do_sample=True, top_p=1.5), [])
+    for top_p in (1.5, 0.0, float("nan")):  # (0, 1]: 0 would keep no token
+        with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+            sampler.sample(logits, _core.SamplingParams(do_sample=True, top_p=top_p), [])
     with pytest.raises(TypeError, match="penalized_ids must be int64"):
         sampler.sample(logits, _core.SamplingParams(), np.array([1], np.int32))
     # A row of a [R, V] engine output is a contiguous view and goes in without a copy.

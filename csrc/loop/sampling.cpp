@@ -18,8 +18,8 @@ void check_sampling_params(const SamplingParams& p) {
   if (p.top_k < 0) {
     throw std::invalid_argument("top_k must be >= 0 (0 turns it off), got " + std::to_string(p.top_k));
   }
-  if (!(p.top_p >= 0.0 && p.top_p <= 1.0)) {
-    throw std::invalid_argument("top_p must be in [0, 1], got " + std::to_string(p.top_p));
+  if (!(p.top_p > 0.0 && p.top_p <= 1.0)) {  // 0 would keep no token; NaN fails both comparisons
+    throw std::invalid_argument("top_p must be in (0, 1], got " + std::to_string(p.top_p));
   }
   if (!(p.repetition_penalty > 0.0)) {
     throw std::invalid_argument("repetition_penalty must be positive, got " +
@@ -44,6 +44,22 @@ void apply_repetition_penalty(float* logits, int64_t vocab, const std::vector<in
   }
 }
 
+namespace {
+
+void check_logits(const float* logits, int64_t vocab) {
+  for (int64_t i = 0; i < vocab; ++i) {
+    // -inf is a masked token; NaN or +inf means the graph's arithmetic broke, and argmax or a softmax over
+    // it would still return a plausible-looking token.
+    if (std::isnan(logits[i]) || logits[i] == std::numeric_limits<float>::infinity()) {
+      throw std::invalid_argument("logits: token " + std::to_string(i) + " of " + std::to_string(vocab) + " is " +
+                                  (std::isnan(logits[i]) ? "NaN" : "+inf") +
+                                  " (the llm graph's output is not finite)");
+    }
+  }
+}
+
+}  // namespace
+
 int64_t argmax(const float* values, int64_t n) {
   int64_t best = 0;
   for (int64_t i = 1; i < n; ++i) {
@@ -58,6 +74,7 @@ std::vector<double> sampling_probabilities(const float* logits, int64_t vocab, c
   if (vocab <= 0) {
     throw std::invalid_argument("logits must be a non-empty 1-D array");
   }
+  check_logits(logits, vocab);
   std::vector<float> penalized(logits, logits + vocab);
   apply_repetition_penalty(penalized.data(), vocab, penalized_ids, params.repetition_penalty);
   std::vector<double> probs(static_cast<size_t>(vocab), 0.0);
@@ -146,6 +163,7 @@ int64_t Sampler::sample(const float* logits, int64_t vocab, const SamplingParams
     // Greedy needs no distribution: argmax of the penalized logits.
     check_sampling_params(params);
     if (vocab <= 0) throw std::invalid_argument("logits must be a non-empty 1-D array");
+    check_logits(logits, vocab);
     std::vector<float> penalized(logits, logits + vocab);
     apply_repetition_penalty(penalized.data(), vocab, penalized_ids, params.repetition_penalty);
     return argmax(penalized.data(), vocab);

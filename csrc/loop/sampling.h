@@ -19,7 +19,7 @@ struct SamplingParams {
   double repetition_penalty = 1.0;  // 1: off
 };
 
-// Throws unless the parameters make sense (temperature > 0 when sampling, top_k >= 0, 0 <= top_p <= 1,
+// Throws unless the parameters make sense (temperature > 0 when sampling, top_k >= 0, 0 < top_p <= 1,
 // repetition_penalty > 0); the message names the parameter and its value.
 void check_sampling_params(const SamplingParams& params);
 

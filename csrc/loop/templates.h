@@ -18,7 +18,9 @@ struct TaskTemplate {
 };
 
 // Names are stripped of surrounding whitespace; an empty list or an empty name is an InputError that
-// lists the names given.
+// lists the names given; a name holding a control character or a special token's spelling ([DET], <region>,
+// </s>, ...) is an InputError naming both, and so is a label delimiter in a list's name (", ", " of ", ...:
+// the answer's labels are split there).
 
 // coco_llava: one [DET] group per class, in the given order (class k of the decoder is group k).
 TaskTemplate detection(const std::vector<std::string>& classes);

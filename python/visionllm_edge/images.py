@@ -9,6 +9,21 @@ from PIL import Image
 
 #: Largest accepted image side; a bigger one is rejected before any allocation.
 MAX_IMAGE_SIDE = 16384
+#: Most pixels a file may decode to, checked from its header before any pixel is decoded (Pillow's own
+#: decompression-bomb error threshold, held here so that a caller who lowers or disables Pillow's limit does
+#: not disable ours; the C++ decoder has the same one).
+MAX_IMAGE_PIXELS = 178956970
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    if width == 0 or height == 0:
+        raise ValueError(f"{what}has zero size ({width}x{height})")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ValueError(f"{what}is {width}x{height}; the largest side allowed is {MAX_IMAGE_SIDE}")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"{what}is {width}x{height} = {width * height} pixels; the most allowed is {MAX_IMAGE_PIXELS}"
+        )
 
 
 def load_image(image, bgr: bool = False) -> Image.Image:
@@ -19,13 +34,18 @@ def load_image(image, bgr: bool = False) -> Image.Image:
     if isinstance(image, (str, Path)):
         path = Path(image)
         try:
-            with Image.open(path) as im:
-                im.load()
-                pil = im.copy()
+            im = Image.open(path)  # reads the header only
         except FileNotFoundError:
             raise ValueError(f"image file not found: {path}") from None
         except Exception as e:  # PIL raises many types for corrupt files
             raise ValueError(f"cannot read image {path}: {e}") from None
+        with im:
+            _check_size(im.width, im.height, f"image {path} ")  # before a pixel is decoded
+            try:
+                im.load()
+                pil = im.copy()
+            except Exception as e:
+                raise ValueError(f"cannot read image {path}: {e}") from None
     elif isinstance(image, Image.Image):
         pil = image
     elif isinstance(image, np.ndarray):
@@ -44,10 +64,7 @@ def load_image(image, bgr: bool = False) -> Image.Image:
         pil = Image.fromarray(np.ascontiguousarray(arr), "RGB")
     else:
         raise TypeError(f"image: expected a path, a PIL.Image or a numpy array, got {type(image).__name__}")
-    if pil.width == 0 or pil.height == 0:
-        raise ValueError(f"image has zero size ({pil.width}x{pil.height})")
-    if max(pil.width, pil.height) > MAX_IMAGE_SIDE:
-        raise ValueError(f"image is {pil.width}x{pil.height}; the largest side allowed is {MAX_IMAGE_SIDE}")
+    _check_size(pil.width, pil.height, "image ")
     if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(pil, dtype=np.float64)
         pil = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), "L")

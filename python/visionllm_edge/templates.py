@@ -8,11 +8,23 @@ template of each official dataset class.
 
 from __future__ import annotations
 
+from visionllm_edge import contract
 
-def _join(names) -> list[str]:
+
+def _join(names, list_item: bool = True) -> list[str]:
+    """The names stripped, with the C++ templates' checks and messages (csrc/loop/templates.cpp)."""
+    if isinstance(names, str):  # a str is iterable: "cat" would become the classes c, a, t
+        raise TypeError(f"expected a list of names, got the string {names!r}")
     names = [str(n).strip() for n in names]
     if not names or any(not n for n in names):
         raise ValueError(f"expected one or more non-empty names, got {names!r}")
+    for n in names:
+        if control := next((c for c in n if ord(c) < 0x20 or c == "\x7f"), None):
+            raise ValueError(f"name {n!r} contains the control character {control!r}")
+        if list_item and (d := next((d for d in contract.LABEL_DELIMITERS if d in n), None)):
+            raise ValueError(f"name {n!r} contains {d!r}, where the answer's labels are split: its label would not be the name")
+        if token := next((t for t in contract.REQUIRED_TOKENS if t in n), None):
+            raise ValueError(f"name {n!r} contains the special token {token!r}")
     return names
 
 
@@ -26,7 +38,7 @@ def detection(classes) -> tuple[str, str]:
 
 def grounding(phrase: str) -> tuple[str, str]:
     """`refcoco_llava`: one `[GRD]` group for the referring expression."""
-    (phrase,) = _join([phrase])
+    (phrase,) = _join([phrase], list_item=False)
     return f"Where can we locate the {phrase} in the image?", "Yes, it is [GRD]."
 
 
@@ -61,11 +73,11 @@ def pose(keypoint_names, objects=("person",)) -> tuple[list[tuple[str, str]], st
 
 def generation(caption: str) -> tuple[str, str]:
     """`text2img`: an instruction with the caption; the answer carries one `[GEN]` group."""
-    (caption,) = _join([caption])
+    (caption,) = _join([caption], list_item=False)
     return f"Generate image with caption: {caption.strip().rstrip('.')}.", "Here it is [GEN]."
 
 
 def editing(instruction: str) -> tuple[str, str]:
     """`ip2p`: the instruction about the input image; the answer carries one `[EDIT]` group."""
-    (instruction,) = _join([instruction])
+    (instruction,) = _join([instruction], list_item=False)
     return instruction.strip().rstrip(".") + ".", "Here it is [EDIT]."
