@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
@@ -87,6 +88,20 @@ vle::Region region_of(const py::handle& item) {
   return r;
 }
 
+// `value` as T, or a TypeError naming the option, the type wanted and the value given (pybind11's own cast
+// error names neither: "Unable to cast Python instance of type <class 'str'> to C++ type '?'").
+template <typename T>
+T option(const py::handle& value, const std::string& key, const char* wanted) {
+  try {
+    return value.cast<T>();
+  } catch (const py::cast_error&) {
+    const std::string shown = py::repr(value).cast<std::string>();
+    throw py::type_error("request option '" + key + "' must be " + wanted + ", got " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))) + " " +
+                         (shown.size() > 80 ? shown.substr(0, 80) + "..." : shown));
+  }
+}
+
 vle::RunOptions options_of(const py::dict& kw) {
   vle::RunOptions o;
   for (const auto& [key_obj, value] : kw) {
@@ -95,31 +110,31 @@ vle::RunOptions options_of(const py::dict& kw) {
     if (key == "regions") {
       for (const auto& r : value) o.regions.push_back(region_of(r));
     } else if (key == "history") {
-      o.history = value.cast<std::vector<std::pair<std::string, std::string>>>();
+      o.history = option<std::vector<std::pair<std::string, std::string>>>(value, key, "a list of (user, assistant) str pairs");
     } else if (key == "answer_prefix") {
-      o.answer_prefix = value.cast<std::string>();
+      o.answer_prefix = option<std::string>(value, key, "a str");
     } else if (key == "answer") {
-      o.answer = value.cast<std::string>();
+      o.answer = option<std::string>(value, key, "a str");
     } else if (key == "instruction") {
-      o.instruction = value.cast<std::string>();
+      o.instruction = option<std::string>(value, key, "a str");
     } else if (key == "max_new_tokens") {
-      o.max_new_tokens = value.cast<int64_t>();
+      o.max_new_tokens = option<int64_t>(value, key, "an int that fits int64");
     } else if (key == "do_sample") {
-      o.do_sample = value.cast<bool>();
+      o.do_sample = option<bool>(value, key, "a bool");
     } else if (key == "temperature") {
-      o.temperature = value.cast<double>();
+      o.temperature = option<double>(value, key, "a float");
     } else if (key == "top_k") {
-      o.top_k = value.cast<int64_t>();
+      o.top_k = option<int64_t>(value, key, "an int that fits int64");
     } else if (key == "top_p") {
-      o.top_p = value.cast<double>();
+      o.top_p = option<double>(value, key, "a float");
     } else if (key == "repetition_penalty") {
-      o.repetition_penalty = value.cast<double>();
+      o.repetition_penalty = option<double>(value, key, "a float");
     } else if (key == "seed") {
-      o.seed = value.cast<uint64_t>();
+      o.seed = option<uint64_t>(value, key, "an int in [0, 2**64)");
     } else if (key == "noise") {
       o.noise = from_numpy(value, vle::Array::Type::kFloat32, "noise");
     } else if (key == "decode_images") {
-      o.decode_images = value.cast<bool>();
+      o.decode_images = option<bool>(value, key, "a bool");
     } else if (key == "det_input") {
       const auto t = value.cast<py::tuple>();
       vle::DetectionInput d;
@@ -177,6 +192,36 @@ py::dict result_dict(const vle::Result& r) {
   return d;
 }
 
+// On Python's main thread, the request polls Python's signal handlers (about every 20 ms, taking the GIL only
+// then) so that Ctrl-C interrupts it between steps: the handler's exception (KeyboardInterrupt) stays set and
+// `interruptible` raises it once the request has unwound. Other threads get no signals from Python, so
+// nothing is polled there.
+void poll_python_signals(vle::RunOptions& o) {
+  const py::module_ threading = py::module_::import("threading");
+  if (!threading.attr("current_thread")().is(threading.attr("main_thread")())) return;
+  auto last = std::make_shared<std::chrono::steady_clock::time_point>(std::chrono::steady_clock::now());
+  o.interrupted = [last] {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - *last < std::chrono::milliseconds(20)) return false;
+    *last = now;
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;
+  };
+}
+
+// Runs `request` with the GIL released; an interruption raised by a Python signal handler re-raises that
+// handler's exception instead of the InterruptedError.
+template <typename F>
+vle::Result interruptible(F&& request) {
+  try {
+    py::gil_scoped_release release;
+    return request();
+  } catch (const vle::InterruptedError&) {
+    if (PyErr_Occurred()) throw py::error_already_set();
+    throw;
+  }
+}
+
 // A streaming callback that takes the GIL for each piece.
 vle::TextCallback text_callback(const py::object& fn) {
   if (fn.is_none()) return nullptr;
@@ -192,14 +237,10 @@ void bind_pipeline(py::module_& m) {
       .def(
           "ask",
           [](vle::Chat& c, const std::string& prompt, const py::dict& options, const py::object& on_text) {
-            const vle::RunOptions o = options_of(options);
+            vle::RunOptions o = options_of(options);
+            poll_python_signals(o);
             const vle::TextCallback cb = text_callback(on_text);
-            vle::Result r;
-            {
-              py::gil_scoped_release release;
-              r = c.ask(prompt, o, cb);
-            }
-            return result_dict(r);
+            return result_dict(interruptible([&] { return c.ask(prompt, o, cb); }));
           },
           py::arg("prompt"), py::arg("options"), py::arg("on_text") = py::none())
       .def_property_readonly("history", &vle::Chat::history);
@@ -237,14 +278,10 @@ void bind_pipeline(py::module_& m) {
           [](vle::Pipeline& p, const py::object& image, const std::string& prompt, const py::dict& options,
              const py::object& on_text) {
             const vle::Image img = image_of(image);
-            const vle::RunOptions o = options_of(options);
+            vle::RunOptions o = options_of(options);
+            poll_python_signals(o);
             const vle::TextCallback cb = text_callback(on_text);
-            vle::Result r;
-            {
-              py::gil_scoped_release release;
-              r = p.run(img, prompt, o, cb);
-            }
-            return result_dict(r);
+            return result_dict(interruptible([&] { return p.run(img, prompt, o, cb); }));
           },
           py::arg("image"), py::arg("prompt"), py::arg("options"), py::arg("on_text") = py::none())
       .def(
@@ -252,19 +289,17 @@ void bind_pipeline(py::module_& m) {
           [](vle::Pipeline& p, const std::string& task, const py::object& image, const std::vector<std::string>& names,
              const std::vector<std::string>& objects, const py::dict& options) {
             const vle::Image img = image_of(image);
-            const vle::RunOptions o = options_of(options);
-            vle::Result r;
-            {
-              py::gil_scoped_release release;
-              if (task == "detect") r = p.detect(img, names, o);
-              else if (task == "ground") r = p.ground(img, names.at(0), o);
-              else if (task == "segment") r = p.segment(img, names, o);
-              else if (task == "pose") r = p.pose(img, names, objects, o);
-              else if (task == "generate_image") r = p.generate_image(names.at(0), o);
-              else if (task == "edit_image") r = p.edit_image(img, names.at(0), o);
-              else throw vle::InputError("unknown task '" + task + "'");
-            }
-            return result_dict(r);
+            vle::RunOptions o = options_of(options);
+            poll_python_signals(o);
+            return result_dict(interruptible([&] {
+              if (task == "detect") return p.detect(img, names, o);
+              if (task == "ground") return p.ground(img, names.at(0), o);
+              if (task == "segment") return p.segment(img, names, o);
+              if (task == "pose") return p.pose(img, names, objects, o);
+              if (task == "generate_image") return p.generate_image(names.at(0), o);
+              if (task == "edit_image") return p.edit_image(img, names.at(0), o);
+              throw vle::InputError("unknown task '" + task + "'");
+            }));
           },
           py::arg("task"), py::arg("image"), py::arg("names"), py::arg("objects"), py::arg("options"))
       .def("detection_input",

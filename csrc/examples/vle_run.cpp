@@ -10,12 +10,15 @@
 // images of [GEN] / [EDIT] as DIR/image_<i>.png. --bench runs the request W + N times, each on a fresh frame,
 // and prints min / median / p90 / max of every stage of the N measured runs, decode ms/token, peak RSS and
 // the KV arena's bytes; --bench-json writes them as one record with the figures named as
-// `visionllm-edge bench` names its per-stage summaries.
+// `visionllm-edge bench` names its per-stage summaries. Ctrl-C stops a request at its next step with a
+// message and exit status 130.
 #include <sys/resource.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
+#include <csignal>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -545,6 +548,21 @@ int bench(const Args& a) {
 
 }  // namespace
 
+namespace {
+
+// SIGINT (Ctrl-C) asks the running request to stop at its next step (RunOptions::interrupted); a second one,
+// or one before a request polls (while graphs load), ends the process as SIGINT always does.
+std::atomic<bool> g_interrupted{false};
+
+extern "C" void on_sigint(int) {
+  if (g_interrupted.exchange(true)) {
+    std::signal(SIGINT, SIG_DFL);
+    std::raise(SIGINT);
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   Args args;
   try {
@@ -553,8 +571,14 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%svle-run: error: %s\n", kUsage, e.what());
     return 2;
   }
+  std::signal(SIGINT, on_sigint);
+  args.run.interrupted = [] { return g_interrupted.load(); };
   try {
     return args.bench ? bench(args) : run(args);
+  } catch (const vle::InterruptedError& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "vle-run: interrupted (SIGINT): %s\n", e.what());
+    return 130;  // 128 + SIGINT, as a shell reports a process SIGINT ended
   } catch (const vle::EngineError& e) {  // not the user's doing: said as such
     std::fflush(stdout);
     std::fprintf(stderr, "vle-run: engine error: %s\n", e.what());

@@ -31,6 +31,21 @@ std::vector<float> seeded_normal(uint64_t seed, int64_t count) {
   return out;
 }
 
+// A float32 array that crosses into post-processing or out to the caller: NaN or inf in a logit, a box, a
+// keypoint or a pixel would still become a plausible-looking result, so it is an EngineError naming the
+// graph's output (or the caller's input, as an InputError). Logits may hold -inf: the decoders mask the
+// class slots a request does not use that way.
+enum class Source { kGraph, kGraphLogits, kCaller };
+void require_finite(const Array& a, const std::string& what, Source source = Source::kGraph) {
+  if (a.type != Array::Type::kFloat32) return;
+  const auto* data = static_cast<const float*>(a.data.get());
+  if (const auto bad = first_non_finite(data, a.numel(), source == Source::kGraphLogits)) {
+    const std::string message = what + " is not finite: " + non_finite_text(data, *bad, a.numel());
+    if (source == Source::kCaller) throw InputError(message);
+    throw EngineError(message);
+  }
+}
+
 }  // namespace
 
 // --- decoders -------------------------------------------------------------------------------------------------
@@ -108,6 +123,9 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
         return out;
       };
       Array all_logits = stack(logits), all_boxes = stack(boxes), all_masks = stack(masks);
+      require_finite(all_logits, "graph 'det' output 'logits'", Source::kGraphLogits);
+      require_finite(all_boxes, "graph 'det' output 'pred_boxes'");
+      require_finite(all_masks, "graph 'det' output 'pred_masks'");
       result.decoders[kObjectDecoder] = {{contract::io::kLogits, all_logits}, {contract::io::kPredBoxes, all_boxes},
                                          {contract::io::kPredMasks, all_masks}};
       std::vector<ObjectGroup> object_groups;
@@ -171,6 +189,9 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
                        {}, {contract::io::kPredLogits, contract::io::kPredBoxes, contract::io::kPredKeypoints});
       }
       Array pl = to_array(out[0]), pb = to_array(out[1]), pk = to_array(out[2]);
+      require_finite(pl, "graph 'pose' output 'pred_logits'", Source::kGraphLogits);
+      require_finite(pb, "graph 'pose' output 'pred_boxes'");
+      require_finite(pk, "graph 'pose' output 'pred_keypoints'");
       result.decoders[kPoseDecoder] = {{contract::io::kPredLogits, pl}, {contract::io::kPredBoxes, pb},
                                        {contract::io::kPredKeypoints, pk}};
       std::vector<std::string> object_labels, keypoint_names;
@@ -230,7 +251,18 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
   if (const auto it = unet_graph.facts.find("uncond_tensor"); it != unet_graph.facts.end() && it->is_string()) {
     uncond_name = it->get<std::string>();
   }
-  const Tensor uncond = SafetensorsFile(uncond_ref->second.path).to_float32(uncond_name);
+  const FileRef& uncond_file = uncond_ref->second;
+  // Read at its first request, long after the manifest was: hashed again now, as the graphs are.
+  if (options.verify_hashes && file_sha256(uncond_file.path) != uncond_file.sha256) {
+    throw ArtifactError(manifest.manifest_file.string() + ": extra_files." + kind + "_uncond.sha256: " +
+                        uncond_file.file + ": sha256 mismatch when it was read (the file changed after the "
+                        "artifact was loaded)");
+  }
+  const Tensor uncond = SafetensorsFile(uncond_file.path).to_float32(uncond_name);
+  if (const auto bad = first_non_finite(uncond.data_as<float>(), uncond.numel())) {
+    throw ArtifactError(uncond_file.path.string() + ": tensor '" + uncond_name + "' is not finite: " +
+                        non_finite_text(uncond.data_as<float>(), *bad, uncond.numel()));
+  }
 
   const std::vector<int64_t> noise_shape = {n, 4, latent, latent};
   Array noise;
@@ -240,6 +272,7 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
                        shape_text(o.noise->shape));
     }
     noise = *o.noise;
+    require_finite(noise, "noise", Source::kCaller);
   } else {
     const std::vector<float> drawn = seeded_normal(o.seed, element_count(noise_shape));
     noise = float_array(drawn.data(), noise_shape);
@@ -260,8 +293,9 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
     for (int64_t i = 0; i < n; ++i) image_latents.insert(image_latents.end(), one.data_as<float>(), one.data_as<float>() + one.numel());
   }
   Engine& unet = engine(unet_name);
-  const UNetFn unet_fn = [&unet](const TensorView& sample, const TensorView& timestep, const TensorView& context,
-                                 const TensorView& noise_pred) {
+  const UNetFn unet_fn = [&unet, &o](const TensorView& sample, const TensorView& timestep, const TensorView& context,
+                                     const TensorView& noise_pred) {
+    interruption_point(o, "in the denoising loop");
     unet.run({{contract::io::kSample, sample}, {contract::io::kTimestep, timestep},
               {contract::io::kEncoderHiddenStates, context}},
              {{contract::io::kNoisePred, noise_pred}}, {});
@@ -285,6 +319,7 @@ void Pipeline::Impl::diffusion(const std::string& kind, const std::vector<Decode
                      .run({{contract::io::kLatents, latents.view()}}, {},
                           {contract::io::kImages});
   Array images = to_array(decoded[0]);
+  require_finite(images, "graph '" + kind + contract::graph::kVaeDecoderSuffix + "' output 'images'");
   raw["noise"] = noise;  // the initial latents (not a graph tensor)
   raw[contract::io::kLatents] = to_array(latents);
   raw[contract::io::kImages] = images;

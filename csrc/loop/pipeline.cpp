@@ -106,6 +106,19 @@ Pipeline Pipeline::load(const std::string& artifact_dir, const LoadOptions& opti
     p.query_tables[kind].assign(table.data_as<float>(), table.data_as<float>() + table.numel());
   }
 
+  // A NaN or inf row would flow through the LLM into plausible-looking tokens; refused here, at load.
+  const auto check_table = [&](const std::string& key, const std::string& tensor, const float* data, int64_t n) {
+    if (const auto bad = first_non_finite(data, n)) {
+      throw ArtifactError(m.embeddings.file.path.string() + ": tensor '" + tensor + "' (" + key +
+                          ") is not finite: " + non_finite_text(data, *bad, n));
+    }
+  };
+  check_table("embeddings.token_table", m.embeddings.token_table, p.token_rows, p.vocab * p.hidden);
+  for (const auto& [kind, table] : p.query_tables) {
+    check_table("routing." + kind + ".table", m.embeddings.query_tables.at(m.routing.at(kind).table), table.data(),
+                static_cast<int64_t>(table.size()));
+  }
+
   const int64_t cap = options.max_context > 0 ? std::min(options.max_context, m.model.max_context) : m.model.max_context;
   if (options.max_context < 0) throw InputError("max_context must be positive, got " + std::to_string(options.max_context));
   DType kv_dtype = DType::kFloat32;
@@ -114,8 +127,15 @@ Pipeline Pipeline::load(const std::string& artifact_dir, const LoadOptions& opti
     if (const TensorSpec* spec = llm.input(contract::layer_name(contract::io::kPastKey, 0))) kv_dtype = spec->dtype;
     if (const TensorSpec* spec = llm.input(contract::io::kInputsEmbeds)) p.embed_dtype = spec->dtype;
   }
-  p.arena = std::make_unique<KVArena>(m.model.num_layers, cap, m.model.num_kv_heads, m.model.head_dim,
-                                      kv_dtype == DType::kFloat16 ? KVDType::kFloat16 : KVDType::kFloat32);
+  try {
+    p.arena = std::make_unique<KVArena>(m.model.num_layers, cap, m.model.num_kv_heads, m.model.head_dim,
+                                        kv_dtype == DType::kFloat16 ? KVDType::kFloat16 : KVDType::kFloat32);
+  } catch (const std::length_error& e) {  // sizes whose bytes overflow, or memory the machine does not have
+    throw ArtifactError(m.manifest_file.string() + ": model (num_layers " + std::to_string(m.model.num_layers) +
+                        ", num_kv_heads " + std::to_string(m.model.num_kv_heads) + ", head_dim " +
+                        std::to_string(m.model.head_dim) + ") with a context of " + std::to_string(cap) +
+                        " rows: " + e.what() + "; lower LoadOptions::max_context");
+  }
 
   p.patch_id = m.token_id(contract::kImagePatchToken);
   p.region_id = m.token_id(contract::kRegionToken);
@@ -176,7 +196,36 @@ Engine& Pipeline::Impl::engine(const std::string& name) {
         options.engine_cache.empty() ? manifest.artifact_dir / "engines" : std::filesystem::path(options.engine_cache);
     eo.tensorrt.cache_dir = root / name;
   }
+  // The manifest's hashes were checked when it was read; a graph made later (most are made by their first
+  // request) is hashed again now, so a file replaced in between is refused rather than run.
+  if (options.verify_hashes) {
+    const GraphEntry& g = manifest.graph(name);
+    const std::string actual = file_sha256(g.path);
+    if (actual != g.sha256) {
+      throw ArtifactError(manifest.manifest_file.string() + ": graphs." + name + ".sha256: " + g.file +
+                          ": sha256 mismatch when its engine was made: the manifest says " + g.sha256 +
+                          ", the file has " + actual + " (the file changed after the artifact was loaded)");
+    }
+  }
   auto made = make_engine(options.backend, manifest.graph(name).path, name, eo);
+  // The loop builds each call from the manifest's inputs; a graph that takes others (a file swapped for
+  // another graph's, hashes and all) is refused here, naming both lists, not at its first call.
+  const GraphEntry& g = manifest.graph(name);
+  const auto listed = [](const auto& specs) {
+    std::vector<std::string> out;
+    for (const auto& s : specs) out.push_back(s.name + ":" + dtype_name(s.dtype));
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  if (listed(made->inputs()) != listed(g.inputs)) {
+    const auto text = [](const std::vector<std::string>& names) {
+      std::string out;
+      for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+      return "[" + out + "]";
+    };
+    throw ArtifactError(manifest.manifest_file.string() + ": graphs." + name + ".inputs: " + g.file + " takes " +
+                        text(listed(made->inputs())) + ", the manifest says " + text(listed(g.inputs)));
+  }
   return *engines.emplace(name, std::move(made)).first->second;
 }
 
@@ -411,6 +460,7 @@ std::string Pipeline::Impl::decode(Sequence& seq, const RunOptions& o, Result& r
   {
     StageTimer t(result, "decode");
     for (int64_t generated = 1; generated <= o.max_new_tokens; ++generated) {
+      interruption_point(o, ("at decoding step " + std::to_string(generated)).c_str());
       const auto step_start = Clock::now();
       double step_engine_ms = 0;
       const int64_t token = state.next_token(sampler, params, penalized);
@@ -499,15 +549,42 @@ std::vector<int64_t> Pipeline::Impl::answer_tokens(const std::vector<int64_t>& i
 
 // --- requests -------------------------------------------------------------------------------------------------
 
+namespace {
+
+// Text a user typed (the prompt, the user turns of the history, an instruction): C0 control characters other
+// than tab, newline and carriage return, and DEL, are refused; nothing in a chat needs them and the tokenizer
+// would make tokens of them. Invalid UTF-8 is the tokenizer's refusal. Answers are not checked: they are the
+// model's own text, which a small model fills with anything.
+void check_user_text(const std::string& text, const std::string& what) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r') || c == 0x7f) {
+      throw InputError(what + ": the control character " + utf8::python_repr(std::string(1, text[i])) +
+                       " at byte " + std::to_string(i) + " (only tab, newline and carriage return are allowed)");
+    }
+  }
+}
+
+}  // namespace
+
+void Pipeline::Impl::interruption_point(const RunOptions& o, const char* where) {
+  if (o.interrupted && o.interrupted()) throw InterruptedError("the request was interrupted " + std::string(where));
+}
+
 Result Pipeline::Impl::run(const Image& image, const std::string& prompt, const RunOptions& o,
                            const TextCallback& on_text) {
+  check_user_text(prompt, "prompt");
+  for (size_t i = 0; i < o.history.size(); ++i) check_user_text(o.history[i].first, "history[" + std::to_string(i) + "]");
+  if (o.instruction) check_user_text(*o.instruction, "instruction");
   if (o.max_new_tokens <= 0) throw InputError("max_new_tokens must be positive, got " + std::to_string(o.max_new_tokens));
   if (o.do_sample && o.temperature <= 0) {
     throw InputError("temperature must be positive when sampling, got " + std::to_string(o.temperature));
   }
   const auto start = Clock::now();
   Result result;
+  interruption_point(o, "before it started");
   Frame& f = frame_for(image, o, result);
+  interruption_point(o, "after its image was encoded");
   Sequence seq;
   {
     StageTimer t(result, "tokenize");
@@ -519,6 +596,7 @@ Result Pipeline::Impl::run(const Image& image, const std::string& prompt, const 
                      std::to_string(f.num_regions) + " region(s) were given");
   }
   Prefilled pre = prefill(seq, f, result);
+  interruption_point(o, "after prefill");
   std::string stop = seq.forced ? "eos" : "length";
   if (!seq.forced) stop = decode(seq, o, result, on_text);
   const std::string text = answer_text(seq.ids, static_cast<size_t>(seq.answer_start));
@@ -538,6 +616,7 @@ Result Pipeline::Impl::run(const Image& image, const std::string& prompt, const 
       labels[pre.history_objects[i].position] = names[i];
     }
   }
+  interruption_point(o, "after decoding");
   dispatch(f, labels, pre.history_objects, o, result);
   result.text = text;
   result.token_ids = answer_tokens(seq.ids, static_cast<size_t>(seq.answer_start));
@@ -626,8 +705,7 @@ std::map<std::string, std::string> Pipeline::end_profiling() {
 }
 
 int64_t Pipeline::arena_bytes() const {
-  const KVArena& a = *impl_->arena;
-  return 2 * a.num_layers() * a.capacity() * static_cast<int64_t>(a.row_bytes());
+  return impl_->arena->total_bytes();
 }
 const std::string& Pipeline::artifact_dir() const { return impl_->dir; }
 
@@ -643,7 +721,13 @@ std::vector<std::string> Pipeline::components() const {
 
 Result Chat::ask(const std::string& prompt, const TextCallback& on_text) { return ask(prompt, defaults_, on_text); }
 
+std::vector<std::pair<std::string, std::string>> Chat::history() const {
+  std::lock_guard<std::mutex> lock(*mutex_);
+  return history_;
+}
+
 Result Chat::ask(const std::string& prompt, const RunOptions& options, const TextCallback& on_text) {
+  std::lock_guard<std::mutex> lock(*mutex_);
   RunOptions o = options;
   o.history = history_;
   Result r = pipeline_->run(image_, prompt, o, on_text);

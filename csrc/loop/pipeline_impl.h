@@ -15,6 +15,7 @@
 #include <unordered_set>
 
 #include "artifact/contract.h"
+#include "artifact/files.h"
 #include "artifact/manifest.h"
 #include "artifact/safetensors.h"
 #include "engines/engine.h"
@@ -25,6 +26,7 @@
 #include "loop/router.h"
 #include "loop/sampling.h"
 #include "loop/templates.h"
+#include "memory/finite.h"
 #include "memory/half.h"
 #include "memory/kv_arena.h"
 #include "memory/tensor.h"
@@ -190,6 +192,9 @@ struct Pipeline::Impl {
   std::optional<Frame> frame;
   std::vector<int64_t> cached_ids;  // the ids whose KV rows are in the arena
   std::mutex mutex;                 // one request at a time
+
+  // Throws InterruptedError ("the request was interrupted <where>") when o.interrupted says so.
+  static void interruption_point(const RunOptions& o, const char* where);
 
   // The LLM's steps, on the host or (a CUDA build, a GPU, an llm engine with device_io()) the device; made
   // with the llm engine, before the arena holds anything.

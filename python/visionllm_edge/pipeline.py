@@ -39,6 +39,24 @@ _REQUEST_KEYS = (
 )
 
 
+def _text(value, option: str) -> str:
+    """A str the C++ loop can take: pybind11 would refuse a lone surrogate without naming the option."""
+    if not isinstance(value, str):
+        raise TypeError(f"{option} must be a str, got {type(value).__name__} {value!r:.80}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{option} is not valid UTF-8: {e.reason} at index {e.start} ({value[e.start]!r})") from None
+    return value
+
+
+def _names(value, option: str) -> list[str]:
+    """A list of names; a str is refused (it would be iterated into its letters)."""
+    if isinstance(value, str):
+        raise TypeError(f"{option} must be a list of names, got the string {value!r}; wrap it: [{value!r}]")
+    return [_text(str(v), option) for v in value]
+
+
 def _rgb(image, bgr: bool = False) -> np.ndarray | None:
     if image is None:
         return None
@@ -77,7 +95,15 @@ def _options(kwargs: dict) -> dict:
         raise TypeError(f"unknown request keyword(s) {unknown}")
     options = {k: kwargs[k] for k in _REQUEST_KEYS if kwargs.get(k) is not None}
     if "history" in options:
-        options["history"] = [(str(u), str(a)) for u, a in options["history"]]
+        history = []
+        for i, turn in enumerate(options["history"]):
+            if isinstance(turn, str) or len(turn) != 2:
+                raise ValueError(f"history[{i}]: expected a (user, assistant) pair, got {turn!r:.80}")
+            history.append((_text(str(turn[0]), f"history[{i}]"), _text(str(turn[1]), f"history[{i}]")))
+        options["history"] = history
+    for key in ("answer_prefix", "answer", "instruction"):
+        if key in options:
+            options[key] = _text(options[key], key)
     if "noise" in options:
         options["noise"] = np.ascontiguousarray(options["noise"], dtype=np.float32)
     options["regions"] = _regions(kwargs.get("regions"), kwargs.get("region_frame", "image"))
@@ -172,7 +198,9 @@ class Pipeline:
                 shapes and time; `end_profiling` completes the files). The bench counts FLOPs from them.
         """
         folder = Path(artifact_dir)
-        manifest = load_manifest(folder, verify_hashes=verify_hashes)
+        # Parsed here for its facts; the core's load below checks the hashes (once), and again for each graph
+        # whose engine it makes later.
+        manifest = load_manifest(folder, verify_hashes=False)
         if max_context is not None and int(max_context) <= 0:
             raise ValueError(f"max_context must be positive, got {max_context}")
         core = _core.Pipeline.load(
@@ -183,7 +211,7 @@ class Pipeline:
             int(threads),
             int(max_context or 0),
             list(components or ()),
-            False,  # load_manifest above checked the hashes with the same C++ parser
+            bool(verify_hashes),
             onnxruntime_library(),
             {k: -1.0 if v is None else float(v) for k, v in (postprocess or {}).items()},
             bool(fp16),
@@ -210,7 +238,7 @@ class Pipeline:
                 [GEN]/[EDIT]), decode (False: [GEN]/[EDIT] stop at the conditioning).
         """
         options = _options({**kwargs, "regions": regions})
-        return _result(self._core.run(_rgb(image, bgr), str(prompt), options, _on_text))
+        return _result(self._core.run(_rgb(image, bgr), _text(prompt, "prompt"), options, _on_text))
 
     def stream(self, image, prompt: str, **kwargs) -> Iterator[str | Result]:
         """Yields the answer's text pieces as they are decoded, then the `Result`."""
@@ -264,22 +292,23 @@ class Pipeline:
         return _result(self._core.task(task, _rgb(image, bgr), list(names), list(objects), options))
 
     def detect(self, image, classes, **kw) -> Result:
-        return self._task("detect", image, [str(c) for c in classes], **kw)
+        return self._task("detect", image, _names(classes, "classes"), **kw)
 
     def ground(self, image, phrase: str, **kw) -> Result:
-        return self._task("ground", image, [str(phrase)], **kw)
+        return self._task("ground", image, [_text(phrase, "phrase")], **kw)
 
     def segment(self, image, classes, **kw) -> Result:
-        return self._task("segment", image, [str(c) for c in classes], **kw)
+        return self._task("segment", image, _names(classes, "classes"), **kw)
 
     def pose(self, image, keypoint_names, objects=("person",), **kw) -> Result:
-        return self._task("pose", image, [str(k) for k in keypoint_names], [str(o) for o in objects], **kw)
+        names = _names(keypoint_names, "keypoint_names")
+        return self._task("pose", image, names, _names(objects, "objects"), **kw)
 
     def generate_image(self, prompt: str, **kw) -> Result:
-        return self._task("generate_image", None, [str(prompt)], **kw)
+        return self._task("generate_image", None, [_text(prompt, "prompt")], **kw)
 
     def edit_image(self, image, instruction: str, **kw) -> Result:
-        return self._task("edit_image", image, [str(instruction)], **kw)
+        return self._task("edit_image", image, [_text(instruction, "instruction")], **kw)
 
 
 class ChatSession:
@@ -295,4 +324,4 @@ class ChatSession:
         return [tuple(turn) for turn in self._chat.history]
 
     def ask(self, prompt: str, **kw) -> Result:
-        return _result(self._chat.ask(str(prompt), _options({**self.defaults, **kw})))
+        return _result(self._chat.ask(_text(prompt, "prompt"), _options({**self.defaults, **kw})))

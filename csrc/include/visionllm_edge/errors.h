@@ -7,11 +7,14 @@
 //   │   └── vle::TokenizerError     the tokenizer files, or a tokenizer that disagrees with the manifest
 //   ├── vle::InputError             a request the caller got wrong (image, prompt, regions, options)
 //   ├── vle::BackendUnavailableError  a backend or execution provider this build or machine lacks
-//   └── vle::EngineError            an engine failed while running a graph (names the graph and the call)
+//   ├── vle::EngineError            an engine failed while running a graph (names the graph and the call)
+//   └── vle::InterruptedError       RunOptions::interrupted said stop (names where the request stopped)
 //
 // The Python bindings map them to the SDK's own types: ArtifactError -> visionllm_edge.manifest.ManifestError
 // (a ValueError), TokenizerError and InputError -> ValueError, BackendUnavailableError ->
-// visionllm_edge.runtime.BackendUnavailableError (a RuntimeError), EngineError -> RuntimeError.
+// visionllm_edge.runtime.BackendUnavailableError (a RuntimeError), EngineError -> RuntimeError; an
+// InterruptedError raised for a Python signal (SIGINT) re-raises the signal's own exception
+// (KeyboardInterrupt).
 #pragma once
 
 #include <stdexcept>
@@ -45,6 +48,11 @@ class BackendUnavailableError : public Error {
 };
 
 class EngineError : public Error {
+ public:
+  using Error::Error;
+};
+
+class InterruptedError : public Error {
  public:
   using Error::Error;
 };

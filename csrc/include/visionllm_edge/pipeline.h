@@ -13,14 +13,17 @@
 // [E(token); Q_kind]), dispatch of the groups to the decoders, the diffusion loop for [GEN]/[EDIT],
 // post-processing. A Pipeline keeps the last frame's encodings and KV rows and reuses the longest common
 // prefix, so several requests on one frame encode it once, and a request on a new frame recomputes only from
-// the first image row on (the system prompt's rows are kept). A Pipeline serves one request at a time (calls
-// from several threads are serialised); use one Pipeline per thread for parallel requests.
+// the first image row on (the system prompt's rows are kept). A Pipeline serves one request at a time: calls
+// from several threads are serialised by its mutex and each gets the answer it would get alone (greedy:
+// identical to the same calls made one after another; tests/test_hostile.py runs 8 threads). A Chat's turns
+// are serialised by the Chat's own lock. For requests in parallel use one Pipeline per thread.
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -119,6 +122,11 @@ struct RunOptions {
   std::optional<DetectionInput> det_input;   // or their prepared input
   std::optional<Array> noise;                // [n, 4, h, w] initial latents for [GEN]/[EDIT]
   bool decode_images = true;                 // false: [GEN]/[EDIT] stop at the conditioning
+  // Polled between the stages of the request and at every decoding and denoising step (not inside a graph
+  // call); returning true ends the request with vle::InterruptedError. The Pipeline stays usable: the next
+  // request answers as if the interrupted one had never run. vle-run sets it from SIGINT, the Python SDK
+  // from Python's own signal handling.
+  std::function<bool()> interrupted;
 };
 
 // Receives each new piece of the answer's text as it is decoded.
@@ -177,16 +185,21 @@ class Chat {
  public:
   Result ask(const std::string& prompt, const TextCallback& on_text = nullptr);
   Result ask(const std::string& prompt, const RunOptions& options, const TextCallback& on_text = nullptr);
-  const std::vector<std::pair<std::string, std::string>>& history() const { return history_; }
+  // A copy: another thread's ask may be adding a turn.
+  std::vector<std::pair<std::string, std::string>> history() const;
 
  private:
   friend class Pipeline;
   Chat(Pipeline& pipeline, Image image, RunOptions defaults)
-      : pipeline_(&pipeline), image_(std::move(image)), defaults_(std::move(defaults)) {}
+      : pipeline_(&pipeline), image_(std::move(image)), defaults_(std::move(defaults)),
+        mutex_(std::make_shared<std::mutex>()) {}
   Pipeline* pipeline_;
   Image image_;
   RunOptions defaults_;
   std::vector<std::pair<std::string, std::string>> history_;
+  // One turn at a time: a turn reads the history, runs, and appends to it as one step, so turns asked from
+  // several threads each see every earlier turn (in the order they took the lock). Shared by copies.
+  std::shared_ptr<std::mutex> mutex_;
 };
 
 }  // namespace vle
