@@ -68,6 +68,9 @@ def test_bench_cli_json_md_plot_and_reference(tiny_artifact, tmp_path, capsys):
         assert t["speedup_over_reference"] == pytest.approx(
             ref["end_to_end_ms"]["median"] / t["end_to_end_ms"]["median"]
         )
+        assert t["speedup_over_reference_min"] == pytest.approx(
+            ref["end_to_end_ms"]["min"] / t["end_to_end_ms"]["min"]
+        )
     assert all(any(f.startswith(name) for f in rec["flags"]) for name in flagged)
     assert rec["reference"]["source"] == "tiny-random"
     assert rec["speedup_bar"]["tasks"] == ["detect"]

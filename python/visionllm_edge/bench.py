@@ -745,6 +745,8 @@ def _time_task(pipe, ref, requests: Requests, task: str, ti: int, warmup: int, r
             "end_to_end_ms": summary(ref_wall),
         }
         t["speedup_over_reference"] = t["reference"]["end_to_end_ms"]["median"] / t["end_to_end_ms"]["median"]
+        # Each side's fastest repetition: on a busy machine the least disturbed figure of the two.
+        t["speedup_over_reference_min"] = t["reference"]["end_to_end_ms"]["min"] / t["end_to_end_ms"]["min"]
     return t
 
 
@@ -953,7 +955,12 @@ def run_bench(
             if t in PERCEPTION_TASKS and v["speedup_over_reference"] < 4.0
         }
         record["speedup_bar"] = {
-            "bar": "end to end >= 4x the reference on every perception task (issue 18)",
+            "bar": "end to end >= 4x the reference on every perception task (issue 18), on medians",
+            "below_on_minimums": {
+                t: v["speedup_over_reference_min"]
+                for t, v in tasks_out.items()
+                if t in PERCEPTION_TASKS and v["speedup_over_reference_min"] < 4.0
+            },
             "tasks": [t for t in tasks_out if t in PERCEPTION_TASKS],
             "below": slow,
             "met": not slow and any(t in PERCEPTION_TASKS for t in tasks_out),
@@ -1029,8 +1036,12 @@ def markdown(record: dict) -> str:
             line += f"{'' if ratio is None else f'{ratio:.2f}'}{flag} | {_gflops(f['flops']) if f else ''} |"
             if cmp:
                 rs = t["reference"]["end_to_end_ms"] if stage == "end to end" else ref.get(stage)
-                speed = t["speedup_over_reference"] if stage == "end to end" else None
-                line += f" {_f(rs['median']) if rs else ''} | {'' if speed is None else f'{speed:.2f}x'} |"
+                speed = ""
+                if stage == "end to end":
+                    speed = (
+                        f"{t['speedup_over_reference']:.2f}x (mins {t['speedup_over_reference_min']:.2f}x)"
+                    )
+                line += f" {_f(rs['median']) if rs else ''} | {speed} |"
             lines.append(line)
         d = t.get("diffusion")
         if d:
@@ -1062,7 +1073,8 @@ def markdown(record: dict) -> str:
     if "speedup_bar" in record:
         b = record["speedup_bar"]
         tail += f"Bar ({b['bar']}): {'met' if b['met'] else 'NOT met'}"
-        tail += f" (below: {b['below']}).\n" if b["below"] else ".\n"
+        tail += f" (below: {b['below']})" if b["below"] else ""
+        tail += f"; on each side's fastest repetition, below: {b['below_on_minimums']}.\n"
     tail += "Not measured: " + "; ".join(record["not_measured"]) + ".\n"
     if o["skipped_tasks"]:
         tail += f"Skipped (component missing): {', '.join(o['skipped_tasks'])}.\n"
