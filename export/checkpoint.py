@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from visionllm_edge.export.config import EXTENSION_KEY, ConfigError, ModelConfig, data_path, named_config
+from visionllm_edge.export.config import EXTENSION_KEY, ConfigError, ModelConfig, named_config, tokenizer_dir
 from visionllm_edge.export.model import VisionLLMv2, build_model
 
 #: The official `wrap_llm_lora` adapter scale: lora_alpha / r = 64 / 32.
@@ -310,7 +310,7 @@ def load_reference(
         if path_or_name in BUILDABLE_CONFIGS:
             model = build_model(named_config(path_or_name), seed=seed)
             _randomise(model, seed)
-            model.tokenizer_dir = data_path(model.config.extension["tokenizer"])
+            model.tokenizer_dir = tokenizer_dir(model.config)
             return model.to(dtype).eval().requires_grad_(False)
         raise CheckpointError(
             f"{path_or_name!r} is neither a checkpoint folder nor a configuration that can be built alone "
@@ -487,7 +487,7 @@ def save_random_official(
     seed: int = 0,
     dtype: torch.dtype = torch.float16,
     max_shard_bytes: int = 2 << 30,
-    tokenizer_dir: str | Path | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Writes a seeded random-weight checkpoint of `config` in the official layout, never holding the model.
 
@@ -509,16 +509,16 @@ def save_random_official(
         seed: seed of the values (the same seed writes the same files).
         dtype: floating dtype on disk (the release is float16).
         max_shard_bytes: shard size, as in `save_official`.
-        tokenizer_dir: tokenizer files to copy; default the configuration's bundled tokenizer, else the test
-            tokenizer (`tiny_tokenizer`: no released tokenizer is on our machines, as for the 2-layer config).
+        tokenizer: tokenizer files to copy; default `config.tokenizer_dir(config)`: the configuration's
+            bundled tokenizer, or for the released config (none named) the test tokenizer widened to its
+            32026 ids (`wide_tokenizer`: no released tokenizer is on our machines).
 
     Returns:
         The folder.
     """
     if isinstance(config, str):
         config = named_config(config)
-    if tokenizer_dir is None:
-        tokenizer_dir = data_path(config.extension.get("tokenizer") or "tiny_tokenizer")
+    folder = Path(tokenizer) if tokenizer is not None else tokenizer_dir(config)
     with _parameters_on_meta():
         model = build_model(config)
     state = model.state_dict(keep_vars=True)
@@ -547,7 +547,7 @@ def save_random_official(
             out[key] = drawn[ident]
         return out
 
-    return _write_official(Path(directory), config, Path(tokenizer_dir), plan, total, shard_tensors)
+    return _write_official(Path(directory), config, folder, plan, total, shard_tensors)
 
 
 # --- partial loading: only the parts one exported component needs -----------------------------------------

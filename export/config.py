@@ -19,6 +19,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from visionllm_edge import contract
 from visionllm_edge.export.models.llama import LlamaSettings
 
 EXTENSION_KEY = "visionllm_edge"
@@ -53,6 +54,19 @@ def data_path(name: str) -> Path:
 
 def _load_json(name: str) -> dict:
     return json.loads(data_path(name).read_text())
+
+
+def tokenizer_dir(config: ModelConfig) -> Path:
+    """The tokenizer folder of a configuration built without a checkpoint: its extension's `tokenizer` (a
+    bundled folder, or `tiny_tokenizer_wide`: the test tokenizer widened to the release's 32026 ids, made on
+    first use), else the one whose ids cover its vocabulary (the released config has none)."""
+    from visionllm_edge.export import wide_tokenizer as wide
+
+    name = config.extension.get("tokenizer")
+    if name is None:
+        release = wide.BASE_PIECES + len(contract.ADDED_TOKENS)
+        name = wide.WIDE_TOKENIZER if config.llm.vocab_size == release else wide.SOURCE_TOKENIZER
+    return wide.wide_tokenizer_dir() if name == wide.WIDE_TOKENIZER else data_path(name)
 
 
 @cache
@@ -319,15 +333,16 @@ def config_7b_2layer() -> ModelConfig:
     """The release's vision tower (real CLIP-L/14-336), projector, region encoder and LLM widths (hidden 4096,
     vocab 32026) with only 2 LLM layers and no decoders: an export and memory benchmark at real widths.
 
-    There is no released tokenizer on our machines (no model hub), so it carries the test tokenizer; its ids
-    stay below 526, which the 32026-row tables cover. Not a model to chat with.
+    There is no released tokenizer on our machines (no model hub), so it carries the test tokenizer widened to
+    the release's layout (`wide_tokenizer`: 32000 pieces, the added tokens at 32000..32025), whose ids cover
+    every row the random lm_head can pick. Not a model to chat with.
     """
     raw = _load_json("visionllmv2-7b.config.json")
     raw["_name_or_path"] = "visionllmv2-7b-2layer"
     raw["llm_config"]["num_hidden_layers"] = 2
     for flag in ("use_gdino", "use_unipose", "use_sd", "use_ip2p"):
         raw[flag] = False
-    raw[EXTENSION_KEY] = {"tokenizer": "tiny_tokenizer"}
+    raw[EXTENSION_KEY] = {"tokenizer": "tiny_tokenizer_wide"}
     return ModelConfig.from_dict(raw, "visionllmv2-7b-2layer")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from visionllm_edge.export.checkpoint import BUNDLED_MODEL, CheckpointError
-from visionllm_edge.export.config import data_path
+from visionllm_edge.export.config import data_path, tokenizer_dir
 from visionllm_edge.export.model import VisionLLMv2
 
 #: Where the bundled model lives inside the package.
@@ -75,7 +75,7 @@ def save_shipped(model: VisionLLMv2, dest: str | Path, report: dict | None = Non
             tensors[key] = value.to(torch.float16) if value.is_floating_point() else value
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        tok = data_path(model.config.extension["tokenizer"])
+        tok = tokenizer_dir(model.config)
         for f in sorted(tok.iterdir()):
             shutil.copy(f, tmp / f.name)
         (tmp / "training.json").write_text(json.dumps(report or {}, indent=2) + "\n")

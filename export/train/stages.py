@@ -137,11 +137,11 @@ class ConversationEncoder:
     its sequences (it reuses `ReferencePipeline`'s templating and tokenisation)."""
 
     def __init__(self, model, cfg: ModelConfig):
-        from visionllm_edge.export.config import data_path
+        from visionllm_edge.export.config import tokenizer_dir
         from visionllm_edge.export.reference import ReferencePipeline
         from visionllm_edge.export.tokenizer import ChatTokenizer
 
-        tokenizer = ChatTokenizer.from_directory(data_path(cfg.extension["tokenizer"]))
+        tokenizer = ChatTokenizer.from_directory(tokenizer_dir(cfg))
         self.ref = ReferencePipeline(model, tokenizer)
         self.cfg = cfg
 
