@@ -154,15 +154,10 @@ SUMMARY_KEYS = ["min", "median", "p90", "max", "n"]
 
 
 def _numpy_summary(values) -> dict:
-    """What `visionllm-edge bench` reports for a quantity (bench.summary), computed here."""
-    v = np.asarray(values, dtype=np.float64)
-    return {
-        "min": float(v.min()),
-        "median": float(np.median(v)),
-        "p90": float(np.percentile(v, 90)),
-        "max": float(v.max()),
-        "n": int(v.size),
-    }
+    """What `visionllm-edge bench` reports for a quantity: the C++ record must name and compute the same."""
+    from visionllm_edge.bench import summary
+
+    return summary(values)
 
 
 def test_vle_run_bench_record(vle_run, tiny_artifact, scene_png, tmp_path):
