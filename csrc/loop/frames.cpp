@@ -4,6 +4,8 @@
 
 #include <openssl/evp.h>
 
+#include "preprocess/regions.h"
+
 namespace vle {
 
 using namespace loop;
@@ -106,35 +108,7 @@ void Pipeline::Impl::encode_regions(Frame& f, const std::vector<Region>& regions
   const int64_t cells = size * size;
   std::vector<float> masks(static_cast<size_t>(cells) * regions.size());
   for (size_t i = 0; i < regions.size(); ++i) {
-    const Region& r = regions[i];
-    float* out = masks.data() + i * static_cast<size_t>(cells);
-    switch (r.kind) {
-      case Region::Kind::kThumbnailMask:
-        if (r.mask_width != size || r.mask_height != size || static_cast<int64_t>(r.mask.size()) != cells) {
-          throw InputError("thumbnail-frame regions must be " + std::to_string(size) + "x" + std::to_string(size) +
-                           ", got " + std::to_string(r.mask_height) + "x" + std::to_string(r.mask_width));
-        }
-        for (int64_t c = 0; c < cells; ++c) out[c] = r.mask[static_cast<size_t>(c)] ? 1.f : 0.f;
-        break;
-      case Region::Kind::kMask: {
-        if (static_cast<int64_t>(r.mask.size()) != r.mask_width * r.mask_height) {
-          throw InputError("region " + std::to_string(i) + ": the mask has " + std::to_string(r.mask.size()) +
-                           " bytes for " + std::to_string(r.mask_height) + "x" + std::to_string(r.mask_width));
-        }
-        const BoolMaskView view{reinterpret_cast<const bool*>(r.mask.data()), r.mask_height, r.mask_width,
-                                r.mask_width, 1};
-        region_mask_from_mask(view, f.width, f.height, size, out);
-        break;
-      }
-      case Region::Kind::kBox:
-        if (r.coords.size() != 4) throw InputError("region " + std::to_string(i) + ": a box has 4 numbers");
-        region_mask_box({r.coords[0], r.coords[1], r.coords[2], r.coords[3]}, f.width, f.height, size, out);
-        break;
-      case Region::Kind::kPoint:
-        if (r.coords.size() != 2) throw InputError("region " + std::to_string(i) + ": a point has 2 numbers");
-        region_mask_point({r.coords[0], r.coords[1]}, f.width, f.height, size, out);
-        break;
-    }
+    rasterise_region(regions[i], i, f.width, f.height, size, masks.data() + i * static_cast<size_t>(cells));
   }
   const int64_t n = static_cast<int64_t>(regions.size());
   std::vector<uint16_t> s1, s2;
