@@ -2,9 +2,12 @@
 // (PNG, JPEG, BMP). Decoding follows what the Python SDK's Pillow path gives: grayscale is replicated to
 // RGB, alpha dropped, 16-bit channels reduced to their high byte except 16-bit grayscale, which is divided
 // by 257 as the SDK does.
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <memory>
+#include <sstream>
 #include <string>
 #include <system_error>
 
@@ -18,7 +21,16 @@
 #pragma GCC diagnostic ignored "-Wmissing-field-initializers"
 #pragma GCC diagnostic ignored "-Wsign-compare"
 #pragma GCC diagnostic ignored "-Wimplicit-fallthrough"
+// stb_image calls memcpy(dst, src, 0) with a null dst (a PNG whose first IDAT chunk is empty, before any
+// buffer exists): harmless, but UBSan's nonnull-attribute check reports it (fuzz/cpp/fuzz_image.cpp found
+// it). That one check is off inside stb's functions; every other sanitizer check stays on there.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((no_sanitize("nonnull-attribute"))), apply_to = function)
+#endif
 #include <stb/stb_image.h>
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
 #pragma GCC diagnostic pop
 
 #include "artifact/limits.h"
@@ -43,6 +55,50 @@ void check_pixels(const char* fn, const uint8_t* pixels, int64_t width, int64_t 
                      "; the largest side allowed is " + std::to_string(kMaxImageSide));
   }
   if (pixels == nullptr) throw InputError(std::string(fn) + ": pixels is null for a " + size_text(width, height) + " image");
+}
+
+// stb_image 2.27 (Debian 12's libstb-dev) writes past its Huffman tables when a JPEG's DHT segment defines
+// more than 256 codes (nothings/stb issues 1289 and 1291, fixed upstream in 2.28; found here by
+// fuzz/cpp/fuzz_image.cpp). The tables are checked here first, from the file's bytes, read as stb reads
+// them: each DHT table is Tc/Th, 16 code counts and that many symbols (ITU-T T.81, B.2.4.2), tables follow
+// each other up to the segment's declared length, and bytes past the end of the file read as 0. A JPEG has
+// at most 256 symbols per table. Markers are found as stb finds them, a 0xFF byte followed by a marker code
+// anywhere (entropy-coded data included), so every table stb could read is checked. Returns what is wrong,
+// or "" for a file whose every table is within that.
+std::string jpeg_huffman_problem(const std::string& bytes) {
+  const auto at = [&](size_t i) -> size_t { return i < bytes.size() ? static_cast<uint8_t>(bytes[i]) : 0; };
+  size_t pos = 0;
+  while (pos + 4 <= bytes.size()) {
+    if (at(pos) != 0xFF) {
+      ++pos;  // entropy-coded data
+      continue;
+    }
+    const size_t marker = at(pos + 1);
+    // Fill bytes, stuffed zeros, RSTn, TEM and SOI have no length field.
+    if (marker == 0xFF) {
+      ++pos;
+      continue;
+    }
+    if (marker == 0x00 || marker == 0x01 || marker == 0xD8 || (marker >= 0xD0 && marker <= 0xD7)) {
+      pos += 2;
+      continue;
+    }
+    if (marker == 0xD9) break;  // EOI
+    const size_t length = at(pos + 2) << 8 | at(pos + 3);  // counts itself, not the marker
+    if (marker == 0xC4) {
+      for (size_t t = pos + 4; t < pos + 2 + length && t < bytes.size();) {
+        size_t codes = 0;
+        for (size_t i = 1; i <= 16; ++i) codes += at(t + i);
+        if (codes > 256) {
+          return "corrupt JPEG: the Huffman table at byte " + std::to_string(t) + " defines " +
+                 std::to_string(codes) + " codes, more than 256";
+        }
+        t += 17 + codes;
+      }
+    }
+    pos += 2 + std::max<size_t>(length, 2);
+  }
+  return "";
 }
 
 std::shared_ptr<uint8_t> allocate(int64_t bytes) {
@@ -93,6 +149,17 @@ Image Image::load(const std::string& path) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) throw InputError("image file not found: " + path);
   if (std::filesystem::is_directory(path, ec)) throw InputError("cannot read image " + path + ": it is a folder");
+  {
+    std::ifstream in(path, std::ios::binary);
+    // stb takes a file for a JPEG when it starts with 0xFF: fill bytes may come before SOI.
+    char first = 0;
+    if (in.get(first) && static_cast<uint8_t>(first) == 0xFF) {
+      std::ostringstream text;
+      text << first << in.rdbuf();
+      const std::string problem = jpeg_huffman_problem(text.str());
+      if (!problem.empty()) throw InputError("cannot read image " + path + ": " + problem);
+    }
+  }
   // The header first: the size is checked before any pixel memory is allocated.
   int width = 0, height = 0, channels = 0;
   if (!stbi_info(path.c_str(), &width, &height, &channels)) {
