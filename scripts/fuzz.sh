@@ -15,6 +15,8 @@
 # New corpus entries and crash files go to a scratch folder (FUZZ_SCRATCH, default a new /tmp/vle-fuzz-*),
 # never into the committed corpus: merge useful ones by hand (`fuzz_<name> -merge=1 fuzz/corpus/<name> DIR`).
 # FUZZ_BUILD_DIR (default build/fuzz) is the C++ build folder; FUZZ_FLAGS adds libFuzzer flags to every run.
+# The Python harnesses load the tiny-random artifact named by VLE_TINY_ARTIFACT; unset, it is exported once
+# into build/fuzz-artifact and reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,6 +85,16 @@ if [[ ${#py[@]} -gt 0 ]] && ! "$python" -c "import atheris" 2>/dev/null; then
   "$python" -m pip install -q atheris
 fi
 
+if [[ ${#py[@]} -gt 0 && -z ${VLE_TINY_ARTIFACT:-} ]]; then
+  export VLE_TINY_ARTIFACT=build/fuzz-artifact
+  if [[ ! -f $VLE_TINY_ARTIFACT/manifest.json ]]; then
+    echo "== exporting tiny-random into $VLE_TINY_ARTIFACT for the Python harnesses"
+    rm -rf "$VLE_TINY_ARTIFACT"
+    .venv/bin/visionllm-edge export tiny-random "$VLE_TINY_ARTIFACT" >"$scratch/logs/export.log" 2>&1 ||
+      { tail -20 "$scratch/logs/export.log"; exit 1; }
+  fi
+fi
+
 # --- the C++ harnesses ---------------------------------------------------------------------------------------
 if [[ ${#cpp[@]} -gt 0 ]]; then
   echo "== building the C++ harnesses in $build"
@@ -118,9 +130,10 @@ run_one() {
     "$scratch/corpus/$name" "${seeds[@]}" >"$log" 2>&1 || status=failed
   local seconds=$(($(date +%s) - start))
   local execs cov ft crash
-  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | awk '{print $2}')
-  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}')
-  ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | awk '{print $2}')
+  # A harness that stopped before fuzzing has no stats: the greps find nothing, which is not an error here.
+  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | tail -1 | awk '{print $2}' || true)
+  cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2}' || true)
+  ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | awk '{print $2}' || true)
   crash=$(compgen -G "$scratch/crashes/$name-*" | head -1 || true)
   [[ -n $crash ]] && status=crash
   echo "$name $status ${execs:--} ${cov:--} ${ft:--} $seconds ${crash:--}" >"$scratch/logs/$name.status"
@@ -138,7 +151,9 @@ echo
 printf '%-20s %-7s %12s %7s %7s %6s  %s\n' harness status executions cov ft secs crash
 found=0
 for name in "${cpp[@]}" "${py[@]}"; do
-  read -r n status execs cov ft seconds crash <"$scratch/logs/$name.status"
+  status_file=$scratch/logs/$name.status
+  [[ -f $status_file ]] || echo "$name failed - - - - -" >"$status_file"
+  read -r n status execs cov ft seconds crash <"$status_file"
   printf '%-20s %-7s %12s %7s %7s %6s  %s\n' "$n" "$status" "$execs" "$cov" "$ft" "$seconds" "$crash"
   if [[ $status != ok ]]; then
     found=1
