@@ -10,6 +10,9 @@ Run from the repository root after changing this file, and commit what it writes
 `matmul_chain.onnx` multiplies `x` (float32 [256, 256]) by itself 16 times into `y`: a graph slow enough (tens
 of milliseconds) for a test to see another thread run while it does.
 `not_a_model.onnx` is text, for the error a corrupt graph file gives.
+`flat_200.jpg` is a 16 x 16 baseline JPEG of one colour (200, 200, 200), written by Pillow, for the image
+decoding test (test_results.cpp); stb_image_write's JPEG encoder, which the test used before, left-shifts
+negative values (undefined before C++20; the asan preset's UBSan stops there).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import onnx
 from onnx import TensorProto, helper
+from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 OPSET = helper.make_opsetid("", 17)
@@ -68,7 +72,8 @@ def main() -> None:
     onnx.save(elementwise(), HERE / "elementwise.onnx")
     onnx.save(matmul_chain(), HERE / "matmul_chain.onnx")
     (HERE / "not_a_model.onnx").write_text("this file is not an ONNX model\n")
-    print(f"wrote elementwise.onnx, matmul_chain.onnx and not_a_model.onnx in {HERE}")
+    Image.new("RGB", (16, 16), (200, 200, 200)).save(HERE / "flat_200.jpg", quality=95)
+    print(f"wrote elementwise.onnx, matmul_chain.onnx, not_a_model.onnx and flat_200.jpg in {HERE}")
 
 
 if __name__ == "__main__":
