@@ -1,0 +1,6 @@
+"""Serving on NVIDIA Triton Inference Server (docs/serving.md).
+
+`protocol` (the tensors and their conversions, no Triton import), `server` (`visionllm-edge serve`, on
+PyTriton), `client` (`Client`, on tritonclient), `repository` (`visionllm-edge triton-repo`, a model
+repository for a standalone tritonserver). Only `protocol` is importable without the `serve` extra.
+"""
