@@ -46,6 +46,13 @@ void require_finite(const Array& a, const std::string& what, Source source = Sou
   }
 }
 
+// The decoders' image, when the caller prepared it (RunOptions::det_input): NaN or inf pixels make the object
+// decoder's top-k gather out of range (an ONNX Runtime error naming a GatherElements node) or answer with
+// plausible boxes, so they are refused by name, as a caller's noise is.
+void require_finite_det_input(const DetectionInput& det, const RunOptions& o) {
+  if (o.det_input) require_finite(det.pixel_values, "det_image['pixel_values']", Source::kCaller);
+}
+
 }  // namespace
 
 // --- decoders -------------------------------------------------------------------------------------------------
@@ -67,6 +74,7 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
     }
     if (!groups.empty()) {
       const DetectionInput& det = frame_detection_input(f, o);
+      require_finite_det_input(det, o);
       const GraphEntry& g = graph(contract::graph::kDet);
       const int64_t max_groups = fact_int(g, "max_groups", fact_int(g, "max_text_len", 256));
       const int64_t num_queries = fact_int(g, "num_queries");
@@ -176,6 +184,7 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
         }
       }
       const DetectionInput& det = frame_detection_input(f, o);
+      require_finite_det_input(det, o);
       std::vector<Tensor> out;
       {
         StageTimer t(result, "pose_decoder");

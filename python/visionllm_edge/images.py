@@ -50,15 +50,16 @@ def load_image(image, bgr: bool = False) -> Image.Image:
         pil = image
     elif isinstance(image, np.ndarray):
         arr = image
-        if arr.ndim == 2:
-            arr = np.repeat(arr[:, :, None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
             raise ValueError(f"image array: expected H x W x 3 (or 4), got shape {arr.shape}")
+        if arr.dtype not in (np.uint8, np.uint16):
+            raise ValueError(f"image array: expected dtype uint8 (or uint16), got {arr.dtype}")
+        # Before anything is copied: a broadcast view claims any size with no memory behind it, and the
+        # conversions below would allocate that size.
+        _check_size(arr.shape[1], arr.shape[0], "image ")
         if arr.dtype == np.uint16:
             arr = (arr >> 8).astype(np.uint8)
-        elif arr.dtype != np.uint8:
-            raise ValueError(f"image array: expected dtype uint8 (or uint16), got {arr.dtype}")
-        arr = arr[:, :, :3]
+        arr = np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr[:, :, :3]
         if bgr:
             arr = arr[:, :, ::-1]
         pil = Image.fromarray(np.ascontiguousarray(arr), "RGB")
@@ -66,8 +67,10 @@ def load_image(image, bgr: bool = False) -> Image.Image:
         raise TypeError(f"image: expected a path, a PIL.Image or a numpy array, got {type(image).__name__}")
     _check_size(pil.width, pil.height, "image ")
     if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(pil, dtype=np.float64)
-        pil = Image.fromarray(np.clip(arr / 257.0, 0, 255).astype(np.uint8), "L")
+        # v // 257 of the value clipped to 16 bits: what truncating clip(v / 257, 0, 255) gives, in integers
+        # (float64 would take 8 bytes a pixel, four times the picture).
+        arr = np.clip(np.asarray(pil), 0, 65535) // 257
+        pil = Image.fromarray(arr.astype(np.uint8), "L")
     if pil.mode == "RGBA":
         pil = pil.convert("RGB")  # alpha is dropped, as CLIPImageProcessor's convert_rgb does
     elif pil.mode != "RGB":

@@ -86,6 +86,23 @@ def _regions(regions, region_frame: str) -> list[tuple[str, object]]:
     return out
 
 
+def _det_input(det: dict) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """A prepared decoder input (the dict of `Pipeline.detection_input`'s three parts) as the C++ loop takes
+    it; the loop checks the arrays' shapes and values."""
+    if not {"pixel_values", "pixel_mask"} <= set(det) <= {"pixel_values", "pixel_mask", "resized_hw"}:
+        raise ValueError(f"det_image: expected pixel_values, pixel_mask (and resized_hw), got {list(det)}")
+    pixels = np.ascontiguousarray(det["pixel_values"], dtype=np.float32)
+    given = det.get("resized_hw", pixels.shape[-2:])
+    try:
+        resized = tuple(int(v) for v in given)
+    except (TypeError, ValueError, OverflowError):  # not numbers, NaN, inf
+        resized = ()
+    # Positive and within int32 (the C++ side takes int64 and compares with the mask's size).
+    if len(resized) != 2 or not all(0 < v < 2**31 for v in resized):
+        raise ValueError(f"det_image['resized_hw']: expected two positive ints (h, w), got {given!r:.80}")
+    return pixels, np.ascontiguousarray(det["pixel_mask"], dtype=bool), resized
+
+
 def _options(kwargs: dict) -> dict:
     """Request keywords as the C++ loop takes them."""
     unknown = sorted(
@@ -95,9 +112,12 @@ def _options(kwargs: dict) -> dict:
         raise TypeError(f"unknown request keyword(s) {unknown}")
     options = {k: kwargs[k] for k in _REQUEST_KEYS if kwargs.get(k) is not None}
     if "history" in options:
+        turns = options["history"]
+        if not isinstance(turns, (list, tuple)):
+            raise TypeError(f"history must be a list of (user, assistant) pairs, got {turns!r:.80}")
         history = []
-        for i, turn in enumerate(options["history"]):
-            if isinstance(turn, str) or len(turn) != 2:
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, (list, tuple)) or len(turn) != 2:
                 raise ValueError(f"history[{i}]: expected a (user, assistant) pair, got {turn!r:.80}")
             history.append((_text(str(turn[0]), f"history[{i}]"), _text(str(turn[1]), f"history[{i}]")))
         options["history"] = history
@@ -110,12 +130,7 @@ def _options(kwargs: dict) -> dict:
     options["decode_images"] = bool(kwargs.get("decode", True))
     det = kwargs.get("det_image")
     if isinstance(det, dict):
-        pixels = np.ascontiguousarray(det["pixel_values"], dtype=np.float32)
-        options["det_input"] = (
-            pixels,
-            np.ascontiguousarray(det["pixel_mask"], dtype=bool),
-            tuple(int(v) for v in det.get("resized_hw", pixels.shape[-2:])),
-        )
+        options["det_input"] = _det_input(det)
     elif det is not None:
         options["det_image"] = _rgb(det)
     return options

@@ -75,7 +75,7 @@ class Detection:
             "query_index": int(self.query_index),
         }
         if self.mask is not None:
-            d["mask_area"] = int(self.mask.sum())
+            d["mask_area"] = int(np.count_nonzero(self.mask))  # the pixels set, whatever the mask's dtype
         return d
 
 
@@ -260,7 +260,7 @@ class Result:
             lines.append(f"  link {lk.kind:<4} @{lk.position:<5} {lk.label!r}")
         for d in self.detections:
             x0, y0, x1, y1 = d.box_xyxy
-            m = "" if d.mask is None else f" mask={int(d.mask.sum())}px"
+            m = "" if d.mask is None else f" mask={np.count_nonzero(d.mask)}px"
             lines.append(f"  {d.kind} {d.label!r} {d.score:.3f} [{x0:.1f},{y0:.1f},{x1:.1f},{y1:.1f}]{m}")
         if self.segmentation is not None:
             lines.append(f"  segmentation over {self.segmentation.labels}")

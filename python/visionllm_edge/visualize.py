@@ -118,8 +118,10 @@ def _text_colour(bg: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * bg[0] + 0.587 * bg[1] + 0.114 * bg[2] > 140 else (255, 255, 255)
 
 
-def _fit(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _fit(array: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
     """A mask or label map of another size, resized (nearest) to `shape` so it can still be overlaid."""
+    if array.ndim != 2:
+        raise ValueError(f"{what}: expected an H x W array, got shape {array.shape}")
     if array.shape == shape:
         return array
     if array.dtype == np.bool_:
@@ -192,12 +194,17 @@ def draw_result(
         + [p.label for p in result.poses]
     )  # fmt: skip
     if seg is not None and seg.labels:
-        label_map = _fit(np.asarray(seg.label_map), (h, w))
+        label_map = _fit(np.asarray(seg.label_map), (h, w), "segmentation.label_map")
         for i, lab in enumerate(seg.labels):
             _blend(rgb, label_map == i, colours[lab], alpha)
-    for d in result.detections:
+    for i, d in enumerate(result.detections):
         if d.mask is not None:
-            _blend(rgb, _fit(np.asarray(d.mask, dtype=bool), (h, w)), colours[d.label], alpha)
+            _blend(
+                rgb,
+                _fit(np.asarray(d.mask, dtype=bool), (h, w), f"detections[{i}].mask"),
+                colours[d.label],
+                alpha,
+            )
     if not result.detections and not result.poses and (seg is None or not seg.labels):
         return rgb
     pil = Image.fromarray(rgb)
@@ -221,15 +228,20 @@ def _draw_pose(draw, pose, fill, line: int, font, size, threshold: float, skelet
         _tagged_box(draw, box, f"{pose.label} {pose.score:.2f}", fill, line, font, size)
     kps = np.asarray(pose.keypoints, dtype=np.float64).reshape(-1, 3)
     names = list(pose.keypoint_names)
-    finite = np.isfinite(kps[:, :2]).all(axis=1)
-    visible = finite & (np.nan_to_num(kps[:, 2], nan=0.0) >= threshold)
+    # Drawn: keypoints within a picture's size of the picture. Pillow's drawing takes C longs, so a keypoint
+    # at 1e30 would not be drawn but raise (a SystemError from ImageDraw.text); one that far off shows
+    # nothing anyway.
+    w, h = size
+    offset = np.abs(np.nan_to_num(kps[:, :2], nan=np.inf) - [w / 2, h / 2])
+    drawable = (offset <= [1.5 * w, 1.5 * h]).all(axis=1)
+    visible = drawable & (np.nan_to_num(kps[:, 2], nan=0.0) >= threshold)
     edges = skeleton_for(names, skeleton)
     for a, b in edges:
         if a < len(kps) and b < len(kps) and visible[a] and visible[b]:
             draw.line((kps[a, 0], kps[a, 1], kps[b, 0], kps[b, 1]), fill=fill, width=line)
     r = line + 2
     for i, (x, y, _v) in enumerate(kps):
-        if not finite[i]:
+        if not drawable[i]:
             continue
         if visible[i]:
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline=(255, 255, 255))
