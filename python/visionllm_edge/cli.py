@@ -347,6 +347,26 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_triton_repo(args) -> int:
+    from visionllm_edge.serving import repository
+
+    out = repository.write_repository(
+        args.artifact,
+        args.out,
+        instances=args.instances,
+        threads=args.threads,
+        providers=tuple(_providers(args.providers) or ()),
+        copy_artifact=args.copy_artifact,
+    )
+    where = "copied into it" if args.copy_artifact else f"referenced at {Path(args.artifact).absolute()}"
+    print(
+        f"wrote {out}: models {repository.MODEL} and {repository.STREAM_MODEL}, {args.instances} instance(s) "
+        f"each, the artifact {where}"
+    )
+    print(f"serve it with: tritonserver --model-repository {out}  (docs/serving.md)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionllm-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -524,6 +544,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the PyTorch reference on tiny-random instead (random weights: the loop, not the answers)",
     )
     demo.set_defaults(func=_cmd_demo)
+
+    repo = sub.add_parser(
+        "triton-repo",
+        help="write a Triton model repository serving an artifact (Python backend; docs/serving.md)",
+    )
+    repo.add_argument("artifact", help="artifact folder written by 'visionllm-edge export'")
+    repo.add_argument("out", help="repository folder to create (it must not exist, or be empty)")
+    repo.add_argument(
+        "--instances", type=int, default=1, help="model instances, each its own Pipeline (default 1)"
+    )
+    repo.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads per graph of each instance (0: all cores)"
+    )
+    repo.add_argument(
+        "--providers", default=None, help="ONNX Runtime providers, e.g. CUDAExecutionProvider,CPU..."
+    )
+    where = repo.add_mutually_exclusive_group()
+    where.add_argument(
+        "--copy-artifact", action="store_true", help="copy the artifact into the repository (self-contained)"
+    )
+    where.add_argument(
+        "--reference",
+        dest="copy_artifact",
+        action="store_false",
+        help="name the artifact by its absolute path, which every server must see (the default)",
+    )
+    repo.set_defaults(func=_cmd_triton_repo)
     return parser
 
 
