@@ -15,6 +15,9 @@
 #include <string>
 #include <vector>
 
+#include <stb/stb_image.h>  // declarations only: the implementation is in preprocess/image.cpp
+
+#include "artifact/limits.h"
 #include "fuzz_common.h"
 #include "preprocess/image_ops.h"
 #include "preprocess/preprocess.h"
@@ -25,6 +28,13 @@
 namespace {
 
 constexpr size_t kParamBytes = 16;
+// A file whose header claims more pixels than this, but not more than the cap, is not decoded: a 100-byte
+// file may claim 88 million pixels (under the 179 million cap, as a decompression bomb within Pillow's limit
+// may), and stb decodes them all from zeros past the end, which under ASan and coverage takes longer than
+// the -timeout, a hang to libFuzzer. Decoding costs in proportion to the pixels and each row is the same
+// code, so small images reach the decoders' paths; the header checks (over the cap: refused before any pixel
+// is decoded) run for every size.
+constexpr int64_t kMaxDecodedPixels = int64_t{1} << 22;
 // Preprocessing costs in proportion to the pixels; larger images are decoded (and their header caps
 // checked) but not preprocessed, so the fuzzer spends its time on many inputs instead of a few big ones.
 constexpr int64_t kMaxPreprocessedPixels = int64_t{1} << 20;
@@ -63,6 +73,32 @@ void preprocess(const vle::Image& image, FuzzedDataProvider& params) {
                        reinterpret_cast<bool*>(mask.data()));
 }
 
+struct Header {
+  int64_t width = 0;
+  int64_t height = 0;
+};
+
+// The size a file's header claims. Not stbi_info for a JPEG (a file starting with 0xFF): it builds the
+// Huffman tables that Image::load checks first (see preprocess/image.cpp), so it would run into the very
+// bug that check keeps out; there the first SOF segment's size is read instead.
+Header claimed_size(const std::string& path, const uint8_t* bytes, size_t size) {
+  Header h;
+  if (size > 0 && bytes[0] == 0xFF) {
+    for (size_t i = 0; i + 9 <= size; ++i) {
+      const uint8_t m = bytes[i + 1];
+      if (bytes[i] == 0xFF && m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC) {
+        h.height = bytes[i + 5] << 8 | bytes[i + 6];
+        h.width = bytes[i + 7] << 8 | bytes[i + 8];
+        break;
+      }
+    }
+    return h;
+  }
+  int width = 0, height = 0, channels = 0;
+  if (stbi_info(path.c_str(), &width, &height, &channels)) h = {width, height};
+  return h;
+}
+
 vle::Image camera_frame(FuzzedDataProvider& params, const uint8_t* data, size_t size) {
   vle::CameraFrame frame;
   const std::vector<std::string>& encodings = vle::camera_encodings();
@@ -86,8 +122,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider params(data, kParamBytes);
   const bool frame = params.ConsumeIntegralInRange<int>(0, 3) == 0;
   try {
-    const vle::Image image = frame ? camera_frame(params, data + kParamBytes, size - kParamBytes)
-                                   : vle::Image::load(file.write(data + kParamBytes, size - kParamBytes));
+    vle::Image image;
+    if (frame) {
+      image = camera_frame(params, data + kParamBytes, size - kParamBytes);
+    } else {
+      const std::string& path = file.write(data + kParamBytes, size - kParamBytes);
+      const Header header = claimed_size(path, data + kParamBytes, size - kParamBytes);
+      const int64_t pixels = header.width * header.height;
+      if (pixels > kMaxDecodedPixels && pixels <= vle::limits::kMaxImagePixels &&
+          header.width <= vle::limits::kMaxImageSide && header.height <= vle::limits::kMaxImageSide) {
+        return 0;
+      }
+      image = vle::Image::load(path);
+    }
     if (image.empty() || image.width() <= 0 || image.height() <= 0) __builtin_trap();  // decoded means pixels
     if (image.width() * image.height() <= kMaxPreprocessedPixels) preprocess(image, params);
   } catch (const vle::Error&) {
