@@ -367,6 +367,21 @@ def _cmd_triton_repo(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from visionllm_edge.serving.server import ServeOptions, Server
+
+    options = ServeOptions(
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        instances=args.instances,
+        threads=args.threads,
+    )
+    Server(args.artifact, options).serve()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionllm-edge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -571,6 +586,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="name the artifact by its absolute path, which every server must see (the default)",
     )
     repo.set_defaults(func=_cmd_triton_repo)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve an artifact on Triton Inference Server through PyTriton (HTTP, gRPC; docs/serving.md)",
+    )
+    srv.add_argument("artifact", help="artifact folder written by 'visionllm-edge export'")
+    srv.add_argument("--host", default="127.0.0.1", help="address every endpoint binds (default loopback)")
+    srv.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    srv.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    srv.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+    srv.add_argument(
+        "--instances", type=int, default=1, help="model instances, each its own Pipeline (default 1)"
+    )
+    srv.add_argument(
+        "--threads", type=int, default=0, help="intra-op threads per graph of each instance (0: all cores)"
+    )
+    srv.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -163,7 +163,11 @@ def _image(inputs: dict) -> np.ndarray | None:
             with Image.open(io.BytesIO(data.tobytes())) as picture:
                 picture.load()
                 return np.asarray(picture.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except UnidentifiedImageError:
+            raise RequestError(
+                f"image: cannot decode the {data.size} bytes as PNG or JPEG (no image format's header)"
+            ) from None
+        except (OSError, ValueError, SyntaxError) as e:  # what Pillow raises for a truncated or corrupt file
             raise RequestError(f"image: cannot decode the {data.size} bytes as PNG or JPEG ({e})") from None
     if raw is not None:
         array = np.asarray(raw)
@@ -415,10 +419,13 @@ def _as_string(value) -> str:
 
 
 def decode_response(outputs: dict[str, np.ndarray]) -> Result:
-    """The `Result` of a `visionllm` response (or a stream's last one): the JSON with masks and images."""
+    """The `Result` of a `visionllm` response (or a stream's last one): the JSON with masks and images.
+    An absent or None `masks` / `images` is read as empty (PyTriton cannot send an empty tensor)."""
     d = json.loads(_as_string(outputs["result"]))
-    masks = np.asarray(outputs["masks"])
-    images = np.asarray(outputs["images"])
+    masks = outputs.get("masks")
+    masks = np.zeros((0, 0, 0), dtype=np.uint8) if masks is None else np.asarray(masks)
+    images = outputs.get("images")
+    images = np.zeros((0, 0, 0, 3), dtype=np.uint8) if images is None else np.asarray(images)
     has_mask = ["mask_area" in det for det in d["detections"]]
     labels = [] if d["segmentation"] is None else d["segmentation"]["labels"]
     if masks.shape[0] != sum(has_mask) + len(labels):
