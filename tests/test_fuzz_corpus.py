@@ -22,7 +22,7 @@ pytest.importorskip(
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
 HARNESSES = sorted(p.stem.removeprefix("fuzz_") for p in (FUZZ / "python").glob("fuzz_*.py"))
 #: The harnesses that load the tiny-random artifact (fuzzlib.ARTIFACT_ENV).
-NEED_ARTIFACT = {"pipeline", "tokenizer"}
+NEED_ARTIFACT = {"node", "pipeline", "tokenizer"}
 
 
 @pytest.fixture

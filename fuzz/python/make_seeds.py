@@ -10,9 +10,9 @@ seeds are fuzz/cpp/make_seeds.py's.
       `fuzzlib.make_placeholder_artifact` (sha256 and sizes rewritten), and variants that name the hostile
       entries of that folder, climb out of it, or break the JSON (a duplicate key, NaN, a newer schema
       version, an unknown key, truncation, deep nesting).
-  Inputs that found a fault are added by hand as regression_<what> (kept when this runs again).
-  py_pipeline, py_tokenizer, py_results: bytes from a seeded generator, of several lengths (what they decode
-      to is the harness's business; the fuzzer grows them from there).
+  py_pipeline, py_tokenizer, py_results, py_node: bytes from a seeded generator, of several lengths (what
+      they decode to is the harness's business; the fuzzer grows them from there).
+Inputs that found a fault are added by hand as regression_<what> (kept when this runs again).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def main(argv: list[str]) -> int:
         return 2
     write("py_images", image_seeds())
     write("py_manifest", manifest_seeds([Path(a) for a in argv]))
-    for k, name in enumerate(("py_pipeline", "py_tokenizer", "py_results")):
+    for k, name in enumerate(("py_pipeline", "py_tokenizer", "py_results", "py_node")):
         write(name, random_seeds(k))
     return 0
 
