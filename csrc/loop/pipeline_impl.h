@@ -219,6 +219,10 @@ struct Pipeline::Impl {
   // Decodes from the logits the prefill left in the LLM state.
   std::string decode(Sequence& seq, const RunOptions& options, Result& result, const TextCallback& on_text);
   std::string answer_text(const std::vector<int64_t>& ids, size_t start) const;
+  // Hands on_text the answer's text past `streamed` (ids from `start`) and moves `streamed` on; `last`: the
+  // answer is complete, so a trailing incomplete character is no longer held back.
+  void stream_text(const std::vector<int64_t>& ids, size_t start, std::string& streamed, const TextCallback& on_text,
+                   bool last) const;
   std::vector<int64_t> answer_tokens(const std::vector<int64_t>& ids, size_t start) const;
   void dispatch(Frame& frame, const std::map<int64_t, std::string>& labels, const std::vector<LinkGroup>& history,
                 const RunOptions& options, Result& result);
