@@ -90,9 +90,27 @@ def artifact_dir() -> Path:
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def scratch_dir(prefix: str) -> Path:
-    """A new folder under the temporary directory, removed when the process ends."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
+    """A new folder `<tmp>/<prefix><pid>`, removed when the process ends. libFuzzer ends a run with exit(),
+    which skips Python's atexit, so the folders of processes no longer alive are removed here first."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{prefix}*"):
+        pid = old.name.removeprefix(prefix)
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f"{prefix}{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
