@@ -2,8 +2,9 @@
 # Sets up everything the demo, the tests and the C++ build need on a fresh Debian machine:
 #   1. the system packages of the C++ core (installed when missing; we are root on our machines);
 #   2. ONNX Runtime's C/C++ headers (third_party/onnxruntime, scripts/fetch_onnxruntime_headers.sh);
-#   3. .venv with the package (editable, C++ core built) and its Python dependencies. torch is installed
-#      first, pinned, so that no dependency range pulls a multi-GB CUDA build.
+#   3. .venv with the package (editable, C++ core built) and its Python dependencies, the serving ones too
+#      (nvidia-pytriton, 55 MB, and tritonclient). torch is installed first, pinned, so that no dependency
+#      range pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[export,dev]"
+.venv/bin/python -m pip install -q -e ".[export,dev,serve]"
+# The serve extra's server: nvidia-pytriton without its numpy<2 pin (pyproject.toml, docs/serving.md).
+.venv/bin/python -m pip install -q --no-deps nvidia-pytriton==0.7.0

@@ -4,3 +4,7 @@
 PyTriton), `client` (`Client`, on tritonclient), `repository` (`visionllm-edge triton-repo`, a model
 repository for a standalone tritonserver). Only `protocol` is importable without the `serve` extra.
 """
+
+from visionllm_edge.serving.client import Client, ServerError  # tritonclient is imported when a Client is made
+
+__all__ = ["Client", "ServerError"]
