@@ -139,6 +139,10 @@ def test_a_manifest_that_is_not_utf_8_is_a_manifest_error_quoting_the_byte(tmp_p
 # --- requests (fuzz_pipeline) ----------------------------------------------------------------------------
 
 REQUEST_CASES = [
+    ("region-of-strings", lambda p: p(IMG, "<region>?", regions=[("a", "b", "c", "d")]), ValueError,
+     r"region: expected a mask, a 4-number box or a 2-number point, got \('a', 'b', 'c', 'd'\)"),
+    ("region-past-float", lambda p: p(IMG, "<region>?", regions=[(10**400, 1)]), ValueError,
+     r"region: expected a mask, a 4-number box or a 2-number point, got \(1000000000"),
     ("history-not-a-list", lambda p: p(IMG, "hi", history=5), TypeError,
      r"history must be a list of \(user, assistant\) pairs, got 5"),
     ("history-turn-a-number", lambda p: p(IMG, "hi", history=[7]), ValueError,
@@ -176,10 +180,11 @@ def det_input(p: Pipeline, resized_hw=None, nan: bool = False) -> dict:
     "call, error, message", [c[1:] for c in REQUEST_CASES], ids=[c[0] for c in REQUEST_CASES]
 )
 def test_bad_request_options_are_named(pipe, call, error, message):
-    # Were: "TypeError: object of type 'int' has no len()"; pybind11's "RuntimeError: Unable to cast Python
-    # instance of type <class 'tuple'> to C++ type '?'"; "OverflowError: cannot convert float infinity to
-    # integer"; a KeyError; and for NaN pixels ONNX Runtime's "GatherElements op: Out of range value in index
-    # tensor" as a RuntimeError from the object decoder.
+    # Were: "could not convert string to float: 'a'" and "OverflowError: int too large to convert to
+    # float" for regions; "TypeError: object of type 'int' has no len()"; pybind11's "RuntimeError: Unable
+    # to cast Python instance of type <class 'tuple'> to C++ type '?'"; "OverflowError: cannot convert float
+    # infinity to integer"; a KeyError; and for NaN pixels ONNX Runtime's "GatherElements op: Out of range
+    # value in index tensor" as a RuntimeError from the object decoder.
     with pytest.raises(error, match=message):
         call(pipe)
 

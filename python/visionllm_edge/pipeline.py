@@ -75,7 +75,7 @@ def _regions(regions, region_frame: str) -> list[tuple[str, object]]:
         else:
             try:
                 coords = [float(v) for v in r]
-            except TypeError:
+            except (TypeError, ValueError, OverflowError):  # not numbers (Python's message names neither)
                 coords = []
             if len(coords) == 4:
                 out.append(("box", coords))
