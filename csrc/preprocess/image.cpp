@@ -57,16 +57,21 @@ void check_pixels(const char* fn, const uint8_t* pixels, int64_t width, int64_t 
   if (pixels == nullptr) throw InputError(std::string(fn) + ": pixels is null for a " + size_text(width, height) + " image");
 }
 
-// stb_image 2.27 (Debian 12's libstb-dev) writes past its Huffman tables when a JPEG's DHT segment defines
-// more than 256 codes (nothings/stb issues 1289 and 1291, fixed upstream in 2.28; found here by
-// fuzz/cpp/fuzz_image.cpp). The tables are checked here first, from the file's bytes, read as stb reads
-// them: each DHT table is Tc/Th, 16 code counts and that many symbols (ITU-T T.81, B.2.4.2), tables follow
-// each other up to the segment's declared length, and bytes past the end of the file read as 0. A JPEG has
-// at most 256 symbols per table. Markers are found as stb finds them, a 0xFF byte followed by a marker code
-// anywhere (entropy-coded data included), so every table stb could read is checked. Returns what is wrong,
-// or "" for a file whose every table is within that.
+// stb_image 2.27 (Debian 12's libstb-dev) reads and writes out of bounds on two kinds of corrupt JPEG
+// (nothings/stb issues 1289 and 1291, fixed upstream in 2.28; both found here by fuzz/cpp/fuzz_image.cpp):
+// a DHT segment defining more than 256 codes in one table overruns the table, and a scan decoding with a
+// Huffman table no DHT defined reads the table's uninitialised memory as code offsets. The file is checked
+// here first, read as stb reads it: each DHT table is Tc/Th, 16 code counts and that many symbols (ITU-T
+// T.81, B.2.4.2), tables follow each other up to the segment's declared length, and bytes past the end of
+// the file read as 0; each SOS lists its components' DC and AC table selectors, and stb decodes a
+// sequential scan with both, a progressive one with the DC table (first DC pass) or the AC table (Ss > 0)
+// only. Markers are found as stb finds them, a 0xFF byte followed by a marker code anywhere (entropy-coded
+// data included), so every table stb could read is checked. Returns what is wrong, or "" for a file with
+// neither fault.
 std::string jpeg_huffman_problem(const std::string& bytes) {
   const auto at = [&](size_t i) -> size_t { return i < bytes.size() ? static_cast<uint8_t>(bytes[i]) : 0; };
+  bool defined[2][4] = {};  // [Tc: 0 DC, 1 AC][Th]
+  bool progressive = false;
   size_t pos = 0;
   while (pos + 4 <= bytes.size()) {
     if (at(pos) != 0xFF) {
@@ -85,6 +90,7 @@ std::string jpeg_huffman_problem(const std::string& bytes) {
     }
     if (marker == 0xD9) break;  // EOI
     const size_t length = at(pos + 2) << 8 | at(pos + 3);  // counts itself, not the marker
+    if (marker == 0xC0 || marker == 0xC1 || marker == 0xC2) progressive = marker == 0xC2;
     if (marker == 0xC4) {
       for (size_t t = pos + 4; t < pos + 2 + length && t < bytes.size();) {
         size_t codes = 0;
@@ -93,7 +99,27 @@ std::string jpeg_huffman_problem(const std::string& bytes) {
           return "corrupt JPEG: the Huffman table at byte " + std::to_string(t) + " defines " +
                  std::to_string(codes) + " codes, more than 256";
         }
+        const size_t tc = at(t) >> 4, th = at(t) & 15;
+        if (tc <= 1 && th <= 3) defined[tc][th] = true;  // stb refuses other values itself
         t += 17 + codes;
+      }
+    }
+    if (marker == 0xDA) {
+      const size_t components = at(pos + 4);
+      const size_t spectral = pos + 5 + 2 * components;  // Ss, Se, Ah/Al
+      const bool dc_first = at(spectral) == 0 && (at(spectral + 2) >> 4) == 0;
+      const bool ac = at(spectral) != 0;
+      for (size_t c = 0; c < components && c < 4; ++c) {
+        const size_t selectors = at(pos + 6 + 2 * c);
+        const size_t dc = selectors >> 4, acs = selectors & 15;
+        const bool needs_dc = progressive ? (!ac && dc_first) : true;
+        const bool needs_ac = progressive ? ac : true;
+        if ((needs_dc && dc <= 3 && !defined[0][dc]) || (needs_ac && acs <= 3 && !defined[1][acs])) {
+          return "corrupt JPEG: the scan at byte " + std::to_string(pos) + " decodes with the " +
+                 (needs_dc && dc <= 3 && !defined[0][dc] ? "DC table " + std::to_string(dc)
+                                                          : "AC table " + std::to_string(acs)) +
+                 ", which no Huffman table segment before it defines";
+        }
       }
     }
     pos += 2 + std::max<size_t>(length, 2);

@@ -1,7 +1,7 @@
-// vle::Image::load on the image files fuzz/cpp/fuzz_image.cpp found (fuzz/corpus/image/regression_*) (docs/limits.md, "Fuzzing"): JPEGs whose
-// Huffman tables define more than 256 codes, which made stb_image 2.27 write past its tables (a UBSan
-// report, then memory corruption), are refused with an InputError naming the file and the table; a valid
-// JPEG still decodes.
+// vle::Image::load on the image files fuzz/cpp/fuzz_image.cpp found (fuzz/corpus/image/regression_*; see
+// docs/limits.md, "Fuzzing"): JPEGs whose Huffman tables define more than 256 codes, which made stb_image
+// 2.27 write past its tables (a UBSan report, then memory corruption), and a JPEG whose scan decodes with a
+// table no DHT defined, are refused with an InputError naming the file and the table; valid JPEGs decode.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -35,18 +35,30 @@ TEST(ImageFiles, JpegAfterFillBytesIsCheckedToo) {
             "cannot read image " + path + ": corrupt JPEG: the Huffman table at byte 440 defines 738 codes, more than 256");
 }
 
-TEST(ImageFiles, ValidJpegStillDecodes) {
-  // The fuzzer's seed: an 8 x 6 baseline JPEG after its 16 parameter bytes.
-  std::ifstream seed(VLE_SOURCE_DIR "/fuzz/corpus/image/baseline.jpg", std::ios::binary);
-  ASSERT_TRUE(seed);
-  seed.ignore(16);
-  const std::string jpeg((std::istreambuf_iterator<char>(seed)), std::istreambuf_iterator<char>());
-  const std::filesystem::path path = std::filesystem::temp_directory_path() / "vle_test_valid_seed.jpg";
-  std::ofstream(path, std::ios::binary) << jpeg;
-  const vle::Image image = vle::Image::load(path.string());
-  std::filesystem::remove(path);
-  EXPECT_EQ(image.width(), 8);
-  EXPECT_EQ(image.height(), 6);
+// A progressive scan decoding with an AC table that no DHT defined yet: stb read the table's uninitialised
+// memory as code offsets (UBSan: index -16711606 out of bounds for type 'stbi_uc[256]').
+TEST(ImageFiles, JpegScanWithAnUndefinedHuffmanTableIsRefused) {
+  const std::string path = kData + "jpeg_undefined_table.jpg";
+  EXPECT_EQ(vle::test_util::message_of<vle::InputError>([&] { vle::Image::load(path); }),
+            "cannot read image " + path + ": corrupt JPEG: the scan at byte 294 decodes with the AC table 1, "
+            "which no Huffman table segment before it defines");
+}
+
+// The fuzzer's seeds, 8 x 6 JPEGs after their 16 parameter bytes (fuzz/cpp/make_seeds.py, Pillow): baseline,
+// progressive (DC scans name AC tables not defined yet, which they do not use), 4:2:0, grayscale, CMYK.
+TEST(ImageFiles, ValidJpegsStillDecode) {
+  for (const char* name : {"baseline.jpg", "progressive.jpg", "subsampled.jpg", "gray.jpg", "cmyk.jpg"}) {
+    std::ifstream seed(std::string(VLE_SOURCE_DIR "/fuzz/corpus/image/") + name, std::ios::binary);
+    ASSERT_TRUE(seed) << name;
+    seed.ignore(16);
+    const std::string jpeg((std::istreambuf_iterator<char>(seed)), std::istreambuf_iterator<char>());
+    const std::filesystem::path path = std::filesystem::temp_directory_path() / (std::string("vle_test_seed_") + name);
+    std::ofstream(path, std::ios::binary) << jpeg;
+    const vle::Image image = vle::Image::load(path.string());
+    std::filesystem::remove(path);
+    EXPECT_EQ(image.width(), 8) << name;
+    EXPECT_EQ(image.height(), 6) << name;
+  }
 }
 
 }  // namespace
