@@ -5,6 +5,7 @@ PyTriton), `client` (`Client`, on tritonclient), `repository` (`visionllm-edge t
 repository for a standalone tritonserver). Only `protocol` is importable without the `serve` extra.
 """
 
-from visionllm_edge.serving.client import Client, ServerError  # tritonclient is imported when a Client is made
+# tritonclient is imported when a Client is made, so this import needs no serving package.
+from visionllm_edge.serving.client import Client, ServerError
 
 __all__ = ["Client", "ServerError"]

@@ -56,7 +56,7 @@ def _cache_folder() -> Path:
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """What `serve` binds and runs. Ports 0 mean "pick a free one" only in tests (`free_port`)."""
+    """What `serve` binds and runs (the command's options)."""
 
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -103,12 +103,15 @@ def _infer(pipeline):
 
 def _stream(pipeline):
     """The `visionllm_stream` callable of one instance: a generator of response lists (PyTriton's decoupled
-    form); one request at a time, as Triton hands a decoupled Python model its requests."""
+    form)."""
 
     def stream(requests):
-        for request in requests:
-            for outputs in protocol.stream_request(pipeline, dict(request.data)):
-                yield [_sendable(outputs)]
+        # PyTriton takes one list per step with a response for each request; requests of a stream do not
+        # advance together, so this model takes them one by one (what Triton's default scheduler gives).
+        if len(requests) != 1:
+            raise RuntimeError(f"{STREAM_MODEL}: expected one request per call, got {len(requests)}")
+        for outputs in protocol.stream_request(pipeline, dict(requests[0].data)):
+            yield [_sendable(outputs)]
 
     return stream
 
@@ -165,8 +168,14 @@ class Server:
         )
 
     def start(self) -> Server:
-        from pytriton.model_config import ModelConfig
-        from pytriton.triton import Triton
+        try:
+            from pytriton.model_config import ModelConfig
+            from pytriton.triton import Triton
+        except ImportError as e:
+            raise ModuleNotFoundError(
+                "visionllm-edge serve needs nvidia-pytriton: pip install 'visionllm-edge[serve]' && "
+                f"pip install --no-deps nvidia-pytriton==0.7.0 (docs/serving.md): {e}"
+            ) from None
 
         from visionllm_edge.pipeline import Pipeline
 
