@@ -189,6 +189,25 @@ def test_bad_request_options_are_named(pipe, call, error, message):
         call(pipe)
 
 
+ELONGATED = np.zeros((3, 32, 3), np.uint8)  # pads to 32 x 160 for the decoders: 108 encoder tokens
+TOO_FEW_TOKENS = (
+    r"pose: the decoder's image of 160x32 pixels gives 108 encoder tokens, fewer than the 120 its top-k "
+    r"takes \(facts.min_encoder_tokens\): the picture is too small or too elongated"
+)
+
+
+def test_a_picture_too_elongated_for_the_keypoint_decoder_is_named(pipe, tiny_artifact):
+    # Found as the fuzzer's pose request with no image and a 3 x 32 det_image: ONNX Runtime's "TopK node ...
+    # k argument [120] should not be greater than specified axis dim value [108]" as a RuntimeError. The
+    # request's own image reaches the same graph input (a pipeline whose arena holds the prompt's patches).
+    with pytest.raises(ValueError, match=TOO_FEW_TOKENS):
+        pipe.pose(None, ["x"], det_image=ELONGATED)
+    with pytest.raises(ValueError, match=TOO_FEW_TOKENS):
+        Pipeline.load(tiny_artifact, threads=1).pose(ELONGATED, ["x"])
+    assert pipe.detect(ELONGATED, ["x"]).stop_reason  # the object decoder takes fewer tokens: it answers
+    assert pipe.pose(np.zeros((1, 1, 3), np.uint8), ["x"]).stop_reason  # 96 x 96: 193 tokens
+
+
 def test_a_prepared_det_image_still_answers_as_the_pipeline_prepares_it(pipe):
     # The checks above refuse only what is wrong: the pipeline's own input, passed back, answers as before.
     # Each detection runs on a freshly encoded frame (a repeated frame reuses KV rows, which may move the

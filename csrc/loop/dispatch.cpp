@@ -46,11 +46,36 @@ void require_finite(const Array& a, const std::string& what, Source source = Sou
   }
 }
 
-// The decoders' image, when the caller prepared it (RunOptions::det_input): NaN or inf pixels make the object
-// decoder's top-k gather out of range (an ONNX Runtime error naming a GatherElements node) or answer with
-// plausible boxes, so they are refused by name, as a caller's noise is.
-void require_finite_det_input(const DetectionInput& det, const RunOptions& o) {
+// The decoders' image, before graph `g` runs on it. When the caller prepared it (RunOptions::det_input), NaN
+// or inf pixels make the object decoder's top-k gather out of range (an ONNX Runtime error naming a
+// GatherElements node) or answer with plausible boxes, so they are refused by name, as a caller's noise is.
+// Any image, ours or the caller's: the two-stage top-k takes facts.min_encoder_tokens of the encoder's tokens,
+// and a small or elongated picture pads to fewer (3 x 32 pixels gives 108 of tiny-random's 120), where ONNX
+// Runtime fails at the TopK node. Tokens are counted as export/onnx/decoders.py's encoder_tokens counts them:
+// levels 0-2 at strides 8, 16, 32, each further level the previous one halved, rounding up.
+void check_decoder_image(const GraphEntry& g, const DetectionInput& det, const RunOptions& o) {
   if (o.det_input) require_finite(det.pixel_values, "det_image['pixel_values']", Source::kCaller);
+  const int64_t need = fact_int(g, "min_encoder_tokens", 0), levels = fact_int(g, "num_feature_levels", 0);
+  const std::vector<int64_t>& shape = det.pixel_values.shape;
+  if (need <= 0 || levels <= 0 || shape.size() != 4) return;  // a wrong shape is the engine's to name
+  int64_t tokens = 0, h = 0, w = 0;
+  for (int64_t level = 0; level < levels; ++level) {
+    if (level < 3) {
+      const int64_t stride = int64_t{8} << level;
+      h = (shape[2] + stride - 1) / stride;
+      w = (shape[3] + stride - 1) / stride;
+    } else {
+      h = (h + 1) / 2;
+      w = (w + 1) / 2;
+    }
+    tokens += h * w;
+  }
+  if (tokens < need) {
+    throw InputError(g.name + ": the decoder's image of " + std::to_string(shape[3]) + "x" +
+                     std::to_string(shape[2]) + " pixels gives " + std::to_string(tokens) +
+                     " encoder tokens, fewer than the " + std::to_string(need) +
+                     " its top-k takes (facts.min_encoder_tokens): the picture is too small or too elongated");
+  }
 }
 
 }  // namespace
@@ -74,8 +99,8 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
     }
     if (!groups.empty()) {
       const DetectionInput& det = frame_detection_input(f, o);
-      require_finite_det_input(det, o);
       const GraphEntry& g = graph(contract::graph::kDet);
+      check_decoder_image(g, det, o);
       const int64_t max_groups = fact_int(g, "max_groups", fact_int(g, "max_text_len", 256));
       const int64_t num_queries = fact_int(g, "num_queries");
       // One decoder call per max_groups groups: its text query [1, k, nq, H] and query mask [1, k].
@@ -184,7 +209,7 @@ void Pipeline::Impl::dispatch(Frame& f, const std::map<int64_t, std::string>& la
         }
       }
       const DetectionInput& det = frame_detection_input(f, o);
-      require_finite_det_input(det, o);
+      check_decoder_image(graph(contract::graph::kPose), det, o);
       std::vector<Tensor> out;
       {
         StageTimer t(result, "pose_decoder");
