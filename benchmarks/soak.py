@@ -19,7 +19,7 @@ and must give identical answers.
 Bars (issue 19): RSS after all requests within 5 % of RSS after the first 500; fds and threads at the end
 equal to those after the start probes; every probe identical; every bad request refused with its error.
 
-    python3 benchmarks/soak.py [--artifact /tmp/bench-st] [--requests 10000] [--seed 0]
+    python3 benchmarks/soak.py [--artifact shapes-tiny|DIR] [--requests 10000] [--seed 0]
         [--json benchmarks/results/soak.json] [--md benchmarks/results/soak.md] [--threads 0]
         [--tracemalloc] [--max-rss-mib 2000]
 
@@ -718,7 +718,11 @@ def yes(ok: bool) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--artifact", type=Path, default=Path("/tmp/bench-st"))
+    ap.add_argument(
+        "--artifact",
+        default="shapes-tiny",
+        help="an artifact folder, or shapes-tiny: the bundled model's cached export (made first if absent)",
+    )
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads per engine (0: ONNX Runtime's)")
@@ -732,8 +736,13 @@ def main(argv=None) -> int:
         ap.error(f"--requests must be positive, got {args.requests}")
     if args.sample_every <= 0:
         ap.error(f"--sample-every must be positive, got {args.sample_every}")
+    artifact = Path(args.artifact)
+    if args.artifact == "shapes-tiny" and not artifact.exists():
+        from visionllm_edge.demo import ensure_artifact
+
+        artifact, _ = ensure_artifact()
     rec = soak(
-        args.artifact,
+        artifact,
         args.requests,
         args.seed,
         args.threads,
