@@ -2,6 +2,8 @@
 // per frame (keyed by the pixels and the regions).
 #include "loop/pipeline_impl.h"
 
+#include <array>
+
 #include <openssl/evp.h>
 
 #include "preprocess/regions.h"
@@ -54,9 +56,14 @@ Frame& Pipeline::Impl::frame_for(const Image& image, const RunOptions& options, 
     const int64_t dims[2] = {image.width(), image.height()};
     parts.emplace_back(dims, sizeof dims);
     parts.emplace_back(image.data(), static_cast<size_t>(image.width() * image.height() * 3));
+    // Each region's kind and sizes, so that the bytes after them read one way only. They live until the key is
+    // made: the parts point into them (a kind held in the loop's scope was read after its end, caught by ASan).
+    std::vector<std::array<int64_t, 5>> headers;
+    headers.reserve(options.regions.size());
     for (const Region& r : options.regions) {
-      const int kind = static_cast<int>(r.kind);
-      parts.emplace_back(&kind, sizeof kind);
+      headers.push_back({static_cast<int64_t>(r.kind), static_cast<int64_t>(r.coords.size()),
+                         static_cast<int64_t>(r.mask.size()), r.mask_width, r.mask_height});
+      parts.emplace_back(headers.back().data(), sizeof(headers.back()));
       parts.emplace_back(r.coords.data(), r.coords.size() * sizeof(float));
       parts.emplace_back(r.mask.data(), r.mask.size());
     }
