@@ -219,3 +219,11 @@ def test_a_prepared_det_image_still_answers_as_the_pipeline_prepares_it(pipe):
     want = detect()
     assert want
     assert detect(det_image=det_input(pipe)) == want
+
+
+def test_an_option_of_the_wrong_type_is_named_even_when_its_shown_value_is_cut_inside_a_character(pipe):
+    # The value's repr is cut to 80 bytes; cut inside a character, the message was invalid UTF-8 and Python
+    # raised UnicodeDecodeError in place of the TypeError (found by fuzz_pipeline with a seed of CJK text).
+    seed = "櫺" * 40  # 3 bytes each: 80 bytes of repr end inside the 27th
+    with pytest.raises(TypeError, match=r"request option 'seed' must be .*, got str '櫺{26}\.\.\.$"):
+        pipe(IMG, "what is it?", seed=seed, max_new_tokens=2)

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -96,9 +97,13 @@ T option(const py::handle& value, const std::string& key, const char* wanted) {
     return value.cast<T>();
   } catch (const py::cast_error&) {
     const std::string shown = py::repr(value).cast<std::string>();
+    // Cut at a character's first byte: a cut inside a multi-byte character makes the message invalid UTF-8,
+    // and Python then raises UnicodeDecodeError in place of this TypeError.
+    size_t cut = std::min<size_t>(shown.size(), 80);
+    while (cut > 0 && cut < shown.size() && (static_cast<unsigned char>(shown[cut]) & 0xC0) == 0x80) --cut;
     throw py::type_error("request option '" + key + "' must be " + wanted + ", got " +
                          std::string(py::str(py::type::of(value).attr("__name__"))) + " " +
-                         (shown.size() > 80 ? shown.substr(0, 80) + "..." : shown));
+                         (cut < shown.size() ? shown.substr(0, cut) + "..." : shown));
   }
 }
 
