@@ -37,3 +37,18 @@ def tiny_artifact(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifact") / "tiny-random"
     export("tiny-random", out, model=tiny_model, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def shapes_artifact(tmp_path_factory) -> Path:
+    """The bundled model exported with full validation (or `$VLE_SHAPES_ARTIFACT`, an existing export); one
+    export per session, shared by the shapes-tiny metrics and the serving tests."""
+    given = os.environ.get("VLE_SHAPES_ARTIFACT")
+    if given:
+        return Path(given)
+    from visionllm_edge.export.exporter import export
+
+    out = tmp_path_factory.mktemp("shapes") / "artifact"
+    report = export("shapes-tiny", out, progress=False)
+    assert report.validation["passed"]
+    return out

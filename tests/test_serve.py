@@ -46,20 +46,6 @@ START_TIMEOUT = 600
 STOP_TIMEOUT = 60
 
 
-@pytest.fixture(scope="module")
-def shapes_artifact(tmp_path_factory) -> Path:
-    """The bundled model exported (or `$VLE_SHAPES_ARTIFACT`, an existing export). Its graphs are validated
-    by tests/test_shapes_tiny.py; here only the serving is under test, so the export checks one shape."""
-    given = os.environ.get("VLE_SHAPES_ARTIFACT")
-    if given:
-        return Path(given)
-    from visionllm_edge.export.exporter import export
-
-    out = tmp_path_factory.mktemp("shapes") / "artifact"
-    export("shapes-tiny", out, progress=False, validate="quick")
-    return out
-
-
 def _get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:

@@ -9,10 +9,8 @@ that breaks a task — the export, the runtime loop, the super link, a decoder, 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pytest
 from visionllm_edge.shapes.evaluate import METRICS, RuntimeRunner, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,20 +18,6 @@ FULL_RUN = ROOT / "benchmarks" / "results" / "shapes_tiny_eval.json"
 SCENES = 32
 #: Each metric's floor, as a fraction of the full run's value.
 FLOOR = 0.5
-
-
-@pytest.fixture(scope="module")
-def shapes_artifact(tmp_path_factory) -> Path:
-    """The bundled model exported with full validation (or `$VLE_SHAPES_ARTIFACT`, an existing export)."""
-    given = os.environ.get("VLE_SHAPES_ARTIFACT")
-    if given:
-        return Path(given)
-    from visionllm_edge.export.exporter import export
-
-    out = tmp_path_factory.mktemp("shapes") / "artifact"
-    report = export("shapes-tiny", out, progress=False)
-    assert report.validation["passed"]
-    return out
 
 
 def test_every_graph_of_the_bundled_model_is_validated_at_several_shapes(shapes_artifact):
