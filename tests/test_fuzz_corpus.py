@@ -27,8 +27,12 @@ NEED_ARTIFACT = {"node", "pipeline", "tokenizer"}
 
 @pytest.fixture
 def harness(request, monkeypatch):
-    """The harness module, imported afresh (a harness sets itself up at import: its artifact, its folder)."""
+    """The harness module, imported afresh (a harness sets itself up at import: its artifact, its folder, and
+    for images a lower pixel cap, which is put back afterwards so the rest of the suite sees the real one)."""
+    from visionllm_edge import images
+
     name = request.param
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", images.MAX_IMAGE_PIXELS)
     if name in NEED_ARTIFACT:
         monkeypatch.setenv("VLE_TINY_ARTIFACT", str(request.getfixturevalue("tiny_artifact")))
     monkeypatch.syspath_prepend(str(FUZZ / "python"))
