@@ -13,8 +13,6 @@ refusals; anything else is a finding.
 
 from __future__ import annotations
 
-import sys
-
 import atheris
 import fuzzlib
 import numpy as np
@@ -75,12 +73,5 @@ def TestOneInput(data: bytes) -> None:
     assert out.width * out.height > 0
 
 
-def main() -> None:
-    fuzzlib.limit_memory()
-    atheris.instrument_all()  # fuzzlib says why not instrument_imports
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzzlib.main(TestOneInput)

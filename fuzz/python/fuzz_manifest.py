@@ -13,10 +13,8 @@ name only files inside the folder.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import atheris
 import fuzzlib
 from visionllm_edge.manifest import ManifestError, load_manifest, validate_manifest_dict
 
@@ -53,12 +51,5 @@ def TestOneInput(data: bytes) -> None:
             pass
 
 
-def main() -> None:
-    fuzzlib.limit_memory()
-    atheris.instrument_all()  # fuzzlib says why not instrument_imports
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzzlib.main(TestOneInput)

@@ -12,7 +12,6 @@ and `set_prompt`.
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import atheris
@@ -120,12 +119,5 @@ def TestOneInput(data: bytes) -> None:
             assert np.isfinite(values).all() and box["size_x"] >= 0 and box["size_y"] >= 0, box
 
 
-def main() -> None:
-    fuzzlib.limit_memory()
-    atheris.instrument_all()  # fuzzlib says why not instrument_imports
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzzlib.main(TestOneInput)

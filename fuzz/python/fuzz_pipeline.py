@@ -19,8 +19,6 @@ allowed. Anything else is a finding.
 
 from __future__ import annotations
 
-import sys
-
 import atheris
 import fuzzlib
 import numpy as np
@@ -180,12 +178,5 @@ def TestOneInput(data: bytes) -> None:
         pass
 
 
-def main() -> None:
-    fuzzlib.limit_memory()
-    atheris.instrument_all()  # fuzzlib says why not instrument_imports
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzzlib.main(TestOneInput)

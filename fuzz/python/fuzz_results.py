@@ -15,7 +15,6 @@ documented refusals.
 from __future__ import annotations
 
 import json
-import sys
 
 import atheris
 import fuzzlib
@@ -170,12 +169,5 @@ def TestOneInput(data: bytes) -> None:
         pass
 
 
-def main() -> None:
-    fuzzlib.limit_memory()
-    atheris.instrument_all()  # fuzzlib says why not instrument_imports
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzzlib.main(TestOneInput)

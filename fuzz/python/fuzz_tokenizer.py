@@ -15,8 +15,6 @@ than the four input markers, nor <s> or </s> (special tokens typed by a user sta
 
 from __future__ import annotations
 
-import sys
-
 import atheris
 import fuzzlib
 from visionllm_edge import contract
@@ -101,12 +99,5 @@ def TestOneInput(data: bytes) -> None:
         pass
 
 
-def main() -> None:
-    fuzzlib.limit_memory()
-    atheris.instrument_all()  # fuzzlib says why not instrument_imports
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
-
-
 if __name__ == "__main__":
-    main()
+    fuzzlib.main(TestOneInput)

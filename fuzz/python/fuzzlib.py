@@ -207,3 +207,12 @@ def make_placeholder_artifact(folder: Path) -> Path:
     os.mkfifo(folder / FIFO)
     (folder / FOLDER).mkdir()
     return folder
+
+
+def main(test_one_input) -> None:
+    """A harness's entry point: the memory cap, every module instrumented (`instrument_imports` gives no
+    coverage through the editable install's loader), then libFuzzer's loop on the command line's flags."""
+    limit_memory()
+    atheris.instrument_all()
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
